@@ -1,0 +1,149 @@
+"""The settings of one fine-tuning run, checked up front.
+
+Every mistake is found before any model is loaded, and all of them are reported at once, each with what to
+do about it: a run that would fail after twenty minutes of class-image generation fails in a second instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+METHODS = ("dreambooth", "lora", "textual_inversion")
+PRECISIONS = ("auto", "no", "fp16", "bf16")
+PREDICTIONS = ("auto", "epsilon", "v_prediction")
+
+
+class ConfigError(ValueError):
+    """One or more settings are impossible; the message lists every one and what to do."""
+
+
+@dataclass
+class TrainConfig:
+    """What to train, on what, for how long. Defaults are the course's object recipe on SD 1.5."""
+
+    # --- what and on what
+    model: str = "offline"  # hub id, local diffusers folder, or "offline" (the kit's bundled model)
+    method: str = "dreambooth"  # "dreambooth" | "lora" | "textual_inversion"
+    instance_dir: str = ""  # folder of 3-10 pictures of the subject
+    instance_prompt: str = "a photo of zwx star"  # names the subject with its identifier
+    identifier: str = "zwx"  # the rare word bound to the subject (avoid "sks": it is a rifle)
+    output_dir: str = "outputs/run"  # where the model, samples and logs go
+    # --- prior preservation
+    with_prior_preservation: bool = False  # also train on class images made by the model itself
+    class_prompt: str = ""  # e.g. "a photo of a dog": the subject's class, without the identifier
+    class_dir: str = ""  # cached class images (generated there when missing)
+    num_class_images: int = 100  # class images to have in class_dir
+    prior_loss_weight: float = 1.0  # weight of the class images' loss term
+    # --- what trains
+    train_text_encoder: bool = False  # DreamBooth: fine-tune the text encoder too
+    text_encoder_steps: int | None = None  # stop training the text encoder after this many steps (None: never)
+    lora_rank: int = 4  # LoRA: rank of the adapters
+    lora_alpha: float | None = None  # LoRA: scaling numerator (None: equal to the rank)
+    lora_text_encoder: bool = False  # LoRA: adapters on the text encoder too
+    placeholder_token: str = "<zwx>"  # TI: the new token
+    initializer_token: str = "star"  # TI: a word whose embedding starts the new token
+    num_vectors: int = 1  # TI: vectors for the new token
+    # --- optimisation
+    resolution: int = 512  # training image side, a multiple of 8
+    center_crop: bool = True  # centre crop (else random crop)
+    random_flip: bool = False  # random horizontal flips
+    train_batch_size: int = 1  # images per step per GPU
+    gradient_accumulation_steps: int = 1  # steps summed per optimizer update
+    max_train_steps: int = 400  # optimizer updates
+    learning_rate: float = 2e-6  # peak learning rate
+    lr_scheduler: str = "constant"  # any of diffusers.optimization's names
+    lr_warmup_steps: int = 0  # warm-up updates
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0  # gradient clipping (0: off)
+    prediction_type: str = "auto"  # "auto" (the model's scheduler says), "epsilon" or "v_prediction"
+    # --- memory and speed
+    mixed_precision: str = "auto"  # "auto" (fp16 on T4/P100, bf16 where supported, none on CPU), "no", "fp16", "bf16"
+    use_8bit_adam: bool = False  # bitsandbytes 8-bit AdamW (CUDA only; falls back to AdamW with a message)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~20% slower
+    cache_latents: bool = True  # encode the images once; the VAE then leaves the GPU
+    # --- validation and output
+    validation_prompts: list[str] = field(default_factory=list)  # sampled every validation_steps (fixed seeds)
+    validation_steps: int = 100  # 0: no validation during training
+    num_validation_images: int = 2  # images per validation prompt
+    sample_scheduler: str = "ddim"  # scheduler for validation samples
+    sample_steps: int = 50  # inference steps for validation samples
+    guidance_scale: float = 7.5  # classifier-free guidance for validation samples
+    save_dtype: str = "fp32"  # "fp32" or "fp16": precision of the saved weights
+    seed: int = 0  # one seed for data order, noise and samples
+
+    def replace(self, **changes) -> TrainConfig:
+        """A copy with some settings changed (validated)."""
+        new = dataclasses.replace(self, **changes)
+        new.validate()
+        return new
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self, check_paths: bool = True) -> TrainConfig:
+        """Raise ConfigError listing every impossible setting; return self when all is well."""
+        e: list[str] = []
+        if self.method not in METHODS:
+            e.append(f"method={self.method!r}: choose one of {', '.join(METHODS)}.")
+        if not self.learning_rate > 0:
+            e.append(f"learning_rate={self.learning_rate}: must be > 0 (the course uses 1e-6 to 5e-6 for DreamBooth).")
+        if self.resolution <= 0 or self.resolution % 8:
+            e.append(f"resolution={self.resolution}: must be a positive multiple of 8 (512 for SD 1.x, 768 for SD 2.x).")
+        for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "num_vectors", "lora_rank"):
+            if getattr(self, name) < 1:
+                e.append(f"{name}={getattr(self, name)}: must be at least 1.")
+        for name in ("lr_warmup_steps", "validation_steps", "num_validation_images", "max_grad_norm", "prior_loss_weight"):
+            if getattr(self, name) < 0:
+                e.append(f"{name}={getattr(self, name)}: must not be negative.")
+        if self.mixed_precision not in PRECISIONS:
+            e.append(f"mixed_precision={self.mixed_precision!r}: choose one of {', '.join(PRECISIONS)}.")
+        if self.prediction_type not in PREDICTIONS:
+            e.append(f"prediction_type={self.prediction_type!r}: choose one of {', '.join(PREDICTIONS)}.")
+        if self.save_dtype not in ("fp32", "fp16"):
+            e.append(f"save_dtype={self.save_dtype!r}: choose 'fp32' or 'fp16'.")
+        if self.text_encoder_steps is not None and self.text_encoder_steps < 0:
+            e.append(f"text_encoder_steps={self.text_encoder_steps}: must be None or >= 0.")
+        # prompts
+        word = self.placeholder_token if self.method == "textual_inversion" else self.identifier
+        if not word.strip():
+            e.append("identifier is empty: pick a rare word (e.g. 'zwx') to name your subject.")
+        elif word not in self.instance_prompt.split():
+            e.append(
+                f"instance_prompt {self.instance_prompt!r} does not contain {word!r} as a word: the prompt must name "
+                f"the subject, e.g. 'a photo of {word} dog'."
+            )
+        if self.method == "textual_inversion":
+            if len(self.initializer_token.split()) != 1:
+                e.append(f"initializer_token={self.initializer_token!r}: must be one word (e.g. 'dog').")
+            if self.train_text_encoder or self.with_prior_preservation:
+                e.append("textual_inversion trains only the new embedding: set train_text_encoder=False and "
+                         "with_prior_preservation=False (the TI -> DreamBooth route is two runs).")
+        if self.with_prior_preservation:
+            if not self.class_prompt.strip():
+                e.append("with_prior_preservation=True needs class_prompt, e.g. 'a photo of a dog'.")
+            elif self.class_prompt.strip() == self.instance_prompt.strip():
+                e.append("class_prompt equals instance_prompt: the class prompt must describe the class *without* "
+                         "the identifier, e.g. 'a photo of a dog'.")
+            elif self.identifier and self.identifier in self.class_prompt.split():
+                e.append(f"class_prompt {self.class_prompt!r} contains the identifier {self.identifier!r}: "
+                         "drop it, class images show the class, not your subject.")
+            if not self.class_dir:
+                e.append("with_prior_preservation=True needs class_dir, a folder where class images are cached.")
+            if self.num_class_images < 1:
+                e.append(f"num_class_images={self.num_class_images}: must be at least 1 (the guide uses ~200).")
+        if check_paths:
+            p = Path(self.instance_dir) if self.instance_dir else None
+            if p is None:
+                e.append("instance_dir is empty: point it at a folder with 3-10 pictures of your subject.")
+            elif not p.exists():
+                e.append(f"instance_dir {str(p)!r} does not exist: check the path (on Colab, upload or mount Drive first).")
+            elif not p.is_dir():
+                e.append(f"instance_dir {str(p)!r} is a file, not a folder: give the folder that holds the pictures.")
+        if e:
+            raise ConfigError("These settings need fixing:\n  - " + "\n  - ".join(e))
+        return self

@@ -1,0 +1,151 @@
+"""A method is which parameters train and how the result is saved; the training loop is the same for all.
+
+- dreambooth: the UNet (and, optionally, the text encoder) train; the result is a whole diffusers folder.
+- lora: small peft adapters on the UNet's attention (and optionally the text encoder) train; the result is a
+  LoRA file in the diffusers format (`pipe.load_lora_weights`).
+- textual_inversion: only the new token's embedding vector(s) train; every other embedding is put back after
+  each step; the result is `learned_embeds.safetensors` (`pipe.load_textual_inversion`).
+Prior preservation is a loss term, not a method: the loop adds it for any method when the config asks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .config import TrainConfig
+from .models import SDParts
+
+LORA_TARGETS_UNET = ["to_k", "to_q", "to_v", "to_out.0"]  # the attention projections, as diffusers' LoRA script
+LORA_TARGETS_TEXT = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+@dataclass
+class Method:
+    name: str
+    trains_unet: bool  # the UNet's own weights or adapters get gradients
+    trains_text_encoder: bool  # the text encoder runs with gradients every step
+    params: list[torch.nn.Parameter]
+    save: Callable[[SDParts, Path], Path]  # writes the result, returns its path
+    after_step: Callable[[], None] = lambda: None  # called after every optimizer update
+    extra: dict = field(default_factory=dict)
+
+    def trainable_modules(self, parts: SDParts) -> dict[str, torch.nn.Module]:
+        mods = {}
+        if self.trains_unet:
+            mods["unet"] = parts.unet
+        if self.trains_text_encoder:
+            mods["text_encoder"] = parts.text_encoder
+        return mods
+
+
+def setup(cfg: TrainConfig, parts: SDParts) -> Method:
+    """Freeze everything, then make trainable what the method trains; return the Method."""
+    for m in (parts.unet, parts.text_encoder, parts.vae):
+        m.requires_grad_(False)
+    return {"dreambooth": _dreambooth, "lora": _lora, "textual_inversion": _textual_inversion}[cfg.method](cfg, parts)
+
+
+def _dreambooth(cfg: TrainConfig, parts: SDParts) -> Method:
+    parts.unet.requires_grad_(True)
+    params = list(parts.unet.parameters())
+    if cfg.train_text_encoder:
+        parts.text_encoder.requires_grad_(True)
+        params += list(parts.text_encoder.parameters())
+
+    def save(p: SDParts, out: Path) -> Path:
+        from .models import pipeline
+
+        # saved with the sampling scheduler the run used (DDIM by default: the course's pick for fine-tuned models)
+        _save_pipeline(pipeline(p, cfg.sample_scheduler), out, cfg.save_dtype)
+        return out
+
+    return Method("dreambooth", True, cfg.train_text_encoder, params, save)
+
+
+def _save_pipeline(pipe, out: Path, save_dtype: str) -> None:
+    """save_pretrained as safetensors; fp16 weights when asked (the in-memory model keeps its precision)."""
+    if save_dtype == "fp16":
+        dtypes = {n: m.dtype for n, m in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder), ("vae", pipe.vae))}
+        pipe.to(dtype=torch.float16)
+        try:
+            pipe.save_pretrained(out, safe_serialization=True)
+        finally:
+            for n, d in dtypes.items():
+                getattr(pipe, n).to(dtype=d)
+    else:
+        pipe.save_pretrained(out, safe_serialization=True)
+
+
+def _lora(cfg: TrainConfig, parts: SDParts) -> Method:
+    from peft import LoraConfig
+
+    alpha = cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank
+    parts.unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                      target_modules=LORA_TARGETS_UNET))
+    if cfg.lora_text_encoder:
+        parts.text_encoder.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                                  target_modules=LORA_TARGETS_TEXT))
+    params = [p for m in (parts.unet, parts.text_encoder) for p in m.parameters() if p.requires_grad]
+
+    def save(p: SDParts, out: Path) -> Path:
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        te = None
+        if cfg.lora_text_encoder:
+            te = convert_state_dict_to_diffusers(get_peft_model_state_dict(p.text_encoder))
+        dtype = torch.float16 if cfg.save_dtype == "fp16" else torch.float32
+        unet_sd = {k: v.to(dtype) for k, v in convert_state_dict_to_diffusers(get_peft_model_state_dict(p.unet)).items()}
+        te = {k: v.to(dtype) for k, v in te.items()} if te else None
+        StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=unet_sd, text_encoder_lora_layers=te,
+                                                  safe_serialization=True)
+        return out / "pytorch_lora_weights.safetensors"
+
+    return Method("lora", True, cfg.lora_text_encoder, params, save, extra={"alpha": alpha})
+
+
+def ti_tokens(cfg: TrainConfig) -> list[str]:
+    """The tokens of a (multi-vector) placeholder, named as diffusers' loader names them."""
+    return [cfg.placeholder_token] + [f"{cfg.placeholder_token}_{i}" for i in range(1, cfg.num_vectors)]
+
+
+def _textual_inversion(cfg: TrainConfig, parts: SDParts) -> Method:
+    tok, te = parts.tokenizer, parts.text_encoder
+    tokens = ti_tokens(cfg)
+    if tok.add_tokens(tokens) != len(tokens):
+        raise ValueError(f"The tokenizer already has {cfg.placeholder_token!r}: choose a different placeholder_token.")
+    init_ids = tok.encode(cfg.initializer_token, add_special_tokens=False)
+    if len(init_ids) != 1:
+        raise ValueError(f"initializer_token {cfg.initializer_token!r} is {len(init_ids)} tokens for this tokenizer; "
+                         "choose a word that is a single token (e.g. 'dog', 'toy', 'star').")
+    te.resize_token_embeddings(len(tok))
+    ids = tok.convert_tokens_to_ids(tokens)
+    emb = te.get_input_embeddings().weight
+    with torch.no_grad():
+        emb[ids] = emb[init_ids[0]].clone()
+    emb.requires_grad_(True)
+    original = emb.detach().clone()
+    keep = torch.ones(len(tok), dtype=torch.bool)
+    keep[ids] = False
+
+    def after_step():  # only the new vectors may move: put every other row back (weight decay touches them all)
+        w = te.get_input_embeddings().weight
+        with torch.no_grad():
+            w[keep] = original[keep].to(w.device, w.dtype)
+
+    def save(p: SDParts, out: Path) -> Path:
+        from safetensors.torch import save_file
+
+        out.mkdir(parents=True, exist_ok=True)
+        vec = p.text_encoder.get_input_embeddings().weight[ids].detach().to("cpu", torch.float32).contiguous()
+        path = out / "learned_embeds.safetensors"
+        save_file({cfg.placeholder_token: vec}, str(path))
+        return path
+
+    return Method("textual_inversion", False, True, [emb], save, after_step,
+                  extra={"token_ids": ids, "original_embeddings": original})

@@ -1,0 +1,92 @@
+"""Load Stable Diffusion's parts (from a hub id, a local folder, or the offline default) and put them together.
+
+Always the real `from_pretrained` code of diffusers and transformers: the offline model is just a local folder.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+class ModelNotFound(OSError):
+    """The model could not be loaded; the message says why and what to use instead."""
+
+
+@dataclass
+class SDParts:
+    """The four networks of Stable Diffusion, the tokenizer and the training noise scheduler."""
+
+    tokenizer: object  # CLIPTokenizer
+    text_encoder: torch.nn.Module  # CLIPTextModel
+    vae: torch.nn.Module  # AutoencoderKL
+    unet: torch.nn.Module  # UNet2DConditionModel
+    noise_scheduler: object  # DDPMScheduler with the model's training schedule
+    source: str  # the folder or hub id it came from
+
+    @property
+    def prediction_type(self) -> str:
+        """'epsilon' (SD 1.x, SD 2 base) or 'v_prediction' (SD 2.x 768)."""
+        return self.noise_scheduler.config.prediction_type
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+def resolve(model: str) -> str:
+    """'offline' -> the offline model's folder; anything else unchanged."""
+    if model in ("offline", "", None):
+        from .offline import offline_model_dir
+
+        return str(offline_model_dir())
+    return model
+
+
+def load_parts(model: str = "offline", revision: str | None = None, variant: str | None = None) -> SDParts:
+    """Load tokenizer, text encoder, VAE, UNet and a DDPM training scheduler from `model`."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    source = resolve(model)
+    local = Path(source).is_dir()
+    if not local and (Path(source).exists() or source.startswith((".", "/", "~"))):
+        raise ModelNotFound(f"{source!r} is not a diffusers model folder (it should hold model_index.json, unet/, vae/, ...).")
+    kw = dict(revision=revision) if not local else {}
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") and not local:
+        kw["local_files_only"] = True
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", variant=variant, **kw)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", variant=variant, **kw)
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=variant, **kw)
+        noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kw)
+    except (OSError, ValueError) as err:  # hub errors are OSError subclasses; missing subfolders ValueError/OSError
+        where = "folder" if local else "hub id"
+        raise ModelNotFound(
+            f"Could not load the model {model!r} ({where}): {str(err).splitlines()[0]}\n"
+            "If you are offline or on a machine without the hub, use MODEL='offline' (the kit's bundled model), "
+            "or point MODEL at a local diffusers folder. On Colab, check the id and that you accepted the "
+            "model's licence on huggingface.co."
+        ) from err
+    return SDParts(tokenizer, text_encoder, vae, unet, noise_scheduler, source)
+
+
+def pipeline(parts: SDParts, scheduler: str = "ddim", dtype: torch.dtype | None = None):
+    """A StableDiffusionPipeline over `parts` (shared, not copied) with the named sampling scheduler."""
+    from diffusers import StableDiffusionPipeline
+
+    from .sample import make_scheduler
+
+    pipe = StableDiffusionPipeline(
+        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
+        scheduler=make_scheduler(scheduler, parts.noise_scheduler.config), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    if dtype is not None:
+        pipe.to(dtype=dtype)
+    return pipe

@@ -1,0 +1,154 @@
+"""The offline default model: a tiny pipeline with Stable Diffusion's architecture, built with no download.
+
+`data/offline-sd/` holds what defines it (the configs of each part and a CLIP BPE tokenizer trained on the
+toy world's words). `offline_model_dir()` turns that into a real diffusers folder with seeded random weights,
+once, in a cache, so that everything downstream loads it with the same `from_pretrained` code as SD 1.5.
+When a pretrained toy model exists (`data/toy-sd/`, with weights), it is used instead: that is the seam.
+
+Regenerate the shipped files (tokenizer, configs, sample instance images) with `python -m nbkit.offline`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+DATA_DIR = Path(os.environ.get("NBKIT_DATA", Path(__file__).resolve().parent.parent / "data"))
+OFFLINE_SPEC = DATA_DIR / "offline-sd"  # configs + tokenizer, no weights
+PRETRAINED_TOY = DATA_DIR / "toy-sd"  # a pretrained toy model with weights, when it exists
+SAMPLE_INSTANCE_DIR = DATA_DIR / "instance" / "zwx_star"
+OFFLINE_RESOLUTION = 64  # image side the offline model works at
+
+# Each part as small as the architecture allows while keeping every block type SD 1.5 has.
+UNET = dict(
+    sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=[32, 64],
+    down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+    cross_attention_dim=32, attention_head_dim=8, norm_num_groups=16,
+)
+VAE = dict(
+    sample_size=64, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, block_out_channels=[32, 64],
+    down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+    norm_num_groups=16, scaling_factor=0.18215,
+)
+TEXT_ENCODER = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+    hidden_act="quick_gelu", projection_dim=32,
+)
+SCHEDULER = dict(  # SD 1.5's training noise schedule
+    _class_name="PNDMScheduler", beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    num_train_timesteps=1000, prediction_type="epsilon", set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1,
+    clip_sample=False,
+)
+
+
+def cache_dir() -> Path:
+    """Where the kit keeps what it builds or generates (override with NBKIT_CACHE)."""
+    return Path(os.environ.get("NBKIT_CACHE", Path.home() / ".cache" / "nbkit"))
+
+
+def offline_model_dir() -> Path:
+    """A diffusers folder for the offline default model, built on first use (a second or two)."""
+    if (PRETRAINED_TOY / "model_index.json").exists():
+        return PRETRAINED_TOY
+    if not (OFFLINE_SPEC / "model_index.json").exists():
+        raise FileNotFoundError(
+            f"The offline model's spec is missing from {OFFLINE_SPEC}. Run `python -m nbkit.offline` from the kit's "
+            "folder to regenerate it, or set NBKIT_DATA to the kit's data/ folder."
+        )
+    digest = hashlib.sha256()
+    for p in sorted(OFFLINE_SPEC.rglob("*")):
+        if p.is_file():
+            digest.update(p.relative_to(OFFLINE_SPEC).as_posix().encode() + p.read_bytes())
+    dest = cache_dir() / f"offline-sd-{digest.hexdigest()[:12]}"
+    if not (dest / "unet" / "diffusion_pytorch_model.safetensors").exists():
+        _materialize(OFFLINE_SPEC, dest)
+    return dest
+
+
+def _materialize(spec: Path, dest: Path, seed: int = 0) -> None:
+    """Build every part from its config with seeded random weights and save it as a diffusers folder."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(spec, tmp)
+    torch.manual_seed(seed)
+    UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(spec / "unet")).save_pretrained(tmp / "unet")
+    AutoencoderKL.from_config(AutoencoderKL.load_config(spec / "vae")).save_pretrained(tmp / "vae")
+    te = CLIPTextModel(CLIPTextConfig.from_pretrained(spec / "text_encoder"))
+    te.save_pretrained(tmp / "text_encoder")
+    if dest.exists():  # another process won the race
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    tmp.rename(dest)  # atomic: a half-built model is never picked up
+
+
+def build_tokenizer(words: list[str], dest: Path):
+    """Train a CLIP-style BPE tokenizer (lower-case, `</w>` word ends, byte alphabet) on `words`; save it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    base = ByteLevel.alphabet()
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=4096, initial_alphabet=base, end_of_word_suffix="</w>", show_progress=False,
+    )
+    bpe.train_from_iterator([" ".join(words)] * 8, trainer)
+    learned = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m) for m in learned["merges"]]
+    # CLIP's layout: the byte alphabet, the same with '</w>', merged tokens in merge order, then the specials.
+    vocab_list = sorted(base) + [c + "</w>" for c in sorted(base)]
+    seen = set(vocab_list)
+    for a, b in merges:
+        if a + b not in seen:
+            vocab_list.append(a + b)
+            seen.add(a + b)
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {t: i for i, t in enumerate(vocab_list)}
+    tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    dest.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(dest)
+    # Also the slow tokenizer's files, so older transformers (Colab's) load it too.
+    (dest / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (dest / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
+    return tok
+
+
+def write_spec(dest: Path = OFFLINE_SPEC) -> None:
+    """Write the offline model's spec: model_index.json, each part's config, the tokenizer."""
+    from . import toyworld
+
+    tok = build_tokenizer(toyworld.vocabulary(), dest / "tokenizer")
+    te = dict(TEXT_ENCODER, vocab_size=len(tok), architectures=["CLIPTextModel"], model_type="clip_text_model",
+              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    configs = {
+        "unet/config.json": dict(UNET, _class_name="UNet2DConditionModel"),
+        "vae/config.json": dict(VAE, _class_name="AutoencoderKL"),
+        "text_encoder/config.json": te,
+        "scheduler/scheduler_config.json": SCHEDULER,
+        "model_index.json": {
+            "_class_name": "StableDiffusionPipeline", "feature_extractor": [None, None],
+            "requires_safety_checker": False, "safety_checker": [None, None],
+            "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        },
+    }
+    for rel, cfg in configs.items():
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        (dest / rel).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+if __name__ == "__main__":
+    from . import toyworld
+
+    write_spec()
+    toyworld.write_subject_images(SAMPLE_INSTANCE_DIR, "zwx", n=5, size=OFFLINE_RESOLUTION, seed=0)
+    print(f"wrote {OFFLINE_SPEC} and {SAMPLE_INSTANCE_DIR}")

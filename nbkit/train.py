@@ -1,0 +1,290 @@
+"""The one training loop. Every method (DreamBooth, +text encoder, LoRA, TI) and prior preservation go through it.
+
+Read top to bottom: settings -> accelerator -> model -> method -> data (latents and prompt embeddings cached
+once) -> optimizer -> steps -> validation samples -> save. A step is a pure function of (seed, step): the
+batch, the noise and the timesteps are drawn from generators seeded by the step, so runs are repeatable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import data, methods, runtime
+from .config import TrainConfig
+from .models import SDParts, load_parts, pipeline
+from .sample import generate, grid
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: where, the losses, the validation grids, and the trained parts (in memory)."""
+
+    output_dir: Path
+    saved: Path  # the model folder / LoRA file / embedding file
+    losses: list[float]
+    validation: dict[int, Path]  # step -> grid image
+    seconds: float
+    parts: SDParts
+    method: methods.Method
+    config: TrainConfig
+    info: dict = field(default_factory=dict)
+
+    def pipeline(self, scheduler: str = "ddim"):
+        """A sampling pipeline over the trained parts."""
+        return pipeline(self.parts, scheduler)
+
+
+def _precision(cfg: TrainConfig, rt: runtime.Runtime) -> str:
+    p = rt.default_precision() if cfg.mixed_precision == "auto" else cfg.mixed_precision
+    if p == "bf16" and rt.device == "cuda" and not rt.bf16:
+        warnings.warn(f"{rt.gpu_name} has no bf16: using fp16 instead.")
+        p = "fp16"
+    if p == "fp16" and rt.device != "cuda":
+        warnings.warn("fp16 mixed precision needs a CUDA GPU: training in fp32 on this device.")
+        p = "no"
+    return p
+
+
+def make_optimizer(params, cfg: TrainConfig, device: str):
+    """8-bit AdamW (bitsandbytes) when asked and possible, else torch AdamW, saying why."""
+    kw = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
+              eps=cfg.adam_epsilon)
+    if cfg.use_8bit_adam:
+        if device != "cuda":
+            print("8-bit Adam needs a CUDA GPU: using torch AdamW (it only saves memory, results are alike).")
+        else:
+            try:
+                import bitsandbytes as bnb
+
+                return bnb.optim.AdamW8bit(params, **kw)
+            except Exception as err:  # noqa: BLE001 - any import/setup failure means: fall back, say so
+                print(f"bitsandbytes 8-bit Adam is unavailable ({err}); using torch AdamW, which needs ~4x the "
+                      "optimizer memory. `pip install bitsandbytes` to get it back.")
+    return torch.optim.AdamW(params, **kw)
+
+
+def _encode_prompts(parts: SDParts, prompts: list[str], device) -> torch.Tensor:
+    ids = parts.tokenizer(prompts, padding="max_length", truncation=True, max_length=parts.tokenizer.model_max_length,
+                          return_tensors="pt").input_ids.to(device)
+    return parts.text_encoder(ids)[0]
+
+
+def train(cfg: TrainConfig, parts: SDParts | None = None, progress: bool = True) -> TrainResult:
+    """Fine-tune with `cfg`; return the result (also written to cfg.output_dir)."""
+    from accelerate import Accelerator
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params
+    from tqdm.auto import tqdm
+
+    cfg.validate()
+    t0 = time.perf_counter()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rt = runtime.detect()
+    precision = _precision(cfg, rt)
+    accelerator = Accelerator(mixed_precision=precision, cpu=rt.device == "cpu")
+    device = accelerator.device
+    weight_dtype = DTYPES[precision]
+
+    # --- model and method: which parameters train
+    parts = parts or load_parts(cfg.model)
+    method = methods.setup(cfg, parts)
+    for name, m in (("unet", parts.unet), ("text_encoder", parts.text_encoder), ("vae", parts.vae)):
+        trains = name in method.trainable_modules(parts)
+        dtype = torch.float32 if (trains and method.name != "lora") else weight_dtype
+        m.to(device) if m.dtype == dtype else m.to(device, dtype=dtype)
+    if method.name == "lora":
+        cast_training_params([parts.unet, parts.text_encoder], dtype=torch.float32)  # adapters train in fp32
+    if cfg.gradient_checkpointing:
+        if method.trains_unet:
+            parts.unet.enable_gradient_checkpointing()
+        if method.trains_text_encoder:
+            parts.text_encoder.gradient_checkpointing_enable()
+    prediction = parts.prediction_type if cfg.prediction_type == "auto" else cfg.prediction_type
+
+    # --- data: images -> latents (once), prompts -> embeddings (once, when the text encoder is frozen)
+    expand = (lambda s: s.replace(cfg.placeholder_token, " ".join(methods.ti_tokens(cfg)))) \
+        if cfg.method == "textual_inversion" else (lambda s: s)
+    instance = data.load_folder(cfg.instance_dir, cfg.resolution, "instance")
+    inst_prompts = [expand(e.caption or cfg.instance_prompt) for e in instance]
+    class_ex, class_prompts = [], []
+    if cfg.with_prior_preservation:
+        from .prior import ensure_class_images
+
+        ensure_class_images(parts, cfg.class_prompt, cfg.class_dir, cfg.num_class_images, cfg.resolution,
+                            seed=cfg.seed, steps=cfg.sample_steps, scheduler=cfg.sample_scheduler, device=device,
+                            dtype=weight_dtype)
+        class_ex = data.load_folder(cfg.class_dir, cfg.resolution, "class")[: cfg.num_class_images]
+        class_prompts = [cfg.class_prompt] * len(class_ex)
+    flips = (False, True) if cfg.random_flip else (False,)
+    crop_rng = np.random.default_rng(cfg.seed)
+
+    def pixels(examples):  # [n, flips, 3, H, W]
+        return torch.stack([torch.stack([data.to_tensor(e.image, cfg.resolution, cfg.center_crop, f, crop_rng)
+                                         for f in flips]) for e in examples])
+
+    scaling = parts.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def encode(px: torch.Tensor) -> torch.Tensor:
+        flat = px.flatten(0, 1).to(device, weight_dtype)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        lat = torch.cat([parts.vae.encode(flat[i:i + 8]).latent_dist.sample(generator=gen) for i in range(0, len(flat), 8)])
+        return (lat.float() * scaling).unflatten(0, px.shape[:2])
+
+    inst_px, class_px = pixels(instance), pixels(class_ex) if class_ex else None
+    if cfg.cache_latents:
+        inst_src = encode(inst_px).cpu()
+        class_src = encode(class_px).cpu() if class_px is not None else None
+        parts.vae.to("cpu")  # not needed again until validation: frees its memory for training
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    else:
+        inst_src, class_src = inst_px, class_px
+
+    cached_emb = None
+    if not method.trains_text_encoder:
+        with torch.no_grad():
+            uniq = sorted(set(inst_prompts + class_prompts))
+            embs = _encode_prompts(parts, uniq, device).float().cpu()
+            cached_emb = dict(zip(uniq, embs))
+
+    # --- optimizer, LR schedule, accelerator
+    optimizer = make_optimizer(method.params, cfg, rt.device)
+    lr_sched = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                             num_training_steps=cfg.max_train_steps)
+    trainable = method.trainable_modules(parts)
+    prepared = accelerator.prepare(*trainable.values(), optimizer)
+    wrapped = dict(zip(trainable, prepared[:-1]))
+    optimizer = prepared[-1]
+    unet = wrapped.get("unet", parts.unet)
+    text_encoder = wrapped.get("text_encoder", parts.text_encoder)
+    for m in wrapped.values():
+        m.train()
+
+    sched = parts.noise_scheduler
+    n_inst, bs = len(instance), cfg.train_batch_size
+
+    def latents_of(src, idx, gen) -> torch.Tensor:
+        f = torch.randint(0, len(flips), (len(idx),), generator=gen)
+        x = src[idx, f]
+        if cfg.cache_latents:
+            return x.to(device)
+        with torch.no_grad():
+            return parts.vae.encode(x.to(device, weight_dtype)).latent_dist.sample().float() * scaling
+
+    def step_loss(micro: int, te_trains: bool) -> tuple[torch.Tensor, dict]:
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + micro)
+        idx = data.batch_indices(n_inst, bs, micro, cfg.seed)
+        lat, prm = [latents_of(inst_src, idx, gen)], [inst_prompts[i] for i in idx]
+        if class_src is not None:
+            cidx = data.batch_indices(len(class_ex), bs, micro, cfg.seed + 1)
+            lat.append(latents_of(class_src, cidx, gen))
+            prm += [class_prompts[i] for i in cidx]
+        latents = torch.cat(lat)
+        noise = torch.randn(latents.shape, generator=gen).to(device)
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(latents),), generator=gen).to(device)
+        noisy = sched.add_noise(latents, noise, t)
+        if cached_emb is not None:
+            emb = torch.stack([cached_emb[p] for p in prm]).to(device)
+        else:
+            ids = parts.tokenizer(prm, padding="max_length", truncation=True,
+                                  max_length=parts.tokenizer.model_max_length, return_tensors="pt").input_ids.to(device)
+            with contextlib.nullcontext() if te_trains else torch.no_grad():
+                emb = text_encoder(ids)[0]
+        target = noise if prediction == "epsilon" else sched.get_velocity(latents, noise, t)
+        with accelerator.autocast():
+            pred = unet(noisy, t, emb).sample.float()
+        if class_src is not None:
+            p_inst, p_cls = pred.chunk(2)
+            t_inst, t_cls = target.chunk(2)
+            inst_loss = F.mse_loss(p_inst, t_inst)
+            prior_loss = F.mse_loss(p_cls, t_cls)
+            return inst_loss + cfg.prior_loss_weight * prior_loss, {"instance": inst_loss.item(), "prior": prior_loss.item()}
+        loss = F.mse_loss(pred, target)
+        return loss, {}
+
+    # --- the loop
+    losses: list[float] = []
+    log = []
+    validation: dict[int, Path] = {}
+    acc = cfg.gradient_accumulation_steps
+    bar = tqdm(range(cfg.max_train_steps), desc=f"{method.name}", disable=not progress)
+    for step in bar:
+        te_trains = method.trains_text_encoder and (cfg.text_encoder_steps is None or step < cfg.text_encoder_steps)
+        if method.trains_text_encoder and not te_trains and step == cfg.text_encoder_steps:
+            parts.text_encoder.requires_grad_(False)  # AdamW skips parameters without gradients
+        total = 0.0
+        for k in range(acc):
+            sync = k == acc - 1
+            ctx = contextlib.ExitStack()
+            if not sync:
+                for m in wrapped.values():
+                    ctx.enter_context(accelerator.no_sync(m))
+            with ctx:
+                loss, terms = step_loss(step * acc + k, te_trains)
+                accelerator.backward(loss / acc)
+            total += loss.item() / acc
+        if not math.isfinite(total):
+            raise FloatingPointError(
+                f"The loss became {total} at step {step}. Likely causes: fp16 overflow (try mixed_precision='no' or "
+                "'bf16'), or a learning rate too high (try 1e-6 to 2e-6 for DreamBooth). Nothing was saved as final."
+            )
+        if cfg.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(method.params, cfg.max_grad_norm)
+        optimizer.step()
+        lr_sched.step()
+        optimizer.zero_grad(set_to_none=True)
+        method.after_step()
+        losses.append(total)
+        log.append({"step": step + 1, "loss": total, "lr": lr_sched.get_last_lr()[0], **terms})
+        bar.set_postfix(loss=f"{total:.4f}")
+        done = step + 1
+        if cfg.validation_prompts and cfg.validation_steps and (done % cfg.validation_steps == 0 or done == cfg.max_train_steps):
+            validation[done] = _validate(cfg, parts, out, done, device, precision, weight_dtype)
+    bar.close()
+
+    # --- save
+    for m in (parts.unet, parts.text_encoder):
+        m.eval()
+    parts.unet = accelerator.unwrap_model(unet)
+    parts.text_encoder = accelerator.unwrap_model(text_encoder)
+    parts.vae.to(device)
+    saved = method.save(parts, out / "model") if accelerator.is_main_process else out / "model"
+    (out / "losses.json").write_text(json.dumps(log))
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    info = {"precision": precision, "device": str(device), "prediction_type": prediction, "runtime": rt.describe()}
+    return TrainResult(out, saved, losses, validation, time.perf_counter() - t0, parts, method, cfg, info)
+
+
+@torch.no_grad()
+def _validate(cfg, parts, out, step, device, precision, weight_dtype) -> Path:
+    """Sample the validation prompts with fixed seeds; save a grid (one row per prompt)."""
+    vae_device = next(parts.vae.parameters()).device
+    parts.vae.to(device)
+    pipe = pipeline(parts, cfg.sample_scheduler)
+    was_training = parts.unet.training, parts.text_encoder.training
+    parts.unet.eval()
+    parts.text_encoder.eval()
+    with torch.autocast(device.type, dtype=weight_dtype, enabled=precision != "no"):
+        images = generate(pipe, cfg.validation_prompts, seeds=list(range(cfg.num_validation_images)),
+                          steps=cfg.sample_steps, guidance=cfg.guidance_scale, size=cfg.resolution)
+    parts.unet.train(was_training[0])
+    parts.text_encoder.train(was_training[1])
+    parts.vae.to(vae_device)
+    path = out / "validation" / f"step_{step:05d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid(images, rows=len(cfg.validation_prompts), cols=cfg.num_validation_images).save(path)
+    return path
