@@ -5,6 +5,7 @@ methods (what trains), train (the one loop), prior (class images), sample (sched
 offline (the bundled model), toyworld (the data it knows).
 """
 
+from . import data, offline, plots, runtime, sample
 from .config import ConfigError, TrainConfig
 from .data import DataError
 from .models import ModelNotFound, SDParts, load_parts, pipeline

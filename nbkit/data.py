@@ -127,6 +127,11 @@ def to_tensor(img: Image.Image, resolution: int, center_crop: bool = True, flip:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
+def thumbnail(img: Image.Image, size: int) -> Image.Image:
+    """A centre-cropped square of side `size` (what the model trains on, for display)."""
+    return ImageOps.fit(img, (size, size), Image.BICUBIC)
+
+
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
     """Which examples form the batch of `step`: a fresh shuffle every epoch, a pure function of (seed, step).
 

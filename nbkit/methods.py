@@ -123,7 +123,7 @@ def _textual_inversion(cfg: TrainConfig, parts: SDParts) -> Method:
     if len(init_ids) != 1:
         raise ValueError(f"initializer_token {cfg.initializer_token!r} is {len(init_ids)} tokens for this tokenizer; "
                          "choose a word that is a single token (e.g. 'dog', 'toy', 'star').")
-    te.resize_token_embeddings(len(tok))
+    te.resize_token_embeddings(len(tok), mean_resizing=False)  # rows are set just below
     ids = tok.convert_tokens_to_ids(tokens)
     emb = te.get_input_embeddings().weight
     with torch.no_grad():

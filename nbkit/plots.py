@@ -1,0 +1,46 @@
+"""Plots for the notebooks (matplotlib): the loss curve, and side-by-side labelled image rows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def loss_curve(losses: list[float] | str | Path, smooth: int = 10, ax=None, label: str | None = None):
+    """Plot per-step loss (thin) and its moving average (thick); `losses` may be a losses.json path."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    if isinstance(losses, (str, Path)):
+        losses = [r["loss"] for r in json.loads(Path(losses).read_text())]
+    y = np.asarray(losses, dtype=float)
+    ax = ax or plt.subplots(figsize=(6, 3))[1]
+    line = ax.plot(np.arange(1, len(y) + 1), y, alpha=0.3, lw=1)[0]
+    k = max(1, min(smooth, len(y)))
+    avg = np.convolve(y, np.ones(k) / k, mode="valid")
+    ax.plot(np.arange(k, len(y) + 1), avg, color=line.get_color(), lw=2, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("training loss (diffusion loss is noisy: look at the trend)")
+    if label:
+        ax.legend()
+    return ax
+
+
+def image_rows(rows: dict[str, list], size: float = 1.6, title: str | None = None):
+    """A figure with one labelled row of images per key (e.g. 'before' / 'after')."""
+    import matplotlib.pyplot as plt
+
+    n = max(len(v) for v in rows.values())
+    fig, axes = plt.subplots(len(rows), n, figsize=(size * n, size * len(rows)), squeeze=False)
+    for r, (label, images) in enumerate(rows.items()):
+        for c in range(n):
+            ax = axes[r][c]
+            ax.axis("off")
+            if c < len(images):
+                ax.imshow(images[c])
+        axes[r][0].set_title(label, loc="left", fontsize=9)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,57 @@
+import json
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from nbkit import ModelNotFound, load_parts, pipeline
+from nbkit.offline import OFFLINE_SPEC, offline_model_dir
+
+
+def test_offline_model_is_a_real_diffusers_folder(offline_dir):
+    index = json.loads((offline_dir / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    pipe = StableDiffusionPipeline.from_pretrained(offline_dir)  # the same code path as SD 1.5
+    assert type(pipe.unet).__name__ == "UNet2DConditionModel" and type(pipe.text_encoder).__name__ == "CLIPTextModel"
+
+
+def test_offline_build_is_deterministic_and_cached(tmp_path, monkeypatch, offline_dir):
+    monkeypatch.setenv("NBKIT_CACHE", str(tmp_path))
+    d = offline_model_dir()
+    assert d.parent == tmp_path and d.name == offline_dir.name
+    from safetensors.torch import load_file
+
+    a = load_file(d / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(offline_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert offline_model_dir() == d  # second call reuses it
+
+
+def test_tokenizer_knows_the_course_words(parts):
+    tok = parts.tokenizer
+    for word in ("zwx", "star", "dog", "photo", "background"):
+        assert len(tok.encode(word, add_special_tokens=False)) == 1, word
+    assert tok.model_max_length == 77
+    assert (OFFLINE_SPEC / "tokenizer" / "vocab.json").exists()  # older transformers load it too
+
+
+def test_load_parts(parts):
+    assert parts.prediction_type == "epsilon"
+    assert parts.vae_scale_factor == 2
+    assert type(parts.noise_scheduler).__name__ == "DDPMScheduler"
+
+
+def test_missing_folder_and_unreachable_id_say_what_to_do(tmp_path, monkeypatch):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelNotFound, match="MODEL='offline'"):
+        load_parts(str(tmp_path / "empty"))
+    with pytest.raises(ModelNotFound, match="not a diffusers model folder"):
+        load_parts(str(tmp_path / "missing"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFound, match="offline"):
+        load_parts("nobody/no-such-model")
+
+
+def test_pipeline_shares_parts(parts):
+    pipe = pipeline(parts, "pndm")
+    assert pipe.unet is parts.unet and type(pipe.scheduler).__name__ == "PNDMScheduler"
