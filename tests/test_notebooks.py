@@ -42,6 +42,11 @@ def test_house_rules(path):
             assert "  # " in line, f"one comment per parameter: {line!r}"
     names = {t.id for n in tree.body for t in n.targets}
     assert {"SMOKE", "OUTPUT_DIR", "MODEL"} <= names
+    import papermill as pm
+
+    parsed = pm.inspect_notebook(str(path))
+    assert set(parsed) == names, "papermill must parse every parameter (no quotes inside the comments)"
+    assert all(p["help"] for p in parsed.values()), "every parameter has a comment papermill can show"
 
 
 # What each notebook must have written, beyond running without error.
