@@ -91,10 +91,16 @@ def model_card(*, instance_prompt: str, base_model: str, method: str = "dreamboo
               USAGE[method].format(repo_id=repo_id, base_model=base_model, prompt=instance_prompt), "```", ""]
     if files:
         lines += ["Files:", ""] + [f"- `{f}`" + _file_note(f) for f in files] + [""]
-    shown = {k: settings[k] for k in CARD_SETTINGS if k in settings and settings[k] not in (None, "", [])}
-    extra = {k: v for k, v in settings.items() if k not in shown and k in ("base_model", "instance_prompt")}
+    skip = set()  # settings of the other methods, and of prior preservation when it was off, say nothing
+    if method != "lora":
+        skip |= {"lora_rank", "lora_alpha"}
+    if method != "textual_inversion":
+        skip |= {"placeholder_token", "initializer_token", "num_vectors"}
+    if not settings.get("with_prior_preservation"):
+        skip |= {"class_prompt", "num_class_images", "prior_loss_weight"}
+    shown = {k: settings[k] for k in CARD_SETTINGS if k in settings and k not in skip and settings[k] not in (None, "")}
     lines += ["## Training settings", "", "| setting | value |", "|---|---|"]
-    lines += [f"| {k} | `{json.dumps(v) if not isinstance(v, str) else v}` |" for k, v in {**shown, **extra}.items()]
+    lines += [f"| {k} | `{v if isinstance(v, str) else json.dumps(v)}` |" for k, v in shown.items()]
     lines += ["", "## Licence and use", "",
               "The weights inherit the CreativeML Open RAIL-M licence of Stable Diffusion. Only train on people who "
               "agreed to it; never use this model to impersonate or harm anyone.", ""]

@@ -31,6 +31,7 @@ def test_model_card_has_prompt_base_model_settings_and_grid(cfg):
     assert "| class_prompt | `a photo of a dog` |" in card
     assert "/secret/path" not in card and cfg.instance_dir not in card  # local paths stay private
     assert "AUTOMATIC1111" in card  # the single file is explained
+    assert "lora_rank" not in card and "placeholder_token" not in card  # other methods' settings stay out
 
 
 @pytest.mark.parametrize("method,call", [("lora", "load_lora_weights"), ("textual_inversion", "load_textual_inversion")])
