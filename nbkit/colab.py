@@ -33,6 +33,12 @@ class Paths:
         """The output folder of one notebook, e.g. paths.output('01_dreambooth')."""
         return self.outputs / notebook
 
+    def create(self) -> Paths:
+        """Make the folders (e.g. in Drive, so you can drop photos into `instance`); returns self."""
+        for folder in (self.instance_dir, self.class_dir, self.outputs, self.exports):
+            folder.mkdir(parents=True, exist_ok=True)
+        return self
+
     def describe(self) -> str:
         where = "Google Drive (kept after a disconnect)" if self.on_drive else "this machine's disk"
         return "\n".join([f"Files go to {where}:", f"  photos        {self.instance_dir}",
@@ -69,10 +75,7 @@ def paths(drive: Path | None = None, root: str | Path | None = None, project: st
         base, on_drive = Path("/kaggle/working") / project, False
     else:
         base, on_drive = Path("."), False
-    p = Paths(base, base / "instance", base / "class_images", base / "outputs", base / "exports", on_drive)
-    for folder in (p.instance_dir, p.class_dir, p.outputs, p.exports):
-        folder.mkdir(parents=True, exist_ok=True)
-    return p
+    return Paths(base, base / "instance", base / "class_images", base / "outputs", base / "exports", on_drive)
 
 
 def hub_cache_on_drive(drive: Path, project: str = PROJECT) -> Path:

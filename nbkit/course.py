@@ -62,3 +62,20 @@ def table(gpu_memory_gb: float | None = None, notebooks_dir: Path = NOTEBOOKS) -
                 row += " fits |" if nb.gpu_gb <= gpu_memory_gb - 1 else " too big: use LoRA/TI or a bigger GPU |"
         rows.append(row)
     return "\n".join(rows)
+
+
+def plot_memory(gpu_memory_gb: float | None = None, ax=None):
+    """Bar chart of each notebook's GPU memory, with a line at this GPU's memory (or at 16 GB, the design point)."""
+    import matplotlib.pyplot as plt
+
+    ax = ax or plt.subplots(figsize=(7, 2.8))[1]
+    names = [nb.name for nb in COURSE]
+    limit = gpu_memory_gb if gpu_memory_gb else 16.0
+    colours = ["tab:green" if nb.gpu_gb <= limit - 1 else "tab:red" for nb in COURSE]
+    ax.barh(names[::-1], [nb.gpu_gb for nb in COURSE][::-1], color=colours[::-1])
+    label = f"this GPU: {gpu_memory_gb:.0f} GB" if gpu_memory_gb else "a 16 GB Colab/Kaggle GPU (T4, P100)"
+    ax.axvline(limit, color="k", ls="--", lw=1, label=label)
+    ax.set_xlabel("approx. peak GPU memory, SD 1.5 at 512 px (GB)")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.figure.tight_layout()
+    return ax

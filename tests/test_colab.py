@@ -34,7 +34,8 @@ def test_drive_is_never_mounted_off_colab(monkeypatch, capsys):
 def test_paths_local_and_on_drive(tmp_path, monkeypatch):
     monkeypatch.setattr(colab.runtime, "platform", lambda: "local")
     local = colab.paths(root=tmp_path / "course")
-    assert not local.on_drive and local.class_dir == tmp_path / "course" / "class_images" and local.exports.is_dir()
+    assert not local.on_drive and local.class_dir == tmp_path / "course" / "class_images"
+    assert not local.root.exists() and local.create().exports.is_dir()  # folders only made when asked
     drive = colab.paths(drive=tmp_path / "MyDrive")
     assert drive.on_drive and drive.output("01_dreambooth") == tmp_path / "MyDrive" / "nbkit" / "outputs" / "01_dreambooth"
     assert "Google Drive" in drive.describe() and str(drive.instance_dir) in drive.describe()
@@ -63,4 +64,6 @@ def test_course_table_marks_fit_and_missing(tmp_path):
     assert "coming" in lines["| 02_prior_preservation *(coming)*"]
     assert all(nb.gpu_gb <= 15 for nb in course.COURSE), "every notebook is designed for a 16 GB GPU"
     assert "too big" in course.table(8.0, notebooks_dir=tmp_path) and "CPU" in course.table(0.0, tmp_path)
+    ax = course.plot_memory(15.0)
+    assert len(ax.patches) == len(course.COURSE) and "15 GB" in ax.get_legend().get_texts()[0].get_text()
     assert [nb.name for nb in course.available(tmp_path)] == ["01_dreambooth"]
