@@ -106,12 +106,16 @@ def test_sd15_layout_matches_the_original_checkpoint():
 
 @pytest.mark.parametrize("version", [1, 2])
 def test_round_trip_through_diffusers_converters(version):
-    """original -> diffusers with diffusers' own single-file converters gives back every key with its shape."""
+    """diffusers' own single-file code recognises the export (SD 1 vs 2, CLIP vs OpenCLIP), and its
+    original -> diffusers converters give back every key with its shape."""
     from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
-                                                     convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
+                                                     convert_ldm_vae_checkpoint, convert_open_clip_checkpoint,
+                                                     infer_diffusers_model_type, is_clip_model, is_open_clip_model)
 
     unet, vae, te = empty_models(version)
     sd = convert(unet, vae, te)
+    assert infer_diffusers_model_type(sd) == f"v{version}"
+    assert (is_clip_model(sd), is_open_clip_model(sd)) == ((True, False) if version == 1 else (False, True))
     back = {
         "unet": convert_ldm_unet_checkpoint(sd, unet.config),
         "vae": convert_ldm_vae_checkpoint(sd, vae.config),
