@@ -49,8 +49,19 @@ def test_house_rules(path):
     assert all(p["help"] for p in parsed.values()), "every parameter has a comment papermill can show"
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_opens_on_a_gpu_runtime(path):
+    """Opened from its badge, a notebook asks Colab for a T4 GPU and Kaggle for a GPU."""
+    meta = load(path).metadata
+    assert meta.get("accelerator") == "GPU", "Colab: metadata.accelerator = 'GPU'"
+    assert meta.get("colab", {}).get("gpuType") == "T4", "Colab: metadata.colab.gpuType = 'T4'"
+    assert meta.get("kaggle", {}).get("accelerator", "").startswith("gpu"), "Kaggle: metadata.kaggle.accelerator"
+    assert meta.get("kernelspec", {}).get("name") == "python3"
+
+
 # What each notebook must have written, beyond running without error.
 EXPECTED = {
+    "00_start_here": ["runtime.txt", "memory.png", "playground.png"],
     "01_dreambooth": ["model/model_index.json", "model/unet/diffusion_pytorch_model.safetensors", "losses.json",
                       "validation/step_00004.png", "samples/after_000.png", "samples/before_000.png"],
 }

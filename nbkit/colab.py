@@ -1,0 +1,155 @@
+"""Colab, Kaggle and workshop machines: a readable runtime check, Google Drive, and where files go.
+
+On Colab a disconnect wipes the machine: with `mount_drive()` the photos are read from, and outputs, checkpoints
+and the model download cache written to, your Google Drive, so a new session picks up where the last one stopped.
+Nothing here blocks or asks anything on a headless (papermill) run: Drive is only ever mounted on Colab, when asked.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import runtime
+
+DRIVE_MOUNTPOINT = "/content/drive"
+PROJECT = "nbkit"  # the folder in My Drive (or on Kaggle, in /kaggle/working) that holds the course's files
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where the course keeps its files on this machine (in Drive when mounted)."""
+
+    root: Path  # everything below lives here
+    instance_dir: Path  # your photos, one sub-folder per subject
+    class_dir: Path  # class images for prior preservation, made once and shared by every notebook and run
+    outputs: Path  # one sub-folder per notebook: models, samples, logs, checkpoints
+    exports: Path  # files to take home: single-file checkpoints, LoRA and embedding files
+    on_drive: bool  # True when root is in Google Drive (survives a disconnect)
+
+    def output(self, notebook: str) -> Path:
+        """The output folder of one notebook, e.g. paths.output('01_dreambooth')."""
+        return self.outputs / notebook
+
+    def create(self) -> Paths:
+        """Make the folders (e.g. in Drive, so you can drop photos into `instance`); returns self."""
+        for folder in (self.instance_dir, self.class_dir, self.outputs, self.exports):
+            folder.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def describe(self) -> str:
+        where = "Google Drive (kept after a disconnect)" if self.on_drive else "this machine's disk"
+        return "\n".join([f"Files go to {where}:", f"  photos        {self.instance_dir}",
+                          f"  class images  {self.class_dir}", f"  outputs       {self.outputs}",
+                          f"  exports       {self.exports}"])
+
+
+def mount_drive(use: bool = True, mountpoint: str | Path = DRIVE_MOUNTPOINT) -> Path | None:
+    """Mount Google Drive on Colab when `use`; returns its 'My Drive' folder, or None (not Colab, or not asked).
+
+    Colab shows a permission pop-up the first time; elsewhere nothing happens (a message says so).
+    """
+    if not use:
+        return None
+    if runtime.platform() != "colab":
+        print("Google Drive is only mounted on Colab: here files stay in local folders.")
+        return None
+    my_drive = Path(mountpoint) / "MyDrive"
+    if not my_drive.is_dir():
+        from google.colab import drive  # only on Colab
+
+        drive.mount(str(mountpoint))
+    return my_drive
+
+
+def paths(drive: Path | None = None, root: str | Path | None = None, project: str = PROJECT) -> Paths:
+    """The course's folders: in Drive when `drive` is given (see mount_drive), on Kaggle in /kaggle/working
+    (kept with the notebook's output), otherwise under `root` (default: the current folder)."""
+    if drive is not None:
+        base, on_drive = Path(drive) / project, True
+    elif root is not None:
+        base, on_drive = Path(root), False
+    elif runtime.platform() == "kaggle":
+        base, on_drive = Path("/kaggle/working") / project, False
+    else:
+        base, on_drive = Path("."), False
+    return Paths(base, base / "instance", base / "class_images", base / "outputs", base / "exports", on_drive)
+
+
+def hub_cache_on_drive(drive: Path, project: str = PROJECT) -> Path:
+    """Keep the Hugging Face download cache in Drive, so the base model is downloaded once, not every session.
+
+    The local cache folder becomes a link into Drive (works whatever was imported before). A local cache that
+    already holds downloads is left alone (said so). Returns the folder the cache now lives in.
+    """
+    from huggingface_hub import constants
+
+    local, target = Path(constants.HF_HUB_CACHE), Path(drive) / project / "hf-cache"
+    target.mkdir(parents=True, exist_ok=True)
+    if local.is_symlink():
+        if local.resolve() == target.resolve():
+            return target
+        local.unlink()
+    elif local.is_dir():
+        if any(local.iterdir()):
+            print(f"{local} already holds downloads: keeping the cache there (not in Drive).")
+            return local
+        local.rmdir()
+    local.parent.mkdir(parents=True, exist_ok=True)
+    local.symlink_to(target, target_is_directory=True)
+    return target
+
+
+def _host_ram_gb() -> float:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):  # not on this OS
+        return 0.0
+
+
+def describe_settings(settings: dict, rt: runtime.Runtime) -> str:
+    """Memory settings (runtime.memory_settings) in words."""
+    words = []
+    for key, value in settings.items():
+        if key == "mixed_precision":
+            p = rt.default_precision() if value == "auto" else value
+            words.append("full fp32" if p == "no" else f"{p} mixed precision (trainable weights stay fp32)")
+        elif key == "use_8bit_adam":
+            words.append("8-bit AdamW" if value else "AdamW")
+        elif key == "gradient_checkpointing":
+            words.append("gradient checkpointing" if value else "no gradient checkpointing")
+        else:
+            words.append(f"{key}={value}")
+    return ", ".join(words)
+
+
+def check_runtime(rt: runtime.Runtime | None = None, hub: bool | None = None) -> str:
+    """A readable summary of this runtime: where, which GPU and how much memory, the memory preset the notebooks
+    will use, host RAM and disk, whether the model hub answers; and what to do when something is missing."""
+    rt = rt or runtime.detect()
+    hub = runtime.hub_reachable() if hub is None else hub
+    where = {"colab": "Google Colab", "kaggle": "Kaggle", "local": "this machine"}[rt.platform]
+    if rt.device == "cuda":
+        gpu = (f"{rt.gpu_count}x {rt.gpu_name}" if rt.gpu_count > 1 else rt.gpu_name) + \
+              f", {rt.gpu_memory_gb:.1f} GB, {'bf16 and fp16' if rt.bf16 else 'fp16 only (no bf16)'}"
+    else:
+        gpu = f"none ({rt.device})"
+    disk = shutil.disk_usage(".").free / 2**30
+    lines = [f"Runtime:       {where}", f"GPU:           {gpu}",
+             f"Preset:        {describe_settings(runtime.memory_settings(rt), rt)}",
+             f"Host RAM:      {_host_ram_gb():.1f} GB · free disk here: {disk:.0f} GB",
+             f"Model hub:     {'reachable' if hub else 'not reachable: the notebooks use the offline model'}"]
+    if rt.device != "cuda" and rt.platform == "colab":
+        lines.append("-> No GPU. Runtime > Change runtime type > T4 GPU, then run the notebook again from the top.")
+    elif rt.device != "cuda" and rt.platform == "kaggle":
+        lines.append("-> No GPU. Settings > Accelerator > GPU T4 x2 (or P100), then run again from the top.")
+    elif rt.device != "cuda":
+        lines.append("-> No GPU: every notebook still runs, on the small offline model (a few minutes each on a CPU).")
+    elif rt.gpu_memory_gb < 15:
+        lines.append(f"-> {rt.gpu_memory_gb:.0f} GB is less than the 16 GB the course is tuned for: LoRA and textual "
+                     "inversion fit; full DreamBooth needs the memory-saving settings shown (or a bigger GPU).")
+    if disk < 10 and rt.device == "cuda":
+        lines.append(f"-> Only {disk:.0f} GB of free disk: Stable Diffusion 1.5 needs ~5 GB, each saved model ~2-4 GB.")
+    return "\n".join(lines)

@@ -1,0 +1,204 @@
+"""Single-file export in the original SD layout: exact key layout for SD 1.5 (and 2.x), round trips through diffusers'
+own original->diffusers converters, and reload with from_single_file giving the same weights and images."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from nbkit import singlefile as sf
+
+# Keys and shapes of the original SD 1.5 checkpoint (v1-5-pruned-emaonly), a sample covering every renaming rule.
+SD15_KEYS = {
+    "cond_stage_model.transformer.text_model.embeddings.position_ids": (1, 77),
+    "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": (49408, 768),
+    "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight": (77, 768),
+    "cond_stage_model.transformer.text_model.encoder.layers.11.mlp.fc2.weight": (768, 3072),
+    "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.bias": (768,),
+    "cond_stage_model.transformer.text_model.final_layer_norm.weight": (768,),
+    "first_stage_model.decoder.mid.attn_1.k.weight": (512, 512, 1, 1),
+    "first_stage_model.decoder.mid.attn_1.proj_out.weight": (512, 512, 1, 1),
+    "first_stage_model.decoder.mid.block_2.norm2.weight": (512,),
+    "first_stage_model.decoder.norm_out.weight": (128,),
+    "first_stage_model.decoder.up.0.block.0.nin_shortcut.weight": (128, 256, 1, 1),
+    "first_stage_model.decoder.up.0.block.2.conv2.weight": (128, 128, 3, 3),
+    "first_stage_model.decoder.up.1.upsample.conv.weight": (256, 256, 3, 3),
+    "first_stage_model.decoder.up.3.upsample.conv.weight": (512, 512, 3, 3),
+    "first_stage_model.encoder.down.0.downsample.conv.weight": (128, 128, 3, 3),
+    "first_stage_model.encoder.down.1.block.0.nin_shortcut.weight": (256, 128, 1, 1),
+    "first_stage_model.encoder.mid.attn_1.norm.weight": (512,),
+    "first_stage_model.encoder.mid.block_1.conv1.weight": (512, 512, 3, 3),
+    "first_stage_model.encoder.conv_out.weight": (8, 512, 3, 3),
+    "first_stage_model.quant_conv.weight": (8, 8, 1, 1),
+    "first_stage_model.post_quant_conv.weight": (4, 4, 1, 1),
+    "model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3),
+    "model.diffusion_model.input_blocks.1.0.emb_layers.1.weight": (320, 1280),
+    "model.diffusion_model.input_blocks.1.0.in_layers.2.weight": (320, 320, 3, 3),
+    "model.diffusion_model.input_blocks.1.1.proj_in.weight": (320, 320, 1, 1),
+    "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 768),
+    "model.diffusion_model.input_blocks.3.0.op.weight": (320, 320, 3, 3),
+    "model.diffusion_model.input_blocks.4.0.skip_connection.weight": (640, 320, 1, 1),
+    "model.diffusion_model.input_blocks.9.0.op.weight": (1280, 1280, 3, 3),
+    "model.diffusion_model.input_blocks.11.0.out_layers.3.weight": (1280, 1280, 3, 3),
+    "model.diffusion_model.middle_block.0.in_layers.0.weight": (1280,),
+    "model.diffusion_model.middle_block.1.transformer_blocks.0.ff.net.0.proj.weight": (10240, 1280),
+    "model.diffusion_model.middle_block.2.out_layers.3.weight": (1280, 1280, 3, 3),
+    "model.diffusion_model.out.0.weight": (320,),
+    "model.diffusion_model.out.2.weight": (4, 320, 3, 3),
+    "model.diffusion_model.output_blocks.0.0.skip_connection.weight": (1280, 2560, 1, 1),
+    "model.diffusion_model.output_blocks.2.1.conv.weight": (1280, 1280, 3, 3),
+    "model.diffusion_model.output_blocks.3.1.norm.weight": (1280,),
+    "model.diffusion_model.output_blocks.5.2.conv.weight": (1280, 1280, 3, 3),
+    "model.diffusion_model.output_blocks.8.2.conv.weight": (640, 640, 3, 3),
+    "model.diffusion_model.output_blocks.9.0.in_layers.0.weight": (960,),
+    "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm3.weight": (320,),
+    "model.diffusion_model.time_embed.0.weight": (1280, 320),
+    "model.diffusion_model.time_embed.2.weight": (1280, 1280),
+}
+SD15_COUNTS = {"model.diffusion_model.": 686, "first_stage_model.": 248, "cond_stage_model.": 197}
+
+
+def empty_models(version: int):
+    """SD 1.5 or SD 2.x architecture with weights on the meta device (no memory, no download)."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet_kw = dict(cross_attention_dim=768) if version == 1 else dict(
+        cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20], use_linear_projection=True)
+    te_kw = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12) \
+        if version == 1 else dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
+                                  num_hidden_layers=23, hidden_act="gelu", projection_dim=512)
+    with init_empty_weights():
+        unet = UNet2DConditionModel(**unet_kw)
+        vae = AutoencoderKL(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
+                            up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=2, latent_channels=4)
+        te = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **te_kw))
+    return unet, vae, te
+
+
+def convert(unet, vae, te, layout="auto"):
+    sd = {}
+    sd.update(sf.unet_to_original(unet.state_dict(), unet.config))
+    sd.update(sf.vae_to_original(vae.state_dict(), vae.config))
+    sd.update(sf.text_encoder_to_original(te.state_dict(), te.config, layout))
+    return sd
+
+
+def with_text_model(sd):
+    return {k if k.startswith("text_model.") else "text_model." + k: v for k, v in sd.items()}
+
+
+def test_sd15_layout_matches_the_original_checkpoint():
+    unet, vae, te = empty_models(1)
+    sd = convert(unet, vae, te)
+    for key, shape in SD15_KEYS.items():
+        assert key in sd, key
+        assert tuple(sd[key].shape) == shape, (key, tuple(sd[key].shape), shape)
+    for prefix, n in SD15_COUNTS.items():
+        assert sum(k.startswith(prefix) for k in sd) == n, prefix
+    assert len(sd) == sum(SD15_COUNTS.values())
+    assert not [k for k in sd if any(w in k for w in ("down_blocks", "up_blocks", "resnets", "attentions", "mid_block",
+                                                      "time_embedding", "conv_shortcut", "to_out.0.weight"))
+                and "transformer_blocks" not in k]
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_round_trip_through_diffusers_converters(version):
+    """diffusers' own single-file code recognises the export (SD 1 vs 2, CLIP vs OpenCLIP), and its
+    original -> diffusers converters give back every key with its shape."""
+    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
+                                                     convert_ldm_vae_checkpoint, convert_open_clip_checkpoint,
+                                                     infer_diffusers_model_type, is_clip_model, is_open_clip_model)
+
+    unet, vae, te = empty_models(version)
+    sd = convert(unet, vae, te)
+    assert infer_diffusers_model_type(sd) == f"v{version}"
+    assert (is_clip_model(sd), is_open_clip_model(sd)) == ((True, False) if version == 1 else (False, True))
+    back = {
+        "unet": convert_ldm_unet_checkpoint(sd, unet.config),
+        "vae": convert_ldm_vae_checkpoint(sd, vae.config),
+        "te": convert_ldm_clip_checkpoint(sd) if version == 1 else
+        convert_open_clip_checkpoint(SimpleNamespace(config=te.config), sd),
+    }
+    for name, module in (("unet", unet), ("vae", vae), ("te", te)):
+        ref = module.state_dict() if name != "te" else with_text_model(module.state_dict())
+        ref = {k: v for k, v in ref.items() if not k.endswith("position_ids")}
+        got = {k: v for k, v in back[name].items() if not k.endswith("position_ids")}
+        assert set(got) == set(ref), (name, sorted(set(got) ^ set(ref))[:5])
+        assert all(got[k].shape == ref[k].shape for k in ref), name
+    if version == 2:
+        assert "cond_stage_model.model.transformer.resblocks.22.attn.in_proj_weight" in sd
+        assert sd["cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"].shape == (3072, 1024)
+
+
+def test_round_trip_keeps_every_value(parts):
+    """On real tensors (the offline model): diffusers' converters give back exactly the weights we exported."""
+    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
+                                                     convert_ldm_vae_checkpoint)
+
+    sd = sf.to_original(parts)
+    for back, module in ((convert_ldm_unet_checkpoint(sd, parts.unet.config), parts.unet),
+                         (convert_ldm_vae_checkpoint(sd, parts.vae.config), parts.vae),
+                         (with_text_model(convert_ldm_clip_checkpoint(sd)), parts.text_encoder)):
+        ref = with_text_model(module.state_dict()) if module is parts.text_encoder else module.state_dict()
+        assert all(torch.equal(back[k], v) for k, v in ref.items())
+
+
+def images(pipe, steps=2):
+    """Two steps, one seed: enough to compare two models pixel by pixel (the offline model's weights are random)."""
+    from nbkit import generate
+
+    return np.asarray(generate(pipe, "a photo of zwx star on a green background", seeds=[0], steps=steps, size=64)[0],
+                      dtype=np.float32)
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_export_reloads_with_from_single_file(parts, tmp_path, half):
+    from safetensors import safe_open
+
+    from nbkit import pipeline
+
+    path = sf.save_single_file(parts, tmp_path / "model.safetensors", half=half, metadata={"base_model": "offline"})
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata()["nbkit.dtype"] == ("fp16" if half else "fp32")
+        assert f.get_tensor("model.diffusion_model.out.2.weight").dtype == (torch.float16 if half else torch.float32)
+    reloaded = sf.load_single_file(path, parts.source)
+    diffs = sf.weight_differences(parts, reloaded)
+    if half:
+        assert all(d < 2e-3 for d in diffs.values()), diffs  # fp16 rounding only
+    else:
+        assert diffs == {"unet": 0.0, "vae": 0.0, "text_encoder": 0.0}
+    reloaded.scheduler = pipeline(parts, "ddim").scheduler
+    a, b = images(pipeline(parts, "ddim")), images(reloaded)
+    assert np.abs(a - b).mean() < (1.0 if half else 1e-3)
+
+
+def test_lora_is_merged_into_the_checkpoint(cfg, tmp_path):
+    import nbkit
+
+    result = nbkit.train(cfg.replace(method="lora", max_train_steps=2, learning_rate=1e-2), progress=False)
+    pipe = result.pipeline("ddim")
+    before = images(pipe)
+    path = sf.save_single_file(result, tmp_path / "lora_merged.safetensors")
+    assert np.array_equal(images(pipe), before), "exporting leaves the in-memory LoRA model as it was"
+    reloaded = sf.load_single_file(path, result.parts.source)
+    reloaded.scheduler = pipe.scheduler
+    assert np.abs(images(reloaded) - before).mean() < 0.5
+    base = nbkit.load_parts("offline")
+    changed = {k for k, v in base.unet.state_dict().items() if not torch.equal(v, reloaded.unet.state_dict()[k])}
+    assert changed and all(k.rsplit(".", 2)[-2] in ("to_q", "to_k", "to_v") or ".to_out.0." in k for k in changed)
+    assert sf.weight_differences(base, reloaded)["vae"] == 0.0
+
+
+def test_clear_errors(parts, tmp_path):
+    with pytest.raises(sf.ExportError, match="safetensors"):
+        sf.save_single_file(parts, tmp_path / "model.ckpt")
+    parts.tokenizer.add_tokens(["<zwx>"])
+    with pytest.raises(sf.ExportError, match="textual inversion"):
+        sf.to_original(parts)
+    with pytest.raises(sf.ExportError, match="no place"):
+        sf.unet_to_original({"add_embedding.linear_1.weight": torch.zeros(1)}, parts.unet.config)
+    with pytest.raises(sf.ExportError, match="not a folder"):
+        sf.load_single_file(tmp_path / "x.safetensors", tmp_path / "missing")
