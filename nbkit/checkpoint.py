@@ -120,13 +120,13 @@ class Checkpoints:
             return []
         return sorted((p for p in self.root.iterdir() if p.is_dir() and NAME.match(p.name)), key=step_of)
 
-    def complete(self) -> list[Path]:
+    def complete(self, quiet: bool = False) -> list[Path]:
         """Complete checkpoints, oldest first; incomplete ones are named in a warning and skipped."""
         good = []
         for p in self._named():
             if is_complete(p):
                 good.append(p)
-            else:
+            elif not quiet:
                 warnings.warn(f"{p} is incomplete (a run stopped while writing it, or a copy is still syncing): "
                               "it is skipped.")
         return good
@@ -144,7 +144,7 @@ class Checkpoints:
         path = Path(resume)
         if not NAME.match(path.name) or not is_complete(path):
             raise ResumeError(f"resume={resume!r} is not a complete checkpoint folder. Complete ones in {self.root}: "
-                              f"{[p.name for p in self.complete()] or 'none'}; or use resume='auto' or None.")
+                              f"{[p.name for p in self.complete(quiet=True)] or 'none'}; or use resume='auto' or None.")
         return path
 
     def start_over(self) -> None:
@@ -200,7 +200,7 @@ class Checkpoints:
         """Keep the newest `limit` complete checkpoints."""
         if self.limit is None:
             return
-        for p in self.complete()[:-self.limit]:
+        for p in self.complete(quiet=True)[:-self.limit]:
             shutil.rmtree(p, ignore_errors=True)
 
 
