@@ -122,11 +122,17 @@ def is_oom(err: BaseException) -> bool:
 
 
 def release(err: BaseException | None = None) -> None:
-    """Drop the tensors held by a failed call's frames (activations, optimizer state), then free GPU memory."""
+    """Drop what a failed call's frames hold (activations, optimizer state), then free GPU memory.
+
+    The tracebacks of `err` and of the exceptions chained to it are cleared and detached: a frame keeps its
+    function and with it every closure variable, so clearing its locals alone would keep the training state
+    alive as long as the notebook keeps the error. Re-raise `err` afterwards: its traceback starts anew there.
+    """
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
         traceback.clear_frames(err.__traceback__)
+        err.__traceback__ = None
         err = err.__cause__ or err.__context__
     gc.collect()
     if torch.cuda.is_available():

@@ -99,6 +99,7 @@ def train(cfg: TrainConfig, parts: SDParts | None = None, progress: bool = True)
         run.stopped(err)
         if isinstance(err, guards.OutOfMemory):
             guards.release(err)  # the loop's frames hold the optimizer state and activations: let them go
+            raise err  # noqa: B904 - a fresh traceback that holds none of them
         raise
 
 
