@@ -47,7 +47,8 @@ def test_house_rules(path):
 # What each notebook must have written, beyond running without error.
 EXPECTED = {
     "01_dreambooth": ["model/model_index.json", "model/unet/diffusion_pytorch_model.safetensors", "losses.json",
-                      "validation/step_00004.png", "samples/after_000.png", "samples/before_000.png"],
+                      "validation/step_00004.png", "samples/after_000.png", "samples/before_000.png",
+                      "run_manifest.json", "checkpoints/step_000004/checkpoint.json"],
 }
 
 
