@@ -69,6 +69,16 @@ class Resumable:
     scaler: object | None = None  # accelerate's GradScaler (fp16 only)
 
 
+@dataclass
+class Progress:
+    """What the loop carries from one session to the next besides the live objects."""
+
+    step: int = 0
+    log: list[dict] = field(default_factory=list)  # one row per step: loss, lr, loss terms
+    validation: dict[int, Path] = field(default_factory=dict)  # step -> grid image
+    resumed_from: Path | None = None
+
+
 def trainable_params(parts, method) -> dict[str, torch.nn.Parameter]:
     """The method's trainable parameters, named after the module that owns them."""
     ids = {id(p) for p in method.params}
@@ -135,16 +145,19 @@ class Checkpoints:
         done = self.complete()
         return done[-1] if done else None
 
-    def find(self, resume: str | None) -> Path | None:
-        """The checkpoint to continue from: resume='auto' -> the latest complete one; a folder -> that one."""
+    def find(self, resume: str | None, cfg: TrainConfig | None = None) -> Path | None:
+        """The checkpoint to continue from: resume='auto' -> the latest complete one; a folder -> that one.
+
+        With `cfg`, its settings are checked against the checkpoint's at once (before any model is loaded).
+        """
         if resume in (None, "never"):
             return None
-        if resume == "auto":
-            return self.latest()
-        path = Path(resume)
-        if not NAME.match(path.name) or not is_complete(path):
+        path = self.latest() if resume == "auto" else Path(resume)
+        if path is not None and (not NAME.match(path.name) or not is_complete(path)):
             raise ResumeError(f"resume={resume!r} is not a complete checkpoint folder. Complete ones in {self.root}: "
                               f"{[p.name for p in self.complete(quiet=True)] or 'none'}; or use resume='auto' or None.")
+        if path is not None and cfg is not None:
+            check_compatible(read_info(path), cfg, None, path)
         return path
 
     def start_over(self) -> None:
@@ -214,12 +227,13 @@ def read_info(path: str | Path) -> dict:
     return json.loads((path / INFO).read_text())
 
 
-def check_compatible(info: dict, cfg: TrainConfig, data: dict, path: Path) -> list[str]:
-    """Raise ResumeError if the checkpoint was made with other training settings or data; return notes otherwise."""
+def check_compatible(info: dict, cfg: TrainConfig, data: dict | None, path: Path) -> list[str]:
+    """Raise ResumeError if the checkpoint was made with other training settings or data (None: not checked);
+    return notes on the settings that changed and may."""
     old, new = info.get("config", {}), cfg.to_dict()
     differ = [f"{k}: {old[k]!r} in the checkpoint, {new[k]!r} now" for k in new
               if k in old and k not in MAY_CHANGE and old[k] != new[k]]
-    for group, fp in info.get("data", {}).items():
+    for group, fp in info.get("data", {}).items() if data is not None else ():
         now = data.get(group)
         if now != fp:
             differ.append(f"the {group} pictures or their captions changed ({fp['count']} then, "
@@ -258,7 +272,7 @@ def restore(path: str | Path, res: Resumable) -> dict:
         raise ResumeError(f"{path} lacks {len(missing)} trained tensors (e.g. {sorted(missing)[0]!r}): it was made by "
                           "another method or model.")
     device = next(iter(res.params.values())).device  # moments go straight to the GPU, not through RAM
-    moments = load_sharded(path, info["optimizer_files"], lambda key: "cpu" if key.endswith(".step") else device)
+    moments = load_sharded(path, info["optimizer_files"], lambda key: "cpu" if key.endswith("/step") else device)
     res.optimizer.load_state_dict(_join_optimizer(info["optimizer"], moments, res.optimizer))
     res.lr_scheduler.load_state_dict(info["lr_scheduler"])
     if res.scaler is not None and info.get("scaler"):
@@ -284,24 +298,36 @@ def resume(path: str | Path, res: Resumable, cfg: TrainConfig, data: dict, outpu
 # --- state <-> (tensors, JSON) ----------------------------------------------------------------------------------
 
 def _split_optimizer(sd: dict) -> tuple[list[tuple[str, torch.Tensor]], dict]:
-    tensors, rest = [], {"state": {}, "param_groups": sd["param_groups"]}
-    for i, s in sd["state"].items():
-        rest["state"][str(i)] = {}
-        for k, v in s.items():
-            if torch.is_tensor(v):
-                tensors.append((f"state.{i}.{k}", v))
-            else:
-                rest["state"][str(i)][k] = v
-    return tensors, rest
+    """An optimizer state dict as (name, tensor) pairs plus JSON in which each tensor is {"tensor": name}.
+
+    Works for any nesting (bitsandbytes' 8-bit AdamW keeps its quantization state in a dict inside the state).
+    """
+    tensors: list[tuple[str, torch.Tensor]] = []
+
+    def walk(x, name):
+        if torch.is_tensor(x):
+            tensors.append((name, x))
+            return {"tensor": name}
+        if isinstance(x, dict):
+            return {str(k): walk(v, f"{name}/{k}") for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [walk(v, f"{name}/{i}") for i, v in enumerate(x)]
+        return x
+
+    return tensors, {"state": walk(sd["state"], "state"), "param_groups": sd["param_groups"]}
 
 
 def _join_optimizer(rest: dict, tensors: dict[str, torch.Tensor], optimizer) -> dict:
-    state = {int(i): dict(s) for i, s in rest["state"].items()}
-    for key, v in tensors.items():
-        _, i, k = key.split(".", 2)
-        state.setdefault(int(i), {})[k] = v
+    def walk(x):
+        if isinstance(x, dict):
+            return tensors[x["tensor"]] if set(x) == {"tensor"} else {k: walk(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [walk(v) for v in x]
+        return x
+
+    state = {int(i): walk(s) for i, s in rest["state"].items()}  # JSON made the parameter indices strings
     groups = []
-    for saved, live in zip(rest["param_groups"], optimizer.param_groups):  # JSON made tuples (betas) into lists
+    for saved, live in zip(rest["param_groups"], optimizer.param_groups):  # ... and tuples (betas) lists
         groups.append({k: tuple(v) if isinstance(live.get(k), tuple) else v for k, v in saved.items()})
     return {"state": state, "param_groups": groups}
 
@@ -343,13 +369,3 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-@dataclass
-class Progress:
-    """What the loop carries from one session to the next besides the live objects."""
-
-    step: int = 0
-    log: list[dict] = field(default_factory=list)  # one row per step: loss, lr, loss terms
-    validation: dict[int, Path] = field(default_factory=dict)  # step -> grid image
-    resumed_from: Path | None = None

@@ -120,7 +120,7 @@ def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifes
     if cfg.with_prior_preservation:
         guards.writable_dir(cfg.class_dir, "class_dir")
     ckpts.clean_partial()
-    resume_from = ckpts.find(cfg.resume)
+    resume_from = ckpts.find(cfg.resume, cfg)  # other settings than the checkpoint's: said now, not in an hour
     if cfg.resume in (None, "never"):
         ckpts.start_over()
     rt = runtime.detect()

@@ -210,3 +210,28 @@ def test_other_settings_or_data_refuse_to_resume_and_say_what_to_do(cfg, tmp_pat
         assert part in msg
     with pytest.raises(ResumeError, match="beyond max_train_steps=1"):
         check_compatible(info, cfg.replace(max_train_steps=1), data, tmp_path)
+
+
+def test_nested_optimizer_state_round_trips(tmp_path):
+    """bitsandbytes' 8-bit AdamW nests its quantization tensors in a dict inside each parameter's state."""
+    from nbkit.checkpoint import _join_optimizer, _split_optimizer
+    from nbkit.safeio import load_sharded, save_sharded
+
+    model, res = tiny()
+    sd = {"state": {0: {"step": 3, "q": {"state1": torch.arange(6, dtype=torch.uint8), "absmax1": torch.ones(2)}},
+                    1: {"exp_avg": torch.randn(2)}},
+          "param_groups": res.optimizer.state_dict()["param_groups"]}
+    tensors, rest = _split_optimizer(sd)
+    json.dumps(rest)  # the rest is plain JSON
+    names = save_sharded(tensors, tmp_path, "optimizer")
+    back = _join_optimizer(json.loads(json.dumps(rest)), load_sharded(tmp_path, names), res.optimizer)
+    assert back["state"][0]["step"] == 3 and torch.equal(back["state"][0]["q"]["state1"], sd["state"][0]["q"]["state1"])
+    assert torch.equal(back["state"][1]["exp_avg"], sd["state"][1]["exp_avg"])
+    assert back["param_groups"][0]["betas"] == (0.9, 0.999)
+
+
+def test_changed_settings_are_refused_before_the_model_loads(cfg, tmp_path):
+    model, res = tiny()
+    Checkpoints(tmp_path / "out" / "checkpoints").save(2, res, {"config": cfg.to_dict()})
+    with pytest.raises(ResumeError, match="learning_rate: 0.001 in the checkpoint, 0.0005 now"):
+        train(cfg.replace(learning_rate=5e-4, model=str(tmp_path / "no-such-model")))  # a load would fail otherwise
