@@ -160,6 +160,15 @@ class Checkpoints:
             check_compatible(read_info(path), cfg, None, path)
         return path
 
+    def resume_point(self, cfg: TrainConfig) -> Path | None:
+        """At the start of a run: drop half-written leftovers, then find the checkpoint to continue from
+        (cfg.resume), checking its settings against cfg; with resume=None, plan to replace the old ones."""
+        self.clean_partial()
+        found = self.find(cfg.resume, cfg)
+        if cfg.resume in (None, "never"):
+            self.start_over()
+        return found
+
     def start_over(self) -> None:
         """resume=None: this run's first checkpoint replaces those of an earlier run (kept until then)."""
         self._replace_on_save = self._named()

@@ -51,6 +51,17 @@ def writable_dir(path: str | Path, what: str) -> Path:
     return path
 
 
+def writable_folders(cfg: TrainConfig, checkpoints_dir: Path) -> Path:
+    """Check every folder the run writes to (output, checkpoints if any will be written, class images); return
+    the output folder."""
+    out = writable_dir(cfg.output_dir, "output_dir")
+    if cfg.checkpointing_steps and cfg.max_train_steps >= cfg.checkpointing_steps:
+        writable_dir(checkpoints_dir, "checkpoints_dir")
+    if cfg.with_prior_preservation:
+        writable_dir(cfg.class_dir, "class_dir")
+    return out
+
+
 def _existing(path: Path) -> Path:
     path = Path(path).absolute()
     while not path.exists() and path != path.parent:

@@ -110,19 +110,12 @@ def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifes
     from diffusers.training_utils import cast_training_params
     from tqdm.auto import tqdm
 
-    # --- settings and folders, checked before anything is loaded
+    # --- settings, folders and the checkpoint to resume from: checked before anything is loaded
     cfg.validate()
     t0 = time.perf_counter()
-    out = guards.writable_dir(cfg.output_dir, "output_dir")
     ckpts = checkpoint.Checkpoints(checkpoint.folder(cfg), cfg.checkpoints_total_limit)
-    if cfg.checkpointing_steps and cfg.max_train_steps >= cfg.checkpointing_steps:
-        guards.writable_dir(ckpts.root, "checkpoints_dir")
-    if cfg.with_prior_preservation:
-        guards.writable_dir(cfg.class_dir, "class_dir")
-    ckpts.clean_partial()
-    resume_from = ckpts.find(cfg.resume, cfg)  # other settings than the checkpoint's: said now, not in an hour
-    if cfg.resume in (None, "never"):
-        ckpts.start_over()
+    out = guards.writable_folders(cfg, ckpts.root)  # output, checkpoint and class-image folders
+    resume_from = ckpts.resume_point(cfg)  # None, or the complete checkpoint to continue (same settings)
     rt = runtime.detect()
     precision = _precision(cfg, rt)
     accelerator = Accelerator(mixed_precision=precision, cpu=rt.device == "cpu")
@@ -146,9 +139,10 @@ def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifes
         if method.trains_text_encoder:
             parts.text_encoder.gradient_checkpointing_enable()
     prediction = parts.prediction_type if cfg.prediction_type == "auto" else cfg.prediction_type
-    guards.check_disk(guards.run_disk_needs(cfg, parts, method, len(ckpts.complete()),
+    guards.check_disk(guards.run_disk_needs(cfg, parts, method, len(ckpts.complete()),  # before any class image
                                             checkpoint.step_of(resume_from) if resume_from else 0,
                                             cfg.use_8bit_adam and rt.device == "cuda"))
+
     # --- data: images -> latents (once), prompts -> embeddings (once, when the text encoder is frozen)
     expand = (lambda s: s.replace(cfg.placeholder_token, " ".join(methods.ti_tokens(cfg)))) \
         if cfg.method == "textual_inversion" else (lambda s: s)
