@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
 
-from nbkit import generate, guards, load_parts, pipeline, train
+from nbkit import generate, guards, pipeline, train
 from nbkit.checkpoint import Checkpoints
 
 train_module = importlib.import_module("nbkit.train")  # `nbkit.train` is also the function
