@@ -1,17 +1,20 @@
 """nbkit: the helper package of the Stable Diffusion fine-tuning course.
 
 One module per concern: config (settings), runtime (where we run), models (loading), data (images),
-methods (what trains), train (the one loop), prior (class images), sample (schedulers, generation, grids),
-offline (the bundled model), toyworld (the data it knows).
+methods (what trains), train (the one loop), checkpoint (resumable checkpoints), guards (disk, folders, out of
+memory, non-finite loss), manifest (how a run was made), safeio (safetensors out, weights-only pickles in),
+prior (class images), sample (schedulers, generation, grids), offline (the bundled model), toyworld (its data).
 """
 
-from . import data, offline, plots, runtime, sample
+from . import checkpoint, data, guards, manifest, offline, plots, runtime, sample
+from .checkpoint import ResumeError
 from .config import ConfigError, TrainConfig
 from .data import DataError
+from .guards import DiskSpaceError, NotWritable, OutOfMemory
 from .models import ModelNotFound, SDParts, load_parts, pipeline
 from .sample import SCHEDULERS, generate, grid, set_scheduler
 from .train import TrainResult, train
 
 __version__ = "0.1.0"
-__all__ = ["ConfigError", "DataError", "ModelNotFound", "SCHEDULERS", "SDParts", "TrainConfig", "TrainResult",
-           "generate", "grid", "load_parts", "pipeline", "set_scheduler", "train"]
+__all__ = ["ConfigError", "DataError", "DiskSpaceError", "ModelNotFound", "NotWritable", "OutOfMemory", "ResumeError",
+           "SCHEDULERS", "SDParts", "TrainConfig", "TrainResult", "generate", "grid", "load_parts", "pipeline", "set_scheduler", "train"]

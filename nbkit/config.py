@@ -75,6 +75,11 @@ class TrainConfig:
     guidance_scale: float = 7.5  # classifier-free guidance for validation samples
     save_dtype: str = "fp32"  # "fp32" or "fp16": precision of the saved weights
     seed: int = 0  # one seed for data order, noise and samples
+    # --- checkpoints and resume (nothing lost when a runtime disconnects)
+    checkpointing_steps: int = 200  # write a resumable checkpoint every this many steps (0: never)
+    checkpoints_total_limit: int | None = 1  # keep at most this many checkpoints, newest first (None: keep all)
+    checkpoints_dir: str = ""  # where checkpoints go; "" = output_dir/checkpoints (on Colab: a Drive folder survives)
+    resume: str | None = "auto"  # "auto": from the latest complete checkpoint; a checkpoint folder; None/"never": start over
 
     def replace(self, **changes) -> TrainConfig:
         """A copy with some settings changed (validated)."""
@@ -106,6 +111,13 @@ class TrainConfig:
             e.append(f"prediction_type={self.prediction_type!r}: choose one of {', '.join(PREDICTIONS)}.")
         if self.save_dtype not in ("fp32", "fp16"):
             e.append(f"save_dtype={self.save_dtype!r}: choose 'fp32' or 'fp16'.")
+        if self.checkpointing_steps < 0:
+            e.append(f"checkpointing_steps={self.checkpointing_steps}: must be >= 0 (0 turns checkpoints off).")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            e.append(f"checkpoints_total_limit={self.checkpoints_total_limit}: must be None (keep all) or at least 1.")
+        if check_paths and self.resume not in ("auto", "never", None) and not (Path(self.resume) / "checkpoint.json").is_file():
+            e.append(f"resume={self.resume!r}: not a complete checkpoint folder (it has no checkpoint.json). Use "
+                     "'auto' (the latest complete checkpoint), None or 'never' (start over), or a checkpoints/step_NNNNNN folder.")
         if self.text_encoder_steps is not None and self.text_encoder_steps < 0:
             e.append(f"text_encoder_steps={self.text_encoder_steps}: must be None or >= 0.")
         # prompts

@@ -61,7 +61,10 @@ def read_image(path: str | Path) -> Image.Image:
             img.load()  # reads every byte: a truncated file fails here, not mid-training
             img = ImageOps.exif_transpose(img)
             return to_rgb(img)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError as err:
+        raise DataError(f"{path.name}: too large to read safely ({err}). Resize it to a few thousand pixels a side "
+                        "(training crops it to the training resolution anyway) or remove it.") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DataError(f"{path.name}: cannot be read as an image ({err}). Re-export it as JPEG/PNG or remove it.") from err
 
 

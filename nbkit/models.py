@@ -5,11 +5,12 @@ Always the real `from_pretrained` code of diffusers and transformers: the offlin
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from . import runtime
 
 
 class ModelNotFound(OSError):
@@ -56,7 +57,8 @@ def load_parts(model: str = "offline", revision: str | None = None, variant: str
     if not local and (Path(source).exists() or source.startswith((".", "/", "~"))):
         raise ModelNotFound(f"{source!r} is not a diffusers model folder (it should hold model_index.json, unet/, vae/, ...).")
     kw = dict(revision=revision) if not local else {}
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") and not local:
+    offline = not local and not runtime.hub_reachable()  # no network: only the local cache can help (at once)
+    if offline:
         kw["local_files_only"] = True
     try:
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
@@ -65,12 +67,18 @@ def load_parts(model: str = "offline", revision: str | None = None, variant: str
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=variant, **kw)
         noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kw)
     except (OSError, ValueError) as err:  # hub errors are OSError subclasses; missing subfolders ValueError/OSError
-        where = "folder" if local else "hub id"
+        if local:
+            why = "the folder is not a complete diffusers model (model_index.json, unet/, vae/, text_encoder/, ...)"
+        elif offline:
+            why = (f"no network: the model hub cannot be reached (no connection, or HF_HUB_OFFLINE is set) and "
+                   f"{model!r} is not in the local cache")
+        else:
+            why = (f"no such model: the hub has no {model!r}, or it is gated/private (check the spelling; for a gated "
+                   "model accept its licence on huggingface.co and log in with `huggingface-cli login`)")
         raise ModelNotFound(
-            f"Could not load the model {model!r} ({where}): {str(err).splitlines()[0]}\n"
-            "If you are offline or on a machine without the hub, use MODEL='offline' (the kit's bundled model), "
-            "or point MODEL at a local diffusers folder. On Colab, check the id and that you accepted the "
-            "model's licence on huggingface.co."
+            f"Could not load the model {model!r}: {why}.\n({str(err).splitlines()[0]})\n"
+            "Use MODEL='offline' (the kit's bundled model, no network needed) or 'auto' (SD 1.5 when a GPU and the "
+            "hub are there, the offline model otherwise), or point MODEL at a local diffusers folder."
         ) from err
     return SDParts(tokenizer, text_encoder, vae, unet, noise_scheduler, source)
 

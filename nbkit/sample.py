@@ -19,6 +19,8 @@ from diffusers import (
 )
 from diffusers.utils import make_image_grid
 
+from . import guards
+
 SCHEDULERS = {
     "pndm": (PNDMScheduler, {}),  # SD's original default
     "ddim": (DDIMScheduler, {}),  # the course's pick for overfit models
@@ -48,7 +50,10 @@ def set_scheduler(pipe, name: str):
 def generate(pipe, prompts: str | list[str], seeds: list[int] | int = 0, steps: int = 50, guidance: float = 7.5,
              scheduler: str | None = None, size: int | None = None, negative_prompt: str | None = None,
              batch_size: int = 4) -> list:
-    """One image per (prompt, seed), prompt-major; each image's noise depends only on its seed."""
+    """One image per (prompt, seed), prompt-major; each image's noise depends only on its seed.
+
+    Out of GPU memory, raises guards.OutOfMemory naming what to change, with the memory of the failed batch freed.
+    """
     if scheduler:
         set_scheduler(pipe, scheduler)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -64,8 +69,9 @@ def generate(pipe, prompts: str | list[str], seeds: list[int] | int = 0, steps: 
             torch.randn((pipe.unet.config.in_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor),
                         generator=g) for g in gens
         ]).to(device=device, dtype=pipe.unet.dtype)
-        out = pipe([p for p, _ in chunk], num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
-                   latents=latents, negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None)
+        with guards.out_of_memory("generating images", guards.GENERATION_ADVICE):
+            out = pipe([p for p, _ in chunk], num_inference_steps=steps, guidance_scale=guidance, height=size,
+                       width=size, latents=latents, negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None)
         images += out.images
     return images
 

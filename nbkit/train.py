@@ -1,8 +1,12 @@
 """The one training loop. Every method (DreamBooth, +text encoder, LoRA, TI) and prior preservation go through it.
 
-Read top to bottom: settings -> accelerator -> model -> method -> data (latents and prompt embeddings cached
-once) -> optimizer -> steps -> validation samples -> save. A step is a pure function of (seed, step): the
-batch, the noise and the timesteps are drawn from generators seeded by the step, so runs are repeatable.
+Read top to bottom: settings and folders (checked first: writable, enough disk) -> accelerator -> model ->
+method -> data (latents and prompt embeddings cached once) -> optimizer -> resume from a checkpoint -> steps
+(each guarded: out of memory, non-finite loss) -> validation samples -> checkpoints -> save.
+
+A step is a pure function of (seed, step): the batch, the noise and the timesteps are drawn from generators
+seeded by the step, so runs are repeatable, and a run resumed from a checkpoint (nbkit.checkpoint) ends with
+the same weights as one never stopped. run_manifest.json (nbkit.manifest) records how each run was made.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import data, methods, runtime
+from . import checkpoint, data, guards, manifest, methods, runtime
 from .config import TrainConfig
 from .models import SDParts, load_parts, pipeline
 from .sample import generate, grid
@@ -82,21 +86,43 @@ def _encode_prompts(parts: SDParts, prompts: list[str], device) -> torch.Tensor:
 
 
 def train(cfg: TrainConfig, parts: SDParts | None = None, progress: bool = True) -> TrainResult:
-    """Fine-tune with `cfg`; return the result (also written to cfg.output_dir)."""
+    """Fine-tune with `cfg`; return the result (also written to cfg.output_dir).
+
+    With cfg.resume='auto' (the default) a run whose output folder holds a complete checkpoint continues from
+    it, to the same weights as if it had never stopped. However the run ends, run_manifest.json says how; when
+    the GPU runs out of memory, the memory the run held is freed before the error reaches you.
+    """
+    run = manifest.Run()
+    try:
+        return _train(cfg, parts, progress, run)
+    except BaseException as err:
+        run.stopped(err)
+        if isinstance(err, guards.OutOfMemory):
+            guards.release(err)  # the loop's frames hold the optimizer state and activations: let them go
+            raise err  # noqa: B904 - a fresh traceback that holds none of them
+        raise
+
+
+def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifest.Run) -> TrainResult:
     from accelerate import Accelerator
+    from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params
     from tqdm.auto import tqdm
 
+    # --- settings, folders and the checkpoint to resume from: checked before anything is loaded
     cfg.validate()
     t0 = time.perf_counter()
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    ckpts = checkpoint.Checkpoints(checkpoint.folder(cfg), cfg.checkpoints_total_limit)
+    out = guards.writable_folders(cfg, ckpts.root)  # output, checkpoint and class-image folders
+    resume_from = ckpts.resume_point(cfg)  # None, or the complete checkpoint to continue (same settings)
     rt = runtime.detect()
     precision = _precision(cfg, rt)
     accelerator = Accelerator(mixed_precision=precision, cpu=rt.device == "cpu")
     device = accelerator.device
     weight_dtype = DTYPES[precision]
+    set_seed(cfg.seed)  # the global RNGs too: LoRA's initial adapters, for one, are drawn from them
+    run.start(out, cfg.to_dict(), {"runtime": rt.describe(), "device": str(device), "precision": precision})
 
     # --- model and method: which parameters train
     parts = parts or load_parts(cfg.model)
@@ -113,6 +139,9 @@ def train(cfg: TrainConfig, parts: SDParts | None = None, progress: bool = True)
         if method.trains_text_encoder:
             parts.text_encoder.gradient_checkpointing_enable()
     prediction = parts.prediction_type if cfg.prediction_type == "auto" else cfg.prediction_type
+    guards.check_disk(guards.run_disk_needs(cfg, parts, method, len(ckpts.complete()),  # before any class image
+                                            checkpoint.step_of(resume_from) if resume_from else 0,
+                                            cfg.use_8bit_adam and rt.device == "cuda"))
 
     # --- data: images -> latents (once), prompts -> embeddings (once, when the text encoder is frozen)
     expand = (lambda s: s.replace(cfg.placeholder_token, " ".join(methods.ti_tokens(cfg)))) \
@@ -216,44 +245,55 @@ def train(cfg: TrainConfig, parts: SDParts | None = None, progress: bool = True)
         loss = F.mse_loss(pred, target)
         return loss, {}
 
+    # --- resume: weights, optimizer moments, LR schedule, GradScaler and RNGs as they were at the checkpoint
+    resumable = checkpoint.Resumable(checkpoint.trainable_params(parts, method), optimizer, lr_sched, accelerator.scaler)
+    fingerprint = checkpoint.data_fingerprint({"instance": [(e.path, p) for e, p in zip(instance, inst_prompts)],
+                                               "class": [(e.path, p) for e, p in zip(class_ex, class_prompts)]})
+    state = checkpoint.Progress()
+    if resume_from:
+        state = checkpoint.resume(resume_from, resumable, cfg, fingerprint, out)
+        run.update(resumed_from=str(resume_from), resumed_at_step=state.step, steps_done=state.step)
+
     # --- the loop
-    losses: list[float] = []
-    log = []
-    validation: dict[int, Path] = {}
     acc = cfg.gradient_accumulation_steps
-    bar = tqdm(range(cfg.max_train_steps), desc=f"{method.name}", disable=not progress)
+    advice = guards.training_advice(cfg, rt)
+    bar = tqdm(range(state.step, cfg.max_train_steps), initial=state.step, total=cfg.max_train_steps,
+               desc=f"{method.name}", disable=not progress)
     for step in bar:
         te_trains = method.trains_text_encoder and (cfg.text_encoder_steps is None or step < cfg.text_encoder_steps)
-        if method.trains_text_encoder and not te_trains and step == cfg.text_encoder_steps:
+        if method.trains_text_encoder and not te_trains:
             parts.text_encoder.requires_grad_(False)  # AdamW skips parameters without gradients
-        total = 0.0
-        for k in range(acc):
-            sync = k == acc - 1
-            ctx = contextlib.ExitStack()
-            if not sync:
-                for m in wrapped.values():
-                    ctx.enter_context(accelerator.no_sync(m))
-            with ctx:
-                loss, terms = step_loss(step * acc + k, te_trains)
-                accelerator.backward(loss / acc)
-            total += loss.item() / acc
-        if not math.isfinite(total):
-            raise FloatingPointError(
-                f"The loss became {total} at step {step}. Likely causes: fp16 overflow (try mixed_precision='no' or "
-                "'bf16'), or a learning rate too high (try 1e-6 to 2e-6 for DreamBooth). Nothing was saved as final."
-            )
-        if cfg.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(method.params, cfg.max_grad_norm)
-        optimizer.step()
-        lr_sched.step()
-        optimizer.zero_grad(set_to_none=True)
-        method.after_step()
-        losses.append(total)
-        log.append({"step": step + 1, "loss": total, "lr": lr_sched.get_last_lr()[0], **terms})
+        with guards.out_of_memory("the training step", advice):
+            total = 0.0
+            for k in range(acc):
+                sync = k == acc - 1
+                ctx = contextlib.ExitStack()
+                if not sync:
+                    for m in wrapped.values():
+                        ctx.enter_context(accelerator.no_sync(m))
+                with ctx:
+                    loss, terms = step_loss(step * acc + k, te_trains)
+                    accelerator.backward(loss / acc)
+                total += loss.item() / acc
+            if not math.isfinite(total):  # stop before the update: the last checkpoint stays the last good one
+                raise guards.non_finite_loss(total, step, ckpts.latest(), precision)
+            if cfg.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(method.params, cfg.max_grad_norm)
+            optimizer.step()
+            lr_sched.step()
+            optimizer.zero_grad(set_to_none=True)
+            method.after_step()
+        state.log.append({"step": step + 1, "loss": total, "lr": lr_sched.get_last_lr()[0], **terms})
         bar.set_postfix(loss=f"{total:.4f}")
-        done = step + 1
+        done = run.steps_done = step + 1
         if cfg.validation_prompts and cfg.validation_steps and (done % cfg.validation_steps == 0 or done == cfg.max_train_steps):
-            validation[done] = _validate(cfg, parts, out, done, device, precision, weight_dtype)
+            state.validation[done] = _validate(cfg, parts, out, done, device, precision, weight_dtype)
+        if cfg.checkpointing_steps and done % cfg.checkpointing_steps == 0:
+            saved_at = ckpts.save(done, resumable, {
+                "method": method.name, "config": cfg.to_dict(), "data": fingerprint, "log": state.log,
+                "validation": {s: p.relative_to(out).as_posix() for s, p in state.validation.items()}})
+            (out / "losses.json").write_text(json.dumps(state.log))
+            run.update(steps_done=done, last_checkpoint=str(saved_at))
     bar.close()
 
     # --- save
@@ -263,10 +303,13 @@ def train(cfg: TrainConfig, parts: SDParts | None = None, progress: bool = True)
     parts.text_encoder = accelerator.unwrap_model(text_encoder)
     parts.vae.to(device)
     saved = method.save(parts, out / "model") if accelerator.is_main_process else out / "model"
-    (out / "losses.json").write_text(json.dumps(log))
+    (out / "losses.json").write_text(json.dumps(state.log))
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    info = {"precision": precision, "device": str(device), "prediction_type": prediction, "runtime": rt.describe()}
-    return TrainResult(out, saved, losses, validation, time.perf_counter() - t0, parts, method, cfg, info)
+    run.finish("finished", steps_done=cfg.max_train_steps, saved=str(saved))
+    info = {"precision": precision, "device": str(device), "prediction_type": prediction, "runtime": rt.describe(),
+            "resumed_from": state.resumed_from, "manifest": run.path}
+    losses = [row["loss"] for row in state.log]
+    return TrainResult(out, saved, losses, state.validation, time.perf_counter() - t0, parts, method, cfg, info)
 
 
 @torch.no_grad()

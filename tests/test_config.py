@@ -50,3 +50,13 @@ def test_replace_validates(tmp_path):
     assert c.replace(learning_rate=1e-6).learning_rate == 1e-6
     with pytest.raises(ConfigError):
         c.replace(learning_rate=-1)
+
+
+def test_checkpoint_and_resume_settings(tmp_path):
+    msg = messages(instance_dir=str(tmp_path), checkpointing_steps=-1, checkpoints_total_limit=0,
+                   resume=str(tmp_path / "nope"))
+    assert "checkpointing_steps=-1: must be >= 0" in msg
+    assert "checkpoints_total_limit=0: must be None (keep all) or at least 1" in msg
+    assert "not a complete checkpoint folder" in msg and "'auto'" in msg
+    for ok in ("auto", "never", None):
+        assert TrainConfig(instance_dir=str(tmp_path), resume=ok).validate()

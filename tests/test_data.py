@@ -116,3 +116,38 @@ def test_huge_image_is_read(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert read_image(tmp_path / "big.jpg").size == (6000, 4000)
+
+
+def test_folder_of_only_non_images_says_which_and_what_to_do(tmp_path):
+    (tmp_path / "notes.pdf").write_bytes(b"%PDF")
+    (tmp_path / "holiday.mov").write_bytes(b"\0\0\0\x18ftyp")
+    with pytest.raises(DataError) as e:
+        load_folder(tmp_path, 64)
+    msg = str(e.value)
+    assert "notes.pdf: not an image" in msg and "holiday.mov: not an image" in msg and "Fix or remove" in msg
+    with pytest.raises(DataError, match="has no images. Put 3-10 JPEG/PNG"):
+        load_folder(tmp_path, 64, skip_bad=True)
+
+
+def test_image_too_large_to_read_safely_is_named(tmp_path, monkeypatch):
+    img(tmp_path / "panorama.png", size=(300, 200))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # stands in for a 300-megapixel file (beyond 2x the limit)
+    with pytest.raises(DataError, match="panorama.png: too large to read safely .*Resize it"):
+        read_image(tmp_path / "panorama.png")
+
+
+def test_16_bit_rgb_png_and_space_in_name(tmp_path):
+    arr = np.zeros((20, 30, 3), dtype=np.uint16)
+    arr[..., 0] = 65535  # pure red at 16 bits per channel
+    import zlib, struct  # noqa: E401 - a 48-bit PNG written by hand: PIL cannot write one
+
+    raw = b"".join(b"\0" + row.astype(">u2").tobytes() for row in arr)
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30, 20, 16, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    (tmp_path / "red 16 bit.png").write_bytes(png)
+    out = read_image(tmp_path / "red 16 bit.png")
+    assert out.mode == "RGB" and out.size == (30, 20) and out.getpixel((0, 0)) == (255, 0, 0)

@@ -55,3 +55,24 @@ def test_missing_folder_and_unreachable_id_say_what_to_do(tmp_path, monkeypatch)
 def test_pipeline_shares_parts(parts):
     pipe = pipeline(parts, "pndm")
     assert pipe.unet is parts.unet and type(pipe.scheduler).__name__ == "PNDMScheduler"
+
+
+def test_no_network_and_no_such_model_are_told_apart(monkeypatch):
+    from nbkit import runtime
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(runtime, "hub_reachable", lambda timeout=3.0: False)  # the cable is out
+    with pytest.raises(ModelNotFound) as e:
+        load_parts("nobody/no-such-model")  # fails at once from the cache, no retries against a dead network
+    assert "no network" in str(e.value) and "MODEL='offline'" in str(e.value)
+
+    from transformers import CLIPTokenizer
+
+    def missing(*a, **k):
+        raise OSError("nobody/no-such-model is not a local folder and is not a valid model identifier")
+
+    monkeypatch.setattr(runtime, "hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(CLIPTokenizer, "from_pretrained", missing)
+    with pytest.raises(ModelNotFound) as e:
+        load_parts("nobody/no-such-model")
+    assert "no such model" in str(e.value) and "check the spelling" in str(e.value) and "MODEL='offline'" in str(e.value)

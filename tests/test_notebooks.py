@@ -63,7 +63,8 @@ def test_opens_on_a_gpu_runtime(path):
 EXPECTED = {
     "00_start_here": ["runtime.txt", "memory.png", "playground.png"],
     "01_dreambooth": ["model/model_index.json", "model/unet/diffusion_pytorch_model.safetensors", "losses.json",
-                      "validation/step_00004.png", "samples/after_000.png", "samples/before_000.png"],
+                      "validation/step_00004.png", "samples/after_000.png", "samples/before_000.png",
+                      "run_manifest.json", "checkpoints/step_000004/checkpoint.json"],
 }
 
 

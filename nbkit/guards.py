@@ -1,0 +1,226 @@
+"""What stops a run early, clearly: an unwritable folder, too little disk, out of GPU memory, a non-finite loss.
+
+Each check turns a failure that would otherwise come as a stack trace (or twenty minutes later) into one
+message that says what is wrong and which setting to change. Disk and folders are checked before anything
+is loaded; out-of-memory errors free the GPU memory of the failed step, so the notebook can go on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import shutil
+import traceback
+from pathlib import Path
+
+import torch
+
+from . import runtime
+from .config import TrainConfig
+
+
+class NotWritable(PermissionError):
+    """A folder the run must write to cannot be written; the message says which and what to do."""
+
+
+class DiskSpaceError(OSError):
+    """Not enough free disk for what the run will write; the message has the sums and what to change."""
+
+
+class OutOfMemory(RuntimeError):
+    """The GPU ran out of memory; the message names the settings that use less. GPU memory has been freed."""
+
+
+# --- folders and disk -------------------------------------------------------------------------------------------
+
+def writable_dir(path: str | Path, what: str) -> Path:
+    """Create `path` if needed and check a file can be written there; raise NotWritable otherwise."""
+    path = Path(path)
+    probe = path / f".nbkit-write-test-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise NotWritable(
+            f"{what} {str(path)!r} is not writable ({err.strerror or err}). Choose a folder you can write to, e.g. "
+            "'outputs/run' next to the notebook (on Colab '/content/outputs', or a folder in /content/drive/MyDrive "
+            "after mounting Google Drive)."
+        ) from err
+    return path
+
+
+def writable_folders(cfg: TrainConfig, checkpoints_dir: Path) -> Path:
+    """Check every folder the run writes to (output, checkpoints if any will be written, class images); return
+    the output folder."""
+    out = writable_dir(cfg.output_dir, "output_dir")
+    if cfg.checkpointing_steps and cfg.max_train_steps >= cfg.checkpointing_steps:
+        writable_dir(checkpoints_dir, "checkpoints_dir")
+    if cfg.with_prior_preservation:
+        writable_dir(cfg.class_dir, "class_dir")
+    return out
+
+
+def _existing(path: Path) -> Path:
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def check_disk(needs: list[tuple[Path, int, str]], margin: int = 100 << 20) -> None:
+    """needs: (folder, bytes, what). Raise DiskSpaceError for a disk whose free space is below its sum + margin."""
+    by_disk: dict[int, tuple[Path, list[tuple[int, str]]]] = {}
+    for where, nbytes, what in needs:
+        if nbytes <= 0:
+            continue
+        root = _existing(where)
+        by_disk.setdefault(os.stat(root).st_dev, (root, []))[1].append((nbytes, what))
+    problems = []
+    for root, items in by_disk.values():
+        free = shutil.disk_usage(root).free
+        total = sum(n for n, _ in items)
+        if total + margin > free:
+            lines = "\n".join(f"    {gb(n):>9}  {what}" for n, what in items)
+            problems.append(f"{root}: about {gb(total)} needed, {gb(free)} free:\n{lines}")
+    if problems:
+        raise DiskSpaceError(
+            "Not enough disk space for this run (checked before starting):\n  " + "\n  ".join(problems) +
+            "\nFree some space, or: put checkpoints on a bigger disk with checkpoints_dir (on Colab a Google Drive "
+            "folder), keep fewer with checkpoints_total_limit=1, make them 3x smaller with use_8bit_adam=True (GPU), "
+            "write them less often or never (checkpointing_steps), save the model with save_dtype='fp16', or use "
+            "fewer class images (num_class_images)."
+        )
+
+
+def run_disk_needs(cfg: TrainConfig, parts, method, existing_checkpoints: int, start_step: int,
+                   eight_bit_adam: bool) -> list[tuple[Path, int, str]]:
+    """What this run will write, per folder: class images, checkpoints (with the one being written), the model."""
+    from . import checkpoint, data
+
+    needs = []
+    if cfg.with_prior_preservation:
+        have = len(data.scan(cfg.class_dir, "class")[0]) if Path(cfg.class_dir).is_dir() else 0
+        missing = max(0, cfg.num_class_images - have)
+        needs.append((Path(cfg.class_dir), missing * cfg.resolution ** 2 * 3, f"{missing} class images (PNG)"))
+    every, limit = cfg.checkpointing_steps, cfg.checkpoints_total_limit
+    new = (cfg.max_train_steps // every - start_step // every) if every else 0
+    if new > 0:
+        size = checkpoint.estimate_bytes(method.params, eight_bit_adam)
+        count = new if limit is None else min(new, max(1, limit + 1 - existing_checkpoints))
+        needs.append((checkpoint.folder(cfg), count * size,
+                      f"{count} checkpoint(s) of {gb(size)} (limit {limit}, plus the one being written)"))
+    per = 2 if cfg.save_dtype == "fp16" else 4
+    if method.name == "dreambooth":
+        n = sum(p.numel() for m in (parts.unet, parts.text_encoder, parts.vae) for p in m.parameters())
+    else:
+        n = sum(p.numel() for p in method.params) if method.name == "lora" else 1 << 16
+    needs.append((Path(cfg.output_dir), n * per, f"the trained {method.name} result"))
+    return needs
+
+
+# --- out of memory ----------------------------------------------------------------------------------------------
+
+def is_oom(err: BaseException) -> bool:
+    """torch's OutOfMemoryError, or a RuntimeError saying 'out of memory' (older torch, MPS, some kernels)."""
+    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    return isinstance(err, oom) or (isinstance(err, RuntimeError) and "out of memory" in str(err).lower())
+
+
+def release(err: BaseException | None = None) -> None:
+    """Drop what a failed call's frames hold (activations, optimizer state), then free GPU memory.
+
+    The tracebacks of `err` and of the exceptions chained to it are cleared and detached: a frame keeps its
+    function and with it every closure variable, so clearing its locals alone would keep the training state
+    alive as long as the notebook keeps the error. Re-raise `err` afterwards: its traceback starts anew there.
+    """
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        traceback.clear_frames(err.__traceback__)
+        err.__traceback__ = None
+        err = err.__cause__ or err.__context__
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def training_advice(cfg: TrainConfig, rt: runtime.Runtime | None = None) -> list[str]:
+    """The settings that lower training memory, starting with those this run does not use yet."""
+    rt = rt or runtime.detect()
+    tips = []
+    if not cfg.use_8bit_adam:
+        tips.append("use_8bit_adam=True: 8-bit AdamW, optimizer state ~4x smaller (needs bitsandbytes)")
+    if not cfg.gradient_checkpointing:
+        tips.append("gradient_checkpointing=True: recompute activations in the backward pass (~20% slower)")
+    if cfg.mixed_precision == "no":
+        tips.append("mixed_precision='auto': fp16/bf16 activations (trainable weights stay fp32)")
+    if cfg.train_batch_size > 1:
+        tips.append(f"train_batch_size=1 (now {cfg.train_batch_size}); raise gradient_accumulation_steps instead")
+    if cfg.resolution > 512:
+        tips.append(f"resolution=512 (now {cfg.resolution})")
+    if not cfg.cache_latents:
+        tips.append("cache_latents=True: encode the pictures once, then move the VAE off the GPU")
+    if cfg.train_text_encoder:
+        tips.append("train_text_encoder=False, or method='lora' (adapters only)")
+    if cfg.with_prior_preservation:
+        tips.append("with_prior_preservation doubles the batch: lower train_batch_size first")
+    preset = runtime.memory_settings(runtime.Runtime(rt.platform, "cuda", rt.gpu_name, 1, 15.0, False),
+                                     cfg.train_text_encoder)
+    tips.append("the 16 GB preset for a T4/P100: " + ", ".join(f"{k}={v!r}" for k, v in preset.items())
+                + " (nbkit.runtime.memory_settings)")
+    if cfg.validation_prompts:
+        tips.append("fewer validation images (num_validation_images) if it happened while sampling")
+    return tips
+
+
+GENERATION_ADVICE = [
+    "fewer images at once (batch_size=1 in nbkit.generate)",
+    "a smaller image size, or load the pipeline in fp16 (torch_dtype=torch.float16)",
+    "pipe.enable_attention_slicing() and pipe.enable_vae_slicing()",
+    "during training: num_validation_images=1, or validation_steps=0",
+]
+
+
+@contextlib.contextmanager
+def out_of_memory(what: str, advice: list[str]):
+    """Turn an out-of-memory error inside the block into OutOfMemory naming `advice`, GPU memory freed."""
+    try:
+        yield
+    except OutOfMemory:
+        raise
+    except RuntimeError as err:
+        if not is_oom(err):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        release(err)
+        raise OutOfMemory(
+            f"Out of GPU memory in {what} ({first[:200]}).\nUse less memory with any of:\n  - " + "\n  - ".join(advice)
+            + "\nThe memory of the failed step was freed: change a setting, re-run the model-loading cell (the "
+            "model in memory may be part-trained), and run again."
+        ) from None
+
+
+# --- non-finite loss --------------------------------------------------------------------------------------------
+
+def non_finite_loss(value: float, step: int, last_checkpoint: Path | None, precision: str) -> FloatingPointError:
+    """The error for a loss that became NaN/inf at `step` (0-based): likely causes and what was kept."""
+    causes = []
+    if precision == "fp16":
+        causes.append("fp16 overflow (try mixed_precision='bf16' where the GPU has it, or 'no')")
+    causes.append("a learning rate too high (DreamBooth: 1e-6 to 2e-6 on SD 1.5; LoRA ~1e-4; TI ~5e-4)")
+    if precision != "fp16":
+        causes.append("fp16 overflow if the weights were loaded in fp16 (train in fp32 weights; mixed_precision "
+                      "'bf16' or 'no')")
+    causes.append("a broken picture (all one colour, or NaN pixels)")
+    kept = (f"The last good checkpoint is kept: {last_checkpoint}. Re-running with the same output folder continues "
+            "from it (a changed mixed_precision is allowed); for a lower learning rate start over (resume=None or a "
+            "new output_dir)." if last_checkpoint else
+            "No checkpoint had been written yet (checkpointing_steps).")
+    return FloatingPointError(f"The loss became {value} at step {step + 1}; the run stopped before applying it. "
+                              f"Likely causes: {'; '.join(causes)}. Nothing was saved as final. {kept}")

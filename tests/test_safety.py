@@ -1,0 +1,74 @@
+"""Safe loading: the kit writes only safetensors, unpickles only with weights_only=True, never trusts remote code."""
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from nbkit import load_parts, train
+from nbkit.safeio import UnsafeFile, load_tensors
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCES = sorted((ROOT / "nbkit").rglob("*.py"))
+
+
+def calls(path):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Call):
+            yield node, ast.unparse(node.func)
+
+
+def test_every_torch_load_is_weights_only():
+    bad = []
+    for path in SOURCES:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "torch" and any(a.name == "load" for a in node.names):
+                bad.append(f"{path.name}:{node.lineno}: `from torch import load` hides torch.load from this check")
+        for node, name in calls(path):
+            if name.endswith("torch.load") and not any(
+                    k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                    for k in node.keywords):
+                bad.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+    assert not bad, "torch.load without weights_only=True:\n" + "\n".join(bad)
+
+
+def test_nothing_pickled_is_written_or_read_and_no_remote_code():
+    bad = []
+    for path in SOURCES:
+        text = path.read_text(encoding="utf-8")
+        if "trust_remote_code" in text:
+            bad.append(f"{path.name}: trust_remote_code")
+        for node, name in calls(path):
+            if name in ("torch.save", "pickle.dump", "pickle.dumps", "pickle.load", "pickle.loads", "dill.load"):
+                bad.append(f"{path.name}:{node.lineno}: {name}")
+    for nb in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        if "trust_remote_code" in nb.read_text(encoding="utf-8"):
+            bad.append(f"{nb.name}: trust_remote_code")
+    assert not bad, "\n".join(bad)
+
+
+def test_a_run_writes_only_safetensors_json_and_images(cfg, tmp_path):
+    c = cfg.replace(train_text_encoder=True, max_train_steps=1, checkpointing_steps=1)
+    train(c, load_parts("offline"), progress=False)
+    written = [p for p in Path(c.output_dir).rglob("*") if p.is_file()]
+    assert any(p.parent.name == "step_000001" for p in written)  # the checkpoint is there too
+    odd = [str(p) for p in written if p.suffix not in (".safetensors", ".json", ".png", ".txt")]
+    assert not odd, odd
+    info = json.loads((Path(c.output_dir) / "checkpoints" / "step_000001" / "checkpoint.json").read_text())
+    assert all(n.endswith(".safetensors") for n in info["weights"] + info["optimizer_files"])
+
+
+class Payload:  # a pickle that would build an arbitrary object
+    def __init__(self):
+        self.x = 1
+
+
+def test_load_tensors_reads_plain_pickles_and_refuses_code(tmp_path):
+    torch.save({"emb": torch.ones(2, 3)}, tmp_path / "learned_embeds.bin")
+    assert torch.equal(load_tensors(tmp_path / "learned_embeds.bin")["emb"], torch.ones(2, 3))
+    torch.save({"emb": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(UnsafeFile, match="evil.pt is a pickle that holds more than tensors"):
+        load_tensors(tmp_path / "evil.pt")
