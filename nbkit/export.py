@@ -121,7 +121,7 @@ def lora_state_dicts(model, adapter: str | None = None) -> dict[str, dict[str, t
         a = _adapter(module, adapter)
         if module.peft_config[a].use_dora:
             raise ExportError("DoRA adapters are not supported by these exports; train plain LoRA (use_dora=False).")
-        sd = get_peft_model_state_dict(module, adapter_name=a)
+        sd = get_peft_model_state_dict(module, adapter_name=a, save_embedding_layers=False)
         out[name] = _te_canonical(sd, module) if name == "text_encoder" else sd
     return out
 
@@ -359,3 +359,21 @@ def load_embedding(model, path: str | Path, token: str | None = None) -> list[st
 def expand_prompt(prompt: str, tokenizer, token: str) -> str:
     """`"a photo of <zwx>"` -> `"a photo of <zwx> <zwx>_1"` for a two-vector token (what pipelines do at inference)."""
     return prompt.replace(token, " ".join(embedding_tokens(tokenizer, token)))
+
+
+# ------------------------------------------------------------------------------------------------------ checks
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of a module's weights, to check later that something was (or was not) changed."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+def max_weight_diff(module: torch.nn.Module, reference: dict[str, torch.Tensor]) -> float:
+    """Largest absolute difference between a module's weights and a snapshot of them (peft-wrapped layers are
+    compared through their base weights: `to_q.base_layer.weight` against `to_q.weight`)."""
+    now = {k.replace(".base_layer.", "."): v for k, v in module.state_dict().items() if "lora_" not in k}
+    missing = set(reference) ^ set(now)
+    if missing:
+        raise ExportError(f"the weights do not match the snapshot's layout (e.g. {sorted(missing)[:3]}).")
+    return max((now[k].detach().float().cpu() - v.float()).abs().max().item() for k, v in reference.items())
