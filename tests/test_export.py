@@ -47,8 +47,12 @@ def make_cfg(tmp, **kw):
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, offline_dir):
     """LoRA on UNet and text encoder with alpha != rank: a wrong alpha anywhere shows up as a different output."""
-    return train(make_cfg(tmp_path_factory.mktemp("lora"), method="lora", lora_rank=4, lora_alpha=8,
-                          lora_text_encoder=True), progress=False)
+    parts = load_parts("offline")
+    before = {"unet": export.snapshot(parts.unet), "text_encoder": export.snapshot(parts.text_encoder)}
+    r = train(make_cfg(tmp_path_factory.mktemp("lora"), method="lora", lora_rank=4, lora_alpha=8,
+                       lora_text_encoder=True), parts, progress=False)
+    r.info["before"] = before  # for the test that only adapters moved
+    return r
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +98,17 @@ def test_bad_dtype_is_explained(parts, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------- LoRA
+
+
+def test_lora_changes_only_adapter_weights(lora_run):
+    for name in ("unet", "text_encoder"):
+        module = getattr(lora_run.parts, name)
+        assert export.max_weight_diff(module, lora_run.info["before"][name]) == 0, name  # base weights untouched
+        ups = [v for k, v in module.state_dict().items() if "lora_B" in k]
+        assert ups and all(v.abs().sum() > 0 for v in ups), name  # every adapter learned (lora_B starts at zero)
+    trained = {id(p) for p in lora_run.method.params}
+    for module in (lora_run.parts.unet, lora_run.parts.text_encoder):
+        assert all(("lora_" in n) == (id(p) in trained) for n, p in module.named_parameters())
 
 
 def test_lora_diffusers_keeps_alpha_and_reloads_exactly(lora_run, tmp_path):
