@@ -2,10 +2,10 @@
 
 One module per concern: config (settings), runtime (where we run), models (loading), data (images),
 methods (what trains), train (the one loop), prior (class images), sample (schedulers, generation, grids),
-offline (the bundled model), toyworld (the data it knows).
+export (the formats a model is taken home in), offline (the bundled model), toyworld (the data it knows).
 """
 
-from . import data, offline, plots, runtime, sample
+from . import data, export, offline, plots, runtime, sample
 from .config import ConfigError, TrainConfig
 from .data import DataError
 from .models import ModelNotFound, SDParts, load_parts, pipeline

@@ -39,6 +39,16 @@ def size_mb(path: str | Path) -> float:
     return sum(f.stat().st_size for f in files) / 1e6
 
 
+def human_size(path: str | Path) -> str:
+    """A file's or folder's size for people: '3.1 KB', '3.4 MB', '2.1 GB'."""
+    n = size_mb(path) * 1e6
+    for unit in ("B", "KB", "MB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
 def _dtype(dtype: str) -> torch.dtype:
     if dtype not in DTYPES:
         raise ExportError(f"dtype={dtype!r}: choose 'fp32' (exact) or 'fp16' (half the size; what GPUs sample in).")
