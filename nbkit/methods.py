@@ -2,9 +2,10 @@
 
 - dreambooth: the UNet (and, optionally, the text encoder) train; the result is a whole diffusers folder.
 - lora: small peft adapters on the UNet's attention (and optionally the text encoder) train; the result is a
-  LoRA file in the diffusers format (`pipe.load_lora_weights`).
+  LoRA file in the diffusers format (`pipe.load_lora_weights`); nbkit.export also writes kohya/webui keys.
 - textual_inversion: only the new token's embedding vector(s) train; every other embedding is put back after
-  each step; the result is `learned_embeds.safetensors` (`pipe.load_textual_inversion`).
+  each step; the result is `learned_embeds.safetensors` (`pipe.load_textual_inversion`); nbkit.export also
+  writes the AUTOMATIC1111 format.
 Prior preservation is a loss term, not a method: the loop adds it for any method when the config asks.
 """
 
@@ -57,27 +58,12 @@ def _dreambooth(cfg: TrainConfig, parts: SDParts) -> Method:
         params += list(parts.text_encoder.parameters())
 
     def save(p: SDParts, out: Path) -> Path:
-        from .models import pipeline
+        from .export import diffusers_folder
 
         # saved with the sampling scheduler the run used (DDIM by default: the course's pick for fine-tuned models)
-        _save_pipeline(pipeline(p, cfg.sample_scheduler), out, cfg.save_dtype)
-        return out
+        return diffusers_folder(p, out, cfg.save_dtype, scheduler=cfg.sample_scheduler)
 
     return Method("dreambooth", True, cfg.train_text_encoder, params, save)
-
-
-def _save_pipeline(pipe, out: Path, save_dtype: str) -> None:
-    """save_pretrained as safetensors; fp16 weights when asked (the in-memory model keeps its precision)."""
-    if save_dtype == "fp16":
-        dtypes = {n: m.dtype for n, m in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder), ("vae", pipe.vae))}
-        pipe.to(dtype=torch.float16)
-        try:
-            pipe.save_pretrained(out, safe_serialization=True)
-        finally:
-            for n, d in dtypes.items():
-                getattr(pipe, n).to(dtype=d)
-    else:
-        pipe.save_pretrained(out, safe_serialization=True)
 
 
 def _lora(cfg: TrainConfig, parts: SDParts) -> Method:
@@ -92,19 +78,9 @@ def _lora(cfg: TrainConfig, parts: SDParts) -> Method:
     params = [p for m in (parts.unet, parts.text_encoder) for p in m.parameters() if p.requires_grad]
 
     def save(p: SDParts, out: Path) -> Path:
-        from diffusers import StableDiffusionPipeline
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
+        from .export import lora_diffusers
 
-        te = None
-        if cfg.lora_text_encoder:
-            te = convert_state_dict_to_diffusers(get_peft_model_state_dict(p.text_encoder))
-        dtype = torch.float16 if cfg.save_dtype == "fp16" else torch.float32
-        unet_sd = {k: v.to(dtype) for k, v in convert_state_dict_to_diffusers(get_peft_model_state_dict(p.unet)).items()}
-        te = {k: v.to(dtype) for k, v in te.items()} if te else None
-        StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=unet_sd, text_encoder_lora_layers=te,
-                                                  safe_serialization=True)
-        return out / "pytorch_lora_weights.safetensors"
+        return lora_diffusers(p, out, cfg.save_dtype)  # rank and alpha go into the file's metadata
 
     return Method("lora", True, cfg.lora_text_encoder, params, save, extra={"alpha": alpha})
 
@@ -139,13 +115,9 @@ def _textual_inversion(cfg: TrainConfig, parts: SDParts) -> Method:
             w[keep] = original[keep].to(w.device, w.dtype)
 
     def save(p: SDParts, out: Path) -> Path:
-        from safetensors.torch import save_file
+        from .export import ti_diffusers
 
-        out.mkdir(parents=True, exist_ok=True)
-        vec = p.text_encoder.get_input_embeddings().weight[ids].detach().to("cpu", torch.float32).contiguous()
-        path = out / "learned_embeds.safetensors"
-        save_file({cfg.placeholder_token: vec}, str(path))
-        return path
+        return ti_diffusers(p, cfg.placeholder_token, out)  # {placeholder: [num_vectors, dim]}, fp32
 
     return Method("textual_inversion", False, True, [emb], save, after_step,
                   extra={"token_ids": ids, "original_embeddings": original})

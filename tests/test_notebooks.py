@@ -65,6 +65,13 @@ EXPECTED = {
     "01_dreambooth": ["model/model_index.json", "model/unet/diffusion_pytorch_model.safetensors", "losses.json",
                       "validation/step_00004.png", "samples/after_000.png", "samples/before_000.png",
                       "run_manifest.json", "checkpoints/step_000004/checkpoint.json"],
+    "05_textual_inversion": ["ti/model/learned_embeds.safetensors", "ti/a1111/zwx.safetensors", "ti/losses.json",
+                             "ti/validation/step_00002.png", "samples/after_000.png", "samples/before_000.png",
+                             "ti_dreambooth/model/model_index.json", "dreambooth/model/model_index.json",
+                             "dreambooth_te/model/model_index.json", "compare.png"],
+    "06_lora": ["lora/model/pytorch_lora_weights.safetensors", "lora/losses.json", "lora/validation/step_00002.png",
+                "zwx_lora.safetensors", "scales.png", "samples/after_000.png", "samples/before_000.png",
+                "dreambooth/model/model_index.json"],
 }
 
 

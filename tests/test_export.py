@@ -1,0 +1,251 @@
+"""nbkit.export: every format reloads through diffusers and gives what the in-memory model gives."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from nbkit import TrainConfig, export, generate, load_parts, pipeline, train
+from nbkit.offline import SAMPLE_INSTANCE_DIR
+
+PROMPT = "a photo of <zwx> on a green background"
+
+
+def base_pipe():
+    pipe = StableDiffusionPipeline.from_pretrained(load_parts("offline").source)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pixels(image):
+    return np.asarray(image, dtype=int)
+
+
+def image_diff(a, b):
+    return np.abs(pixels(a) - pixels(b)).max()
+
+
+def outputs(parts_or_pipe, prompt="a star"):
+    """Text-encoder and UNet outputs on fixed inputs: a sharper check than images."""
+    tok, te, unet = parts_or_pipe.tokenizer, parts_or_pipe.text_encoder, parts_or_pipe.unet
+    ids = tok([prompt], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        emb = te(ids)[0]
+        return emb, unet(x, torch.tensor([500]), emb).sample
+
+
+def make_cfg(tmp, **kw):
+    base = dict(instance_dir=str(SAMPLE_INSTANCE_DIR), output_dir=str(tmp), resolution=64, max_train_steps=2,
+                learning_rate=5e-2, validation_steps=0, sample_steps=2)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, offline_dir):
+    """LoRA on UNet and text encoder with alpha != rank: a wrong alpha anywhere shows up as a different output."""
+    parts = load_parts("offline")
+    before = {"unet": export.snapshot(parts.unet), "text_encoder": export.snapshot(parts.text_encoder)}
+    r = train(make_cfg(tmp_path_factory.mktemp("lora"), method="lora", lora_rank=4, lora_alpha=8,
+                       lora_text_encoder=True), parts, progress=False)
+    r.info["before"] = before  # for the test that only adapters moved
+    return r
+
+
+@pytest.fixture(scope="module")
+def ti_run(tmp_path_factory, offline_dir):
+    return train(make_cfg(tmp_path_factory.mktemp("ti"), method="textual_inversion", instance_prompt="a photo of <zwx>",
+                          num_vectors=2), progress=False)
+
+
+@pytest.fixture(scope="module")
+def ti_image(ti_run):
+    return generate(pipeline(ti_run.parts), PROMPT, seeds=[1], steps=2)[0]
+
+
+# ------------------------------------------------------------------------------------------------- diffusers folder
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_diffusers_folder_honours_dtype_and_reloads(tmp_path, parts, dtype):
+    out = export.diffusers_folder(parts, tmp_path / "model", dtype=dtype)
+    want = torch.float16 if dtype == "fp16" else torch.float32
+    for sub in ("unet", "vae"):
+        sd = load_file(out / sub / "diffusion_pytorch_model.safetensors")
+        assert {v.dtype for v in sd.values()} == {want}, sub
+    assert parts.unet.dtype == torch.float32  # the in-memory model keeps its precision
+    pipe = StableDiffusionPipeline.from_pretrained(out)
+    for name in ("unet", "text_encoder", "vae"):
+        mine, theirs = getattr(parts, name).state_dict(), getattr(pipe, name).state_dict()
+        assert all(torch.equal(mine[k].to(want), theirs[k]) for k in mine), name
+    if dtype == "fp32":
+        a = generate(pipeline(parts), "a star", seeds=[3], steps=2)[0]
+        assert image_diff(a, generate(pipe, "a star", seeds=[3], steps=2, scheduler="ddim")[0]) <= 1
+    assert not any(p.suffix in (".bin", ".pt", ".ckpt") for p in out.rglob("*"))
+
+
+def test_diffusers_folder_refuses_unmerged_lora(lora_run, tmp_path):
+    with pytest.raises(export.ExportError, match="fuse_lora"):
+        export.diffusers_folder(lora_run, tmp_path / "m")
+
+
+def test_bad_dtype_is_explained(parts, tmp_path):
+    with pytest.raises(export.ExportError, match="fp32.*fp16"):
+        export.diffusers_folder(parts, tmp_path / "m", dtype="bf8")
+
+
+# ---------------------------------------------------------------------------------------------------------- LoRA
+
+
+def test_lora_changes_only_adapter_weights(lora_run):
+    for name in ("unet", "text_encoder"):
+        module = getattr(lora_run.parts, name)
+        assert export.max_weight_diff(module, lora_run.info["before"][name]) == 0, name  # base weights untouched
+        ups = [v for k, v in module.state_dict().items() if "lora_B" in k]
+        assert ups and all(v.abs().sum() > 0 for v in ups), name  # every adapter learned (lora_B starts at zero)
+    trained = {id(p) for p in lora_run.method.params}
+    for module in (lora_run.parts.unet, lora_run.parts.text_encoder):
+        assert all(("lora_" in n) == (id(p) in trained) for n, p in module.named_parameters())
+
+
+def test_lora_diffusers_keeps_alpha_and_reloads_exactly(lora_run, tmp_path):
+    path = export.lora_diffusers(lora_run, tmp_path)
+    assert path.name == "pytorch_lora_weights.safetensors"
+    assert export.lora_rank_alpha(path) == {"unet": (4, 8.0), "text_encoder": (4, 8.0)}
+    sd = load_file(path)
+    assert any(k.startswith("text_encoder.text_model.") for k in sd)  # the layout every tool expects
+    pipe = base_pipe()
+    pipe.load_lora_weights(str(path))
+    for mine, theirs in zip(outputs(lora_run.parts), outputs(pipe)):
+        assert torch.allclose(mine, theirs, atol=1e-5)
+    a = generate(lora_run.pipeline(), "a star", seeds=[2], steps=2)[0]
+    assert image_diff(a, generate(pipe, "a star", seeds=[2], steps=2, scheduler="ddim")[0]) <= 1
+
+
+def test_lora_kohya_keys_alpha_and_reload_through_diffusers(lora_run, tmp_path):
+    path = export.lora_kohya(lora_run, tmp_path / "subject.safetensors", dtype="fp32")
+    sd = load_file(path)
+    unet_keys = [k for k in sd if k.startswith("lora_unet_")]
+    te_keys = [k for k in sd if k.startswith("lora_te_text_model_encoder_layers_")]
+    assert unet_keys and te_keys and len(unet_keys) + len(te_keys) == len(sd)
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0.lora_down.weight" in sd
+    downs = [k for k in sd if k.endswith(".lora_down.weight")]
+    assert len(downs) == len([k for k in sd if k.endswith(".lora_up.weight")]) == len([k for k in sd if k.endswith(".alpha")])
+    assert all(sd[k.replace(".lora_down.weight", ".alpha")].item() == 8.0 for k in downs)  # the trained alpha, not the rank
+    assert all(sd[k].shape[0] == 4 for k in downs)
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "8.0"
+    pipe = base_pipe()
+    pipe.load_lora_weights(str(path))
+    for mine, theirs in zip(outputs(lora_run.parts), outputs(pipe)):
+        assert torch.allclose(mine, theirs, atol=1e-5)
+    a = generate(lora_run.pipeline(), "a star", seeds=[2], steps=2)[0]
+    assert image_diff(a, generate(pipe, "a star", seeds=[2], steps=2, scheduler="ddim")[0]) <= 1
+
+
+def test_lora_kohya_fp16_is_half_and_close(lora_run, tmp_path):
+    p16 = export.lora_kohya(lora_run, tmp_path)  # a folder: default name, fp16
+    p32 = export.lora_kohya(lora_run, tmp_path / "f32.safetensors", dtype="fp32")
+    assert p16.name == "lora_kohya.safetensors"
+    assert {v.dtype for k, v in load_file(p16).items() if not k.endswith(".alpha")} == {torch.float16}
+    nbytes = lambda p: sum(v.numel() * v.element_size() for v in load_file(p).values())  # noqa: E731
+    assert nbytes(p16) < 0.55 * nbytes(p32)
+    pipe = base_pipe()
+    pipe.load_lora_weights(str(p16))
+    mine, theirs = outputs(lora_run.parts)[1], outputs(pipe)[1]
+    assert torch.allclose(mine, theirs, atol=1e-2)
+
+
+def test_lora_scale_fuse_and_unfuse(lora_run):
+    pipe = base_pipe()
+    base_unet, base_te = export.snapshot(pipe.unet), export.snapshot(pipe.text_encoder)
+    plain = outputs(pipe)
+    pipe.load_lora_weights(str(lora_run.saved), adapter_name="subject")
+    at = {}
+    for s in (0.0, 0.5, 1.0):
+        pipe.set_adapters("subject", s)
+        at[s] = outputs(pipe)
+    assert all(torch.equal(a, b) for a, b in zip(at[0.0], plain))  # scale 0: the base model
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(at[1.0], outputs(lora_run.parts)))  # scale 1: as trained
+    gap = lambda x, y: (x[1] - y[1]).abs().max().item()  # noqa: E731
+    assert gap(at[0.5], plain) > 1e-4 and gap(at[0.5], at[1.0]) > 1e-4  # half strength: in between
+    pipe.fuse_lora(lora_scale=1.0)
+    assert export.max_weight_diff(pipe.unet, base_unet) > 1e-4  # the LoRA is now inside the base weights
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(outputs(pipe), at[1.0]))
+    pipe.unfuse_lora()
+    assert export.max_weight_diff(pipe.unet, base_unet) < 1e-5  # W + BA - BA: float rounding only
+    assert export.max_weight_diff(pipe.text_encoder, base_te) < 1e-5
+    pipe.unload_lora_weights()
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(outputs(pipe), plain))
+
+
+def test_lora_export_needs_adapters(parts, tmp_path):
+    with pytest.raises(export.ExportError, match="method='lora'"):
+        export.lora_kohya(parts, tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ textual inversion
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "a1111", "a1111_pt"])
+def test_ti_exports_reload_with_load_textual_inversion(ti_run, ti_image, tmp_path, fmt):
+    vec = export.embedding(ti_run, "<zwx>")
+    assert vec.shape == (2, ti_run.parts.text_encoder.get_input_embeddings().weight.shape[1])
+    if fmt == "diffusers":
+        path = export.ti_diffusers(ti_run, "<zwx>", tmp_path)
+        assert path.name == "learned_embeds.safetensors" and list(load_file(path)) == ["<zwx>"]
+    elif fmt == "a1111":
+        path = export.ti_a1111(ti_run, "<zwx>", tmp_path)
+        assert path.name == "zwx.safetensors" and list(load_file(path)) == ["emb_params"]  # A1111 prompts it as 'zwx'
+    else:
+        path = export.ti_a1111(ti_run, "<zwx>", tmp_path / "zwx.pt", step=2)
+        data = torch.load(path, weights_only=True)  # tensors, strings and numbers only
+        assert data["name"] == "zwx" and data["step"] == 2 and torch.equal(data["string_to_param"]["*"], vec)
+    assert export.size_mb(path) < 0.01
+    assert torch.equal(export.read_embedding(path)[1], vec)
+    pipe = base_pipe()
+    pipe.load_textual_inversion(str(path), token="<zwx>")
+    assert torch.equal(export.embedding(pipe, "<zwx>"), vec)
+    assert image_diff(ti_image, generate(pipe, PROMPT, seeds=[1], steps=2, scheduler="ddim")[0]) <= 1
+
+
+def test_the_method_writes_the_diffusers_format(ti_run):
+    assert ti_run.saved.name == "learned_embeds.safetensors"
+    assert torch.equal(load_file(ti_run.saved)["<zwx>"], export.embedding(ti_run, "<zwx>"))
+
+
+def test_load_embedding_then_dreambooth_from_it(ti_run, tmp_path):
+    """The TI -> DreamBooth route: the embedding goes into fresh parts, DreamBooth trains the UNet with it."""
+    parts = load_parts("offline")
+    tokens = export.load_embedding(parts, ti_run.saved, "<zwx>")
+    assert tokens == ["<zwx>", "<zwx>_1"]
+    vec = export.embedding(ti_run, "<zwx>")
+    assert torch.equal(export.embedding(parts, "<zwx>"), vec)
+    prompt = export.expand_prompt("a photo of <zwx>", parts.tokenizer, "<zwx>")
+    assert prompt == "a photo of <zwx> <zwx>_1"
+    unet0 = export.snapshot(parts.unet)
+    r = train(make_cfg(tmp_path, method="dreambooth", identifier="<zwx>", instance_prompt=prompt, learning_rate=1e-3),
+              parts, progress=False)
+    assert export.max_weight_diff(r.parts.unet, unet0) > 0
+    assert torch.equal(export.embedding(r, "<zwx>"), vec)  # the text encoder stayed frozen
+    reloaded = StableDiffusionPipeline.from_pretrained(r.saved)  # the saved model knows the token
+    assert torch.equal(export.embedding(reloaded, "<zwx>"), vec)
+
+
+def test_ti_errors_say_what_to_do(ti_run, parts, tmp_path):
+    with pytest.raises(export.ExportError, match="no token '<abc>'"):
+        export.ti_diffusers(ti_run, "<abc>", tmp_path)
+    bad = tmp_path / "two.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.zeros(1, 4), "b": torch.zeros(1, 4)}, str(bad))
+    with pytest.raises(export.ExportError, match="holds 2 tensors"):
+        export.read_embedding(bad)
+    anon = tmp_path / "anon.safetensors"
+    save_file({"emb_params": torch.zeros(1, 32)}, str(anon))
+    with pytest.raises(export.ExportError, match="token="):
+        export.load_embedding(parts, anon)
