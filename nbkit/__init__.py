@@ -2,10 +2,11 @@
 
 One module per concern: config (settings), runtime (where we run), models (loading), data (images),
 methods (what trains), train (the one loop), prior (class images), sample (schedulers, generation, grids),
+compare (same-seed comparisons, the scheduler grid), memory (what training costs in GPU memory),
 offline (the bundled model), toyworld (the data it knows).
 """
 
-from . import data, offline, plots, runtime, sample
+from . import compare, data, memory, offline, plots, prior, runtime, sample
 from .config import ConfigError, TrainConfig
 from .data import DataError
 from .models import ModelNotFound, SDParts, load_parts, pipeline
