@@ -36,3 +36,15 @@ def test_grid_pads_to_rows_and_cols(parts):
     images = generate(pipeline(parts), ["a"], seeds=3, steps=2)
     assert grid(images, cols=2).size == (128, 128)
     assert grid(images).size == (192, 64)
+
+
+def test_mixed_precision_parts_sample_under_autocast(parts):
+    # after training, the trained UNet is fp32 while the frozen text encoder and VAE are in the low precision
+    import torch
+
+    ref = generate(pipeline(parts, "ddim"), ["a star"], seeds=[3], steps=2)[0]
+    parts.text_encoder.to(torch.bfloat16)
+    parts.vae.to(torch.bfloat16)
+    got = generate(pipeline(parts, "ddim"), ["a star"], seeds=[3], steps=2)[0]
+    assert got.size == ref.size and np.asarray(got).std() > 0
+    assert np.abs(np.asarray(got, dtype=int) - np.asarray(ref, dtype=int)).mean() < 8  # same picture, rounded
