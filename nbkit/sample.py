@@ -49,7 +49,8 @@ def set_scheduler(pipe, name: str):
 def generate(pipe, prompts: str | list[str], seeds: list[int] | int = 0, steps: int = 50, guidance: float = 7.5,
              scheduler: str | None = None, size: int | None = None, negative_prompt: str | None = None,
              batch_size: int = 4) -> list:
-    """One image per (prompt, seed), prompt-major; each image's noise depends only on its seed.
+    """One image per (prompt, seed), prompt-major; each image's noise (the starting latent, and the fresh noise
+    an ancestral scheduler adds at every step) depends only on its seed.
 
     A pipeline whose parts have different precisions (after training: fp32 trained UNet, fp16 frozen text
     encoder and VAE) samples under autocast in the lower precision, as the training loop's validation does.
@@ -77,8 +78,10 @@ def _generate_jobs(pipe, jobs, steps, guidance, size, negative_prompt, batch_siz
             torch.randn((pipe.unet.config.in_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor),
                         generator=g) for g in gens
         ]).to(device=device, dtype=pipe.unet.dtype)
+        # the same generators then draw any noise the scheduler adds on the way (Euler ancestral): still one seed
         out = pipe([p for p, _ in chunk], num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
-                   latents=latents, negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None)
+                   latents=latents, generator=gens,
+                   negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None)
         images += out.images
     return images
 
