@@ -123,16 +123,15 @@ def compare_settings(parts) -> list[Budget]:
     ]
 
 
-def _fmt(n_bytes: int) -> str:
-    return f"{n_bytes / GiB:.2f}" if n_bytes >= 0.01 * GiB else f"{n_bytes / 2**20:.1f}M"
-
-
 def budget_table(budgets: list[Budget]) -> str:
-    """A text table, sizes in GiB (or MiB, marked M, when tiny)."""
-    w = max(len(b.label) for b in budgets)
-    head = f"{'setting':<{w}}  {'trainable':>13}  {'weights':>8}  {'grads':>8}  {'Adam':>8}  {'total GiB':>9}"
-    rows = [f"{b.label:<{w}}  {b.trainable_params:>13,}  {_fmt(b.weights_bytes):>8}  {_fmt(b.grads_bytes):>8}  "
-            f"{_fmt(b.optimizer_bytes):>8}  {_fmt(b.total_bytes):>9}" for b in budgets]
+    """A text table; sizes in GiB, or in MiB for a model too small for GiB to show anything."""
+    big = max((b.total_bytes for b in budgets), default=0) >= 0.1 * GiB
+    unit, div = ("GiB", GiB) if big else ("MiB", 2**20)
+    w = max([len(b.label) for b in budgets] + [7])
+    head = (f"{'setting':<{w}}  {'trainable':>13}  {'weights':>8}  {'grads':>8}  {'Adam':>8}  "
+            f"{'total ' + unit:>9}")
+    rows = [f"{b.label:<{w}}  {b.trainable_params:>13,}  {b.weights_bytes / div:>8.2f}  {b.grads_bytes / div:>8.2f}  "
+            f"{b.optimizer_bytes / div:>8.2f}  {b.total_bytes / div:>9.2f}" for b in budgets]
     return "\n".join([head, "-" * len(head)] + rows)
 
 
