@@ -3,11 +3,12 @@
 One module per concern: config (settings), runtime (where we run), models (loading), data (images),
 methods (what trains), train (the one loop), checkpoint (resumable checkpoints), guards (disk, folders, out of
 memory, non-finite loss), manifest (how a run was made), safeio (safetensors out, weights-only pickles in),
-prior (class images), sample (schedulers, generation, grids), export (the formats a model is taken home in),
+prior (class images), sample (schedulers, generation, grids), compare (same-seed comparisons, the scheduler grid),
+memory (what training costs in GPU memory), export (the formats a model is taken home in),
 offline (the bundled model), toyworld (its data).
 """
 
-from . import checkpoint, data, export, guards, manifest, offline, plots, runtime, sample
+from . import checkpoint, compare, data, export, guards, manifest, memory, offline, plots, prior, runtime, sample
 from .checkpoint import ResumeError
 from .config import ConfigError, TrainConfig
 from .data import DataError

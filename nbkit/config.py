@@ -35,6 +35,7 @@ class TrainConfig:
     class_prompt: str = ""  # e.g. "a photo of a dog": the subject's class, without the identifier
     class_dir: str = ""  # cached class images (generated there when missing)
     num_class_images: int = 100  # class images to have in class_dir
+    class_batch_size: int = 4  # class images generated per batch (lower it if generation runs out of memory)
     prior_loss_weight: float = 1.0  # weight of the class images' loss term
     # --- what trains
     train_text_encoder: bool = False  # DreamBooth: fine-tune the text encoder too
@@ -99,7 +100,8 @@ class TrainConfig:
             e.append(f"learning_rate={self.learning_rate}: must be > 0 (the course uses 1e-6 to 5e-6 for DreamBooth).")
         if self.resolution <= 0 or self.resolution % 8:
             e.append(f"resolution={self.resolution}: must be a positive multiple of 8 (512 for SD 1.x, 768 for SD 2.x).")
-        for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "num_vectors", "lora_rank"):
+        for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "num_vectors", "lora_rank",
+                     "class_batch_size"):
             if getattr(self, name) < 1:
                 e.append(f"{name}={getattr(self, name)}: must be at least 1.")
         for name in ("lr_warmup_steps", "validation_steps", "num_validation_images", "max_grad_norm", "prior_loss_weight"):

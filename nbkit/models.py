@@ -83,8 +83,12 @@ def load_parts(model: str = "offline", revision: str | None = None, variant: str
     return SDParts(tokenizer, text_encoder, vae, unet, noise_scheduler, source)
 
 
-def pipeline(parts: SDParts, scheduler: str = "ddim", dtype: torch.dtype | None = None):
-    """A StableDiffusionPipeline over `parts` (shared, not copied) with the named sampling scheduler."""
+def pipeline(parts: SDParts, scheduler: str = "ddim", dtype: torch.dtype | None = None, device: str | None = "auto"):
+    """A StableDiffusionPipeline over `parts` (shared, not copied) with the named sampling scheduler.
+
+    device="auto" puts it on this machine's CUDA GPU when there is one (the shared parts move with it), so a
+    freshly loaded model never samples on the CPU of a Colab GPU runtime by mistake; None leaves it where it is.
+    """
     from diffusers import StableDiffusionPipeline
 
     from .sample import make_scheduler
@@ -95,6 +99,10 @@ def pipeline(parts: SDParts, scheduler: str = "ddim", dtype: torch.dtype | None 
         feature_extractor=None, requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else None
+    if device is not None:
+        pipe.to(device)
     if dtype is not None:
         pipe.to(dtype=dtype)
     return pipe

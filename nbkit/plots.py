@@ -1,4 +1,4 @@
-"""Plots for the notebooks (matplotlib): the loss curve, and side-by-side labelled image rows."""
+"""Plots for the notebooks (matplotlib): the loss curve (and its terms), and side-by-side labelled image rows."""
 
 from __future__ import annotations
 
@@ -24,6 +24,19 @@ def loss_curve(losses: list[float] | str | Path, smooth: int = 10, ax=None, labe
     ax.set_title("training loss (diffusion loss is noisy: look at the trend)")
     if label:
         ax.legend()
+    return ax
+
+
+def loss_terms(log: list[dict] | str | Path, terms: tuple[str, ...] = ("instance", "prior"), smooth: int = 10, ax=None):
+    """Plot each loss term logged per step (e.g. prior preservation's instance and prior terms) on one axis.
+
+    `log` is the rows of a run's losses.json (or its path); terms a run did not log are skipped."""
+    if isinstance(log, (str, Path)):
+        log = json.loads(Path(log).read_text())
+    ax = ax or loss_curve([r["loss"] for r in log], smooth=smooth, label="total")
+    for t in terms:
+        if all(t in r for r in log):
+            loss_curve([r[t] for r in log], smooth=smooth, ax=ax, label=t)
     return ax
 
 

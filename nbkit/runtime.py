@@ -81,13 +81,17 @@ def choose_model(requested: str = "auto", rt: Runtime | None = None) -> tuple[st
     return SD15, f"GPU and hub available: using {SD15}"
 
 
-def memory_settings(rt: Runtime, train_text_encoder: bool = False) -> dict:
-    """TrainConfig memory settings that fit the detected GPU (a 16 GB T4/P100 is the design point)."""
+def memory_settings(rt: Runtime, train_text_encoder: bool = False, with_prior_preservation: bool = False) -> dict:
+    """TrainConfig memory settings that fit the detected GPU (a 16 GB T4/P100 is the design point).
+
+    Training the text encoder adds its weights, gradients, optimizer state and activations; prior preservation
+    doubles the images per step (and so the activations). Either one turns gradient checkpointing on below 30 GB.
+    """
     if rt.device != "cuda":
         return dict(mixed_precision="no", use_8bit_adam=False, gradient_checkpointing=False)
     gb = rt.gpu_memory_gb
     return dict(
         mixed_precision="auto",  # fp16 on T4/P100, bf16 on Ampere+; trainable weights stay fp32
         use_8bit_adam=gb < 30,  # 8-bit AdamW: optimizer state ~4x smaller
-        gradient_checkpointing=gb < 12 or (train_text_encoder and gb < 30),  # activations recomputed in backward
+        gradient_checkpointing=gb < 12 or ((train_text_encoder or with_prior_preservation) and gb < 30),  # recompute
     )

@@ -5,6 +5,7 @@ Swapping the scheduler never reloads the model: `Scheduler.from_config(pipe.sche
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -50,8 +51,11 @@ def set_scheduler(pipe, name: str):
 def generate(pipe, prompts: str | list[str], seeds: list[int] | int = 0, steps: int = 50, guidance: float = 7.5,
              scheduler: str | None = None, size: int | None = None, negative_prompt: str | None = None,
              batch_size: int = 4) -> list:
-    """One image per (prompt, seed), prompt-major; each image's noise depends only on its seed.
+    """One image per (prompt, seed), prompt-major; each image's noise (the starting latent, and the fresh noise
+    an ancestral scheduler adds at every step) depends only on its seed.
 
+    A pipeline whose parts have different precisions (after training: fp32 trained UNet, fp16 frozen text
+    encoder and VAE) samples under autocast in the lower precision, as the training loop's validation does.
     Out of GPU memory, raises guards.OutOfMemory naming what to change, with the memory of the failed batch freed.
     """
     if scheduler:
@@ -61,6 +65,14 @@ def generate(pipe, prompts: str | list[str], seeds: list[int] | int = 0, steps: 
     size = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
     jobs = [(p, s) for p in prompts for s in seeds]
     device = pipe._execution_device
+    dtypes = {m.dtype for m in (pipe.unet, pipe.text_encoder, pipe.vae)}
+    low = sorted((d for d in dtypes if d in (torch.float16, torch.bfloat16)), key=str)
+    mixed = torch.autocast(device.type, dtype=low[0]) if len(dtypes) > 1 and low else contextlib.nullcontext()
+    with mixed:
+        return _generate_jobs(pipe, jobs, steps, guidance, size, negative_prompt, batch_size, device)
+
+
+def _generate_jobs(pipe, jobs, steps, guidance, size, negative_prompt, batch_size, device) -> list:
     images = []
     for i in range(0, len(jobs), batch_size):
         chunk = jobs[i:i + batch_size]
@@ -69,9 +81,11 @@ def generate(pipe, prompts: str | list[str], seeds: list[int] | int = 0, steps: 
             torch.randn((pipe.unet.config.in_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor),
                         generator=g) for g in gens
         ]).to(device=device, dtype=pipe.unet.dtype)
+        # the same generators then draw any noise the scheduler adds on the way (Euler ancestral): still one seed
         with guards.out_of_memory("generating images", guards.GENERATION_ADVICE):
             out = pipe([p for p, _ in chunk], num_inference_steps=steps, guidance_scale=guidance, height=size,
-                       width=size, latents=latents, negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None)
+                       width=size, latents=latents, generator=gens,
+                       negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None)
         images += out.images
     return images
 

@@ -153,7 +153,8 @@ def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifes
         from .prior import ensure_class_images
 
         ensure_class_images(parts, cfg.class_prompt, cfg.class_dir, cfg.num_class_images, cfg.resolution,
-                            seed=cfg.seed, steps=cfg.sample_steps, scheduler=cfg.sample_scheduler, device=device,
+                            seed=cfg.seed, batch_size=cfg.class_batch_size, steps=cfg.sample_steps,
+                            guidance=cfg.guidance_scale, scheduler=cfg.sample_scheduler, device=device,
                             dtype=weight_dtype)
         class_ex = data.load_folder(cfg.class_dir, cfg.resolution, "class")[: cfg.num_class_images]
         class_prompts = [cfg.class_prompt] * len(class_ex)

@@ -30,6 +30,8 @@ def test_precision_and_memory_settings_fit_the_gpu():
     t4 = runtime.memory_settings(T4, train_text_encoder=True)
     assert t4["use_8bit_adam"] and t4["gradient_checkpointing"]
     assert not runtime.memory_settings(A100)["use_8bit_adam"]
+    assert not runtime.memory_settings(T4)["gradient_checkpointing"]
+    assert runtime.memory_settings(T4, with_prior_preservation=True)["gradient_checkpointing"]  # twice the images
     assert runtime.memory_settings(CPU)["mixed_precision"] == "no"
     assert "fp16 only" in T4.describe() and "no GPU" in CPU.describe()
 

@@ -36,3 +36,25 @@ def test_grid_pads_to_rows_and_cols(parts):
     images = generate(pipeline(parts), ["a"], seeds=3, steps=2)
     assert grid(images, cols=2).size == (128, 128)
     assert grid(images).size == (192, 64)
+
+
+def test_mixed_precision_parts_sample_under_autocast(parts):
+    # after training, the trained UNet is fp32 while the frozen text encoder and VAE are in the low precision
+    import torch
+
+    ref = generate(pipeline(parts, "ddim"), ["a star"], seeds=[3], steps=2)[0]
+    parts.text_encoder.to(torch.bfloat16)
+    parts.vae.to(torch.bfloat16)
+    got = generate(pipeline(parts, "ddim"), ["a star"], seeds=[3], steps=2)[0]
+    assert got.size == ref.size and np.asarray(got).std() > 0
+    assert np.abs(np.asarray(got, dtype=int) - np.asarray(ref, dtype=int)).mean() < 8  # same picture, rounded
+
+
+def test_ancestral_noise_comes_from_the_seed(parts):
+    pipe = pipeline(parts, "euler_a")
+    import torch
+
+    a = generate(pipe, ["a star", "a circle"], seeds=[4], steps=3, batch_size=2)
+    torch.manual_seed(123)  # the global RNG must not matter
+    b = generate(pipe, ["a star", "a circle"], seeds=[4], steps=3, batch_size=1)
+    assert all(np.abs(np.asarray(x, dtype=int) - np.asarray(y, dtype=int)).max() <= 2 for x, y in zip(a, b))
