@@ -5,13 +5,11 @@
   metadata: `lora_diffusers`; and kohya/webui keys (`lora_unet_…`, `lora_te_…`, one `.alpha` per layer) that
   AUTOMATIC1111, ComfyUI, SD.Next and InvokeAI load: `lora_kohya`.
 - **Textual inversion**: the diffusers file (`learned_embeds.safetensors`, `{token: vectors}`): `ti_diffusers`;
-  and the AUTOMATIC1111/ComfyUI embedding (`name.safetensors` holding `emb_params`, or the classic `.pt` layout
-  `{"string_to_param": {"*": vectors}, "name": ...}` for old tools): `ti_a1111`. `read_embedding` reads all
-  three; `load_embedding` puts one into a model (diffusers' own `load_textual_inversion`).
+  and the AUTOMATIC1111/ComfyUI embedding (`name.safetensors` holding `emb_params`): `ti_a1111`.
+  `read_embedding` reads those and the classic A1111 `.pt` layout (`{"string_to_param": {"*": vectors}}`); `load_embedding` puts one into a model (diffusers' own `load_textual_inversion`).
 
 The libraries' converters do the key mapping (peft's `get_peft_model_state_dict`, diffusers'
-`convert_state_dict_to_diffusers/_peft/_kohya`). Everything is written as safetensors except the `.pt` embedding,
-written only when asked for by name; anything pickled is read with `torch.load(weights_only=True)`.
+`convert_state_dict_to_diffusers/_peft/_kohya`). Everything is written as safetensors; anything pickled is read with `torch.load(weights_only=True)`.
 Each writer takes the trained model as `SDParts`, a `TrainResult` or a pipeline, and returns the path it wrote.
 """
 
@@ -299,24 +297,21 @@ def ti_a1111(model, token: str, out: str | Path, step: int = 0, base_model: str 
 
     - `out` ends in `.safetensors` (or is a folder: `<name>.safetensors` in it): `{"emb_params": vectors}`, the
       layout kohya's scripts write and both UIs read (diffusers reads it too, given `token=`).
-    - `out` ends in `.pt`: the classic A1111 layout `{"string_to_token", "string_to_param": {"*": vectors},
-      "name", "step", "sd_checkpoint", "sd_checkpoint_name"}`, for tools that predate safetensors embeddings.
-      It is a pickle of tensors, strings and numbers only (loads with `torch.load(weights_only=True)`).
+    The kit writes safetensors only (a pickled `.pt` can carry code); every current A1111/ComfyUI reads these.
     """
     from safetensors.torch import save_file
 
     out = Path(out)
-    if out.suffix not in (".safetensors", ".pt"):
+    if out.suffix == ".pt":
+        raise ValueError(f"{out.name}: the kit writes embeddings as .safetensors only (a pickled .pt can carry code); "
+                         "AUTOMATIC1111 and ComfyUI load the .safetensors file. Use a name ending in .safetensors.")
+    if out.suffix != ".safetensors":
         out = out / f"{a1111_name(token)}.safetensors"
     vec = embedding(model, token)
     name = out.stem
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".safetensors":
-        save_file({"emb_params": vec}, str(out), metadata={"name": name, "token": token, "step": str(step),
-                                                           "sd_checkpoint_name": base_model or ""})
-    else:
-        torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": vec}, "name": name, "step": step,
-                    "sd_checkpoint": None, "sd_checkpoint_name": base_model}, out)
+    save_file({"emb_params": vec}, str(out), metadata={"name": name, "token": token, "step": str(step),
+                                                       "sd_checkpoint_name": base_model or ""})
     return out
 
 
