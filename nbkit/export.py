@@ -70,10 +70,12 @@ def diffusers_folder(model, out: str | Path, dtype: str = "fp32", scheduler: str
     `dtype="fp16"` halves the size (what a T4 samples in anyway); the in-memory model keeps its own precision.
     A pipeline is saved with its own scheduler; SDParts/TrainResult with the named sampling scheduler.
     """
+    from diffusers import DiffusionPipeline
+
     from .models import pipeline
 
     torch_dtype = _dtype(dtype)
-    pipe = model if hasattr(model, "save_pretrained") else pipeline(_parts(model), scheduler)
+    pipe = model if isinstance(model, DiffusionPipeline) else pipeline(_parts(model), scheduler)
     modules = [getattr(pipe, n) for n in ("unet", "text_encoder", "vae") if getattr(pipe, n, None) is not None]
     if any(getattr(m, "peft_config", None) for m in modules):
         raise ExportError("this model carries LoRA adapters: save them with lora_diffusers()/lora_kohya(), or merge "

@@ -92,6 +92,17 @@ def test_diffusers_folder_refuses_unmerged_lora(lora_run, tmp_path):
         export.diffusers_folder(lora_run, tmp_path / "m")
 
 
+def test_fused_lora_saves_as_a_whole_model(lora_run, tmp_path):
+    pipe = base_pipe()
+    pipe.load_lora_weights(str(lora_run.saved))
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()  # the adapters go, their effect stays in the fused weights
+    out = export.diffusers_folder(pipe, tmp_path / "merged")
+    merged = StableDiffusionPipeline.from_pretrained(out)
+    for mine, theirs in zip(outputs(lora_run.parts), outputs(merged)):
+        assert torch.allclose(mine, theirs, atol=1e-4)
+
+
 def test_bad_dtype_is_explained(parts, tmp_path):
     with pytest.raises(export.ExportError, match="fp32.*fp16"):
         export.diffusers_folder(parts, tmp_path / "m", dtype="bf8")
