@@ -19,9 +19,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import data, methods, runtime
+from . import data, launch, methods, optim, runtime
 from .config import TrainConfig
 from .models import SDParts, load_parts, pipeline
+from .optim import make_optimizer  # noqa: F401 - its home is nbkit.optim; kept importable from here
 from .sample import generate, grid
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
@@ -57,24 +58,6 @@ def _precision(cfg: TrainConfig, rt: runtime.Runtime) -> str:
     return p
 
 
-def make_optimizer(params, cfg: TrainConfig, device: str):
-    """8-bit AdamW (bitsandbytes) when asked and possible, else torch AdamW, saying why."""
-    kw = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
-              eps=cfg.adam_epsilon)
-    if cfg.use_8bit_adam:
-        if device != "cuda":
-            print("8-bit Adam needs a CUDA GPU: using torch AdamW (it only saves memory, results are alike).")
-        else:
-            try:
-                import bitsandbytes as bnb
-
-                return bnb.optim.AdamW8bit(params, **kw)
-            except Exception as err:  # noqa: BLE001 - any import/setup failure means: fall back, say so
-                print(f"bitsandbytes 8-bit Adam is unavailable ({err}); using torch AdamW, which needs ~4x the "
-                      "optimizer memory. `pip install bitsandbytes` to get it back.")
-    return torch.optim.AdamW(params, **kw)
-
-
 def _encode_prompts(parts: SDParts, prompts: list[str], device) -> torch.Tensor:
     ids = parts.tokenizer(prompts, padding="max_length", truncation=True, max_length=parts.tokenizer.model_max_length,
                           return_tensors="pt").input_ids.to(device)
@@ -83,7 +66,6 @@ def _encode_prompts(parts: SDParts, prompts: list[str], device) -> torch.Tensor:
 
 def train(cfg: TrainConfig, parts: SDParts | None = None, progress: bool = True) -> TrainResult:
     """Fine-tune with `cfg`; return the result (also written to cfg.output_dir)."""
-    from accelerate import Accelerator
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params
     from tqdm.auto import tqdm
@@ -94,9 +76,15 @@ def train(cfg: TrainConfig, parts: SDParts | None = None, progress: bool = True)
     out.mkdir(parents=True, exist_ok=True)
     rt = runtime.detect()
     precision = _precision(cfg, rt)
-    accelerator = Accelerator(mixed_precision=precision, cpu=rt.device == "cpu")
+    accelerator = launch.make_accelerator(cfg, precision, cpu=rt.device == "cpu")
     device = accelerator.device
     weight_dtype = DTYPES[precision]
+    procs, rank = accelerator.num_processes, accelerator.process_index
+    in_backward, why_not = optim.in_backward_active(cfg, procs)
+    if cfg.optimizer_in_backward and not in_backward:
+        print(f"optimizer_in_backward: using the normal optimizer instead, because of {why_not}.")
+    if accelerator.is_main_process:
+        print(launch.effective_batch(cfg, procs)[1])
 
     # --- model and method: which parameters train
     parts = parts or load_parts(cfg.model)
@@ -123,9 +111,10 @@ def train(cfg: TrainConfig, parts: SDParts | None = None, progress: bool = True)
     if cfg.with_prior_preservation:
         from .prior import ensure_class_images
 
-        ensure_class_images(parts, cfg.class_prompt, cfg.class_dir, cfg.num_class_images, cfg.resolution,
-                            seed=cfg.seed, steps=cfg.sample_steps, scheduler=cfg.sample_scheduler, device=device,
-                            dtype=weight_dtype)
+        with accelerator.main_process_first():  # one process generates, the others then find them cached
+            ensure_class_images(parts, cfg.class_prompt, cfg.class_dir, cfg.num_class_images, cfg.resolution,
+                                seed=cfg.seed, steps=cfg.sample_steps, scheduler=cfg.sample_scheduler,
+                                device=device, dtype=weight_dtype)
         class_ex = data.load_folder(cfg.class_dir, cfg.resolution, "class")[: cfg.num_class_images]
         class_prompts = [cfg.class_prompt] * len(class_ex)
     flips = (False, True) if cfg.random_flip else (False,)
@@ -162,13 +151,18 @@ def train(cfg: TrainConfig, parts: SDParts | None = None, progress: bool = True)
             cached_emb = dict(zip(uniq, embs))
 
     # --- optimizer, LR schedule, accelerator
-    optimizer = make_optimizer(method.params, cfg, rt.device)
+    optimizer = optim.make_optimizer(method.params, cfg, rt.device, in_backward=in_backward,
+                                     scaler=accelerator.scaler, offloaded=bool(cfg.deepspeed_config))
     lr_sched = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                              num_training_steps=cfg.max_train_steps)
     trainable = method.trainable_modules(parts)
-    prepared = accelerator.prepare(*trainable.values(), optimizer)
-    wrapped = dict(zip(trainable, prepared[:-1]))
-    optimizer = prepared[-1]
+    # the in-backward optimizer steps inside backward: accelerate must not wrap it (nothing to step after)
+    prepared = accelerator.prepare(*trainable.values(), *([] if in_backward else [optimizer]))
+    prepared = prepared if isinstance(prepared, (tuple, list)) else (prepared,)
+    wrapped = dict(zip(trainable, prepared))
+    optimizer = optimizer if in_backward else prepared[-1]
+    # DeepSpeed keeps the UNet itself in half precision (no autocast): its inputs must match
+    unet_input = weight_dtype if cfg.deepspeed_config else torch.float32
     unet = wrapped.get("unet", parts.unet)
     text_encoder = wrapped.get("text_encoder", parts.text_encoder)
     for m in wrapped.values():
@@ -206,7 +200,7 @@ def train(cfg: TrainConfig, parts: SDParts | None = None, progress: bool = True)
                 emb = text_encoder(ids)[0]
         target = noise if prediction == "epsilon" else sched.get_velocity(latents, noise, t)
         with accelerator.autocast():
-            pred = unet(noisy, t, emb).sample.float()
+            pred = unet(noisy.to(unet_input), t, emb.to(unet_input)).sample.float()
         if class_src is not None:
             p_inst, p_cls = pred.chunk(2)
             t_inst, t_cls = target.chunk(2)
@@ -221,8 +215,10 @@ def train(cfg: TrainConfig, parts: SDParts | None = None, progress: bool = True)
     log = []
     validation: dict[int, Path] = {}
     acc = cfg.gradient_accumulation_steps
+    step_seconds: list[float] = []
     bar = tqdm(range(cfg.max_train_steps), desc=f"{method.name}", disable=not progress)
     for step in bar:
+        t_step = time.perf_counter()
         te_trains = method.trains_text_encoder and (cfg.text_encoder_steps is None or step < cfg.text_encoder_steps)
         if method.trains_text_encoder and not te_trains and step == cfg.text_encoder_steps:
             parts.text_encoder.requires_grad_(False)  # AdamW skips parameters without gradients
@@ -234,7 +230,8 @@ def train(cfg: TrainConfig, parts: SDParts | None = None, progress: bool = True)
                 for m in wrapped.values():
                     ctx.enter_context(accelerator.no_sync(m))
             with ctx:
-                loss, terms = step_loss(step * acc + k, te_trains)
+                # each process draws its own samples (with one process: micro-step step * acc + k)
+                loss, terms = step_loss((step * acc + k) * procs + rank, te_trains)
                 accelerator.backward(loss / acc)
             total += loss.item() / acc
         if not math.isfinite(total):
@@ -248,13 +245,17 @@ def train(cfg: TrainConfig, parts: SDParts | None = None, progress: bool = True)
         lr_sched.step()
         optimizer.zero_grad(set_to_none=True)
         method.after_step()
+        step_seconds.append(time.perf_counter() - t_step)
         losses.append(total)
         log.append({"step": step + 1, "loss": total, "lr": lr_sched.get_last_lr()[0], **terms})
         bar.set_postfix(loss=f"{total:.4f}")
         done = step + 1
-        if cfg.validation_prompts and cfg.validation_steps and (done % cfg.validation_steps == 0 or done == cfg.max_train_steps):
+        if (accelerator.is_main_process and cfg.validation_prompts and cfg.validation_steps
+                and (done % cfg.validation_steps == 0 or done == cfg.max_train_steps)):
             validation[done] = _validate(cfg, parts, out, done, device, precision, weight_dtype)
     bar.close()
+    if in_backward:
+        optimizer.remove_hooks()  # the parts outlive this run: no stale optimizer may step them later
 
     # --- save
     for m in (parts.unet, parts.text_encoder):
@@ -265,7 +266,10 @@ def train(cfg: TrainConfig, parts: SDParts | None = None, progress: bool = True)
     saved = method.save(parts, out / "model") if accelerator.is_main_process else out / "model"
     (out / "losses.json").write_text(json.dumps(log))
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    info = {"precision": precision, "device": str(device), "prediction_type": prediction, "runtime": rt.describe()}
+    info = {"precision": precision, "device": str(device), "prediction_type": prediction, "runtime": rt.describe(),
+            "optimizer": getattr(optimizer, "name", type(optimizer).__name__), "optimizer_in_backward": in_backward,
+            "processes": procs, "effective_batch": launch.effective_batch(cfg, procs)[0],
+            "step_seconds": step_seconds}
     return TrainResult(out, saved, losses, validation, time.perf_counter() - t0, parts, method, cfg, info)
 
 
