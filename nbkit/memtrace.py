@@ -147,8 +147,7 @@ def _simulate(spec, kind, batch, latent, checkpointing, half, in_backward, fake,
 
             cast_training_params([parts.unet, parts.text_encoder], dtype=torch.float32)
         if checkpointing:
-            if method.trains_unet:
-                parts.unet.enable_gradient_checkpointing()
+            parts.unet.enable_gradient_checkpointing()  # as the loop: also when frozen (TI backpropagates through it)
             if method.trains_text_encoder:
                 parts.text_encoder.gradient_checkpointing_enable()
         for m in trainable.values():
@@ -163,7 +162,9 @@ def _simulate(spec, kind, batch, latent, checkpointing, half, in_backward, fake,
         t = torch.randint(0, 1000, (batch,))
         ids = torch.randint(0, te_cfg.vocab_size, (batch, parts.tokenizer.model_max_length))
         cached = None if method.trains_text_encoder else torch.randn(batch, ids.shape[1], te_cfg.hidden_size)
-        amp = torch.autocast("cpu", dtype=half_dtype, enabled=half)
+        # as the loop's accelerator: no autocast weight cache (with checkpointing it would hold a half copy of
+        # every trained weight through the forward pass; without, the copies are kept for backward anyway)
+        amp = torch.autocast("cpu", dtype=half_dtype, enabled=half, cache_enabled=False)
         tracker = LiveBytes()
         with tracker:
             tracker.mark("forward")

@@ -119,15 +119,19 @@ class Tuned:
 
 
 def tune(cfg: TrainConfig, preset: str = "auto", rt: Runtime | None = None, model=None,
-         num_processes: int = 1, headroom: float = 0.05) -> Tuned:
-    """Apply a preset to `cfg` and check it with the planner (see the module doc). model: what to plan for
-    (default cfg.model; loaded SDParts are counted directly)."""
+         num_processes: int = 1, headroom: float = 0.05, keep=()) -> Tuned:
+    """Apply a preset to `cfg` and check it with the planner (see the module doc).
+
+    model: what to plan for (default cfg.model; loaded SDParts are counted directly). keep: fields the user set
+    explicitly; neither the preset nor the automatic adjustments change them.
+    """
     from .runtime import detect
 
     rt = rt or detect()
     auto = preset == "auto"
     name = choose(rt) if auto else preset
-    base = dataclasses.replace(cfg, **settings(name, rt, cfg))
+    keep = set(keep)
+    base = dataclasses.replace(cfg, **{k: v for k, v in settings(name, rt, cfg).items() if k not in keep})
     if name == "8gb-deepspeed" and base.train_text_encoder:
         raise ValueError("The 8gb-deepspeed preset trains the UNet only (accelerate prepares one model for "
                          "DeepSpeed). To train the text encoder on 8 GB, use PRESET='8gb' (optimizer in backward).")
@@ -143,7 +147,7 @@ def tune(cfg: TrainConfig, preset: str = "auto", rt: Runtime | None = None, mode
     if gpu is not None:
         if auto and not p.fits:  # add memory savers, cheapest first, until the plan fits
             for change in planner.remedies(base):
-                if not change.automatic:
+                if not change.automatic or keep & set(change.settings):
                     continue
                 trial = planner.apply_change(base, change)
                 tp = make(trial)
@@ -152,7 +156,7 @@ def tune(cfg: TrainConfig, preset: str = "auto", rt: Runtime | None = None, mode
                     changes.append(f"{change.why} -> {p.needed / 2**30:.1f} GiB")
                 if p.fits:
                     break
-        if auto and p.fits and base.gradient_checkpointing:  # faster when it fits without
+        if auto and p.fits and base.gradient_checkpointing and "gradient_checkpointing" not in keep:  # faster when it fits without
             trial = dataclasses.replace(base, gradient_checkpointing=False)
             tp = make(trial)
             if tp.fits and tp.headroom >= headroom:
@@ -173,6 +177,19 @@ def tune(cfg: TrainConfig, preset: str = "auto", rt: Runtime | None = None, mode
                       f"{HOST_RAM_DEEPSPEED_GB} GB of RAM, `pip install deepspeed`, and runs best with "
                       f"`accelerate launch --config_file {accelerate_config_path()} -m nbkit train ...`.")
     return Tuned(base, name, p, changes, advice)
+
+
+def describe(rt: Runtime | None = None) -> str:
+    """A table of every preset's settings (for a fp16 GPU, or for `rt`)."""
+    rt = rt or Runtime("local", "cuda", "GPU", 1, 16.0, False)
+    keys = ("mixed_precision", "use_8bit_adam", "gradient_checkpointing", "optimizer_in_backward", "deepspeed_config")
+    lines = ["| preset | method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
+    for name in NAMES:
+        for label, c in (("DreamBooth + TE", TrainConfig(train_text_encoder=True)), ("LoRA", TrainConfig(method="lora"))):
+            s = settings(name, rt if name != "cpu" else Runtime("local", "cpu", None, 0, 0.0, False), c)
+            vals = [Path(str(s[k])).name if k == "deepspeed_config" and s[k] else str(s[k]) for k in keys]
+            lines.append(f"| {name} | {label} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
 
 
 def attention_backends(parts) -> dict[str, str]:

@@ -96,8 +96,8 @@ def train(cfg: TrainConfig, parts: SDParts | None = None, progress: bool = True)
     if method.name == "lora":
         cast_training_params([parts.unet, parts.text_encoder], dtype=torch.float32)  # adapters train in fp32
     if cfg.gradient_checkpointing:
-        if method.trains_unet:
-            parts.unet.enable_gradient_checkpointing()
+        # the UNet's activations dominate even when it is frozen (TI: gradients flow through it to the embedding)
+        parts.unet.enable_gradient_checkpointing()
         if method.trains_text_encoder:
             parts.text_encoder.gradient_checkpointing_enable()
     prediction = parts.prediction_type if cfg.prediction_type == "auto" else cfg.prediction_type
