@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _value(name: str, raw: str):
-    """A flag's text as the field's type (YAML rules: true/false, numbers, [lists], null)."""
+    """A flag's text as a value (YAML rules: true/false, numbers, [lists], null); coerce() types it."""
     import yaml
 
     if FIELDS[name].type in ("str", str):
@@ -72,6 +72,34 @@ def _value(name: str, raw: str):
         return yaml.safe_load(raw)
     except yaml.YAMLError as err:
         raise ConfigError(f"--{name} {raw!r}: {err}") from err
+
+
+def coerce(name: str, value):
+    """`value` as TrainConfig.<name>'s type, or a ConfigError saying what was expected (YAML reads 1e-6 as text)."""
+    kind = str(FIELDS[name].type).replace(" ", "")
+    if value is None and "None" in kind:
+        return None
+    base = kind.replace("|None", "")
+    try:
+        if base == "bool":
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+            if isinstance(value, bool):
+                return value
+            raise ValueError
+        if base == "int":
+            if isinstance(value, bool) or float(value) != int(float(value)):
+                raise ValueError
+            return int(float(value))
+        if base == "float":
+            return float(value)
+        if base == "str":
+            return str(value)
+        if base.startswith("list"):
+            return [str(v) for v in (value if isinstance(value, list) else [value])]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}={value!r}: expected {kind.replace('|', ' or ')}.") from None
+    return value
 
 
 def build_config(args: argparse.Namespace) -> tuple[TrainConfig, str, set[str]]:
@@ -86,10 +114,7 @@ def build_config(args: argparse.Namespace) -> tuple[TrainConfig, str, set[str]]:
         ds_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
         if ds_file:  # launched with a DeepSpeed accelerate config: the loop must know
             given["deepspeed_config"] = ds_file
-    try:
-        cfg = TrainConfig(**given)
-    except TypeError as err:
-        raise ConfigError(str(err)) from err
+    cfg = TrainConfig(**{k: coerce(k, v) for k, v in given.items()})
     return cfg, preset, set(given)
 
 

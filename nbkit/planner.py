@@ -37,8 +37,12 @@ GiB = 2**30
 MiB = 2**20
 CALIBRATION_FILE = Path(__file__).resolve().parent.parent / "data" / "memory-calibration.json"
 REFERENCE = {"sd15": 64, "offline": 32}  # latent side each shipped calibration was measured at
-CUDA_CONTEXT = 0.45 * GiB  # the CUDA context and kernels: outside torch's allocator, inside the GPU's memory
-ALLOCATOR_SLACK = 0.08  # reserved / allocated - 1 at the peak (caching allocator rounding, fragmentation)
+# Terms the CPU simulation cannot see, from the published anchors (diffusers PR #2039: 11,124 MiB; the T4 table
+# of the DreamBooth 16 GB recipe: 9.92 GB, ...) until benchmarks/RESULTS.md has measured them:
+CUDA_CONTEXT = int(0.45 * GiB)  # the CUDA context and kernels: outside torch's allocator, inside the GPU's memory
+CUDA_WORKSPACE = int(0.5 * GiB)  # cuDNN / cuBLAS workspaces (allocated through torch's allocator)
+ALLOCATOR_ROUNDING = 0.03  # reserved / allocated - 1 from block rounding
+# plus, in reserved: the freed activation blocks the gradients cannot reuse (1 x one step's activation volume)
 BNB_MIN_8BIT = 4096  # bitsandbytes keeps fp32 state for tensors smaller than this
 SD15_IDS = ("stable-diffusion-v1-5", "stable-diffusion-v1-4", "runwayml/stable-diffusion-v1-5", "CompVis/stable-diffusion")
 
@@ -225,16 +229,18 @@ class Plan:
     capacity: int | None  # the GPU's memory (bytes); None on a CPU
     settings: dict  # the settings the plan was made for
     notes: list[str] = field(default_factory=list)
+    slack: int = 0  # the caching allocator's: reserved - allocated
+    context: int = 0  # the CUDA context (outside torch)
 
     @property
     def reserved(self) -> int:
         """Predicted torch.cuda.max_memory_reserved(): allocated plus the caching allocator's slack."""
-        return int(self.allocated * (1 + ALLOCATOR_SLACK))
+        return self.allocated + self.slack
 
     @property
     def needed(self) -> int:
         """What the GPU must have: reserved plus the CUDA context."""
-        return int(self.reserved + CUDA_CONTEXT)
+        return self.reserved + self.context
 
     @property
     def fits(self) -> bool:
@@ -245,47 +251,57 @@ class Plan:
         """Free fraction of the GPU at the peak (negative: does not fit)."""
         return 1.0 if self.capacity is None else 1 - self.needed / self.capacity
 
+    @property
+    def unit(self) -> tuple[str, int]:
+        """GiB for real models, MiB for the small offline one."""
+        return ("GiB", GiB) if self.needed >= GiB / 2 else ("MiB", MiB)
+
     def table(self) -> str:
-        """A markdown table of the breakdown (GiB)."""
-        lines = ["| part | GiB |", "|---|---:|"]
-        lines += [f"| {what} | {b / GiB:.2f} |" for what, b in self.rows]
-        lines.append(f"| **peak allocated (predicted)** | **{self.allocated / GiB:.2f}** |")
-        lines.append(f"| + allocator slack and CUDA context | {(self.needed - self.allocated) / GiB:.2f} |")
+        """A markdown table of the breakdown."""
+        u, d = self.unit
+        lines = [f"| part | {u} |", "|---|---:|"]
+        lines += [f"| {what} | {b / d:.2f} |" for what, b in self.rows]
+        lines.append(f"| **peak allocated (predicted)** | **{self.allocated / d:.2f}** |")
+        if self.context:
+            lines.append(f"| + allocator slack and CUDA context | {(self.needed - self.allocated) / d:.2f} |")
         cap = f"{self.capacity / GiB:.1f} GiB GPU" if self.capacity else "no GPU limit (CPU)"
         verdict = "fits" if self.fits else "DOES NOT FIT"
-        lines.append(f"| **needed on the GPU** | **{self.needed / GiB:.2f}** ({verdict}: {cap}) |")
+        lines.append(f"| **needed** | **{self.needed / d:.2f}** ({verdict}: {cap}) |")
         return "\n".join(lines)
 
     def _repr_markdown_(self) -> str:
         return self.table() + ("\n\n" + "\n".join(f"* {n}" for n in self.notes) if self.notes else "")
 
     def __str__(self) -> str:
+        u, d = self.unit
         width = max(len(w) for w, _ in self.rows)
-        out = [f"{w:<{width}}  {b / GiB:6.2f} GiB" for w, b in self.rows]
-        out.append(f"{'peak allocated (predicted)':<{width}}  {self.allocated / GiB:6.2f} GiB")
+        out = [f"{w:<{width}}  {b / d:7.2f} {u}" for w, b in self.rows]
+        out.append(f"{'peak allocated (predicted)':<{width}}  {self.allocated / d:7.2f} {u}")
         cap = f" of {self.capacity / GiB:.1f} GiB" if self.capacity else ""
-        out.append(f"{'needed incl. slack + CUDA context':<{width}}  {self.needed / GiB:6.2f} GiB{cap}: "
-                   f"{'fits' if self.fits else 'DOES NOT FIT'}")
+        label = "needed incl. slack + CUDA context" if self.context else "needed"
+        out.append(f"{label:<{width}}  {self.needed / d:7.2f} {u}{cap}: {'fits' if self.fits else 'DOES NOT FIT'}")
         return "\n".join(out + [f"note: {n}" for n in self.notes])
 
     def bar_chart(self, ax=None, title: str | None = None):
         """A stacked horizontal bar of the breakdown, with the GPU's capacity as a red line."""
         import matplotlib.pyplot as plt
 
+        u, d = self.unit
         ax = ax or plt.subplots(figsize=(8, 1.9))[1]
         left = 0.0
         colors = plt.get_cmap("tab10").colors
-        for i, (what, b) in enumerate(self.rows + [("slack + CUDA context", self.needed - self.allocated)]):
-            ax.barh([0], [b / GiB], left=left, color=colors[i % 10], label=f"{what} ({b / GiB:.2f})",
+        extra = [("slack + CUDA context", self.needed - self.allocated)] if self.context else []
+        for i, (what, b) in enumerate(self.rows + extra):
+            ax.barh([0], [b / d], left=left, color=colors[i % 10], label=f"{what} ({b / d:.2f})",
                     hatch="//" if i == len(self.rows) else None, alpha=0.5 if i == len(self.rows) else 1.0)
-            left += b / GiB
+            left += b / d
         if self.capacity:
-            ax.axvline(self.capacity / GiB, color="red", lw=2)
-            ax.text(self.capacity / GiB, 0.45, f" GPU {self.capacity / GiB:.0f} GiB", color="red", va="bottom")
+            ax.axvline(self.capacity / d, color="red", lw=2)
+            ax.text(self.capacity / d, 0.45, f" GPU {self.capacity / GiB:.0f} GiB", color="red", va="bottom")
         ax.set_yticks([])
-        ax.set_xlabel("GiB")
-        ax.set_xlim(0, max(left, (self.capacity or 0) / GiB) * 1.05 or 1)
-        ax.set_title(title or f"predicted peak GPU memory: {self.needed / GiB:.2f} GiB "
+        ax.set_xlabel(u)
+        ax.set_xlim(0, max(left, (self.capacity or 0) / d) * 1.05 or 1)
+        ax.set_title(title or f"predicted peak memory: {self.needed / d:.2f} {u} "
                               f"({'fits' if self.fits else 'does not fit'})")
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=3, fontsize=8, frameon=False)
         return ax
@@ -379,19 +395,22 @@ def plan(cfg: TrainConfig, model=None, *, gpu_gb: float | None = None, device: s
     else:
         grads = n_trained * 4
         grad_what = "gradients (fp32)"
-    act, act_notes = _activations(arch, kind, cfg, half, ib, ds)
+    act, volume, act_notes = _activations(arch, kind, cfg, half, ib, ds)
     notes += act_notes
     rows.append((grad_what, grads))
     ckpt = "checkpointed" if cfg.gradient_checkpointing else "not checkpointed"
     n_samples = cfg.train_batch_size * (2 if cfg.with_prior_preservation else 1)
     rows.append((f"activations & temporaries ({ckpt}, {n_samples} x {cfg.resolution} px)", act))
+    if device == "cuda":
+        rows.append(("cuDNN / cuBLAS workspaces (estimate)", CUDA_WORKSPACE))
     allocated = sum(b for _, b in rows)
+    slack = int(allocated * ALLOCATOR_ROUNDING + volume) if device == "cuda" else 0
     capacity = int(gpu_gb * GiB) if gpu_gb else None
     settings = dict(method=cfg.method, train_text_encoder=cfg.train_text_encoder, precision=precision,
                     use_8bit_adam=eight_bit, gradient_checkpointing=cfg.gradient_checkpointing, optimizer_in_backward=ib,
                     deepspeed=ds, train_batch_size=cfg.train_batch_size, prior=cfg.with_prior_preservation,
                     resolution=cfg.resolution, cache_latents=cfg.cache_latents, model=arch.name)
-    return Plan(rows, allocated, capacity, settings, notes)
+    return Plan(rows, allocated, capacity, settings, notes, slack, CUDA_CONTEXT if device == "cuda" else 0)
 
 
 def _deepspeed_bucket(path: str) -> int:
@@ -402,8 +421,10 @@ def _deepspeed_bucket(path: str) -> int:
         return int(5e8)
 
 
-def _activations(arch: Arch, kind: str, cfg: TrainConfig, half: bool, ib: bool, ds: bool) -> tuple[int, list[str]]:
-    """Peak bytes the step holds beyond weights, optimizer state and the gradients row."""
+def _activations(arch: Arch, kind: str, cfg: TrainConfig, half: bool, ib: bool,
+                 ds: bool) -> tuple[int, int, list[str]]:
+    """(peak bytes the step holds beyond weights, optimizer state and the gradients row; the step's activation
+    volume, which the caching allocator mostly cannot reuse for gradients; notes)."""
     notes = []
     cal = arch.calibration
     latent = cfg.resolution // arch.vae_factor
@@ -413,6 +434,9 @@ def _activations(arch: Arch, kind: str, cfg: TrainConfig, half: bool, ib: bool, 
     if not cal:
         sd = _arch_of_spec(str(_sd15_spec()))
         cal = sd.calibration
+        if not cal:
+            raise RuntimeError(f"No activation calibration in {CALIBRATION_FILE}: run "
+                               "`python -m nbkit.planner calibrate --spec sd15` to make it.")
         scale = (arch.unet / sd.unet) ** 0.5  # crude: activations grow about with the square root of width^2
         notes.append(f"no activation calibration for {arch.name}: scaled from SD 1.5's (rough). "
                      "Run `python -m nbkit.planner calibrate --spec <folder>` to measure it.")
@@ -438,7 +462,8 @@ def _activations(arch: Arch, kind: str, cfg: TrainConfig, half: bool, ib: bool, 
         notes.append("fp32 activations estimated as twice the calibrated half-precision ones.")
     if not cfg.cache_latents:
         step = max(step, cal.get("vae_encode_per_image", 0) * n * ratio)
-    return int(max(step, 0) * scale), notes
+    volume = n * row["Fs"] * ratio * (2 if fp32_from_half else 1)
+    return int(max(step, 0) * scale), int(volume * scale), notes
 
 
 # ------------------------------------------------------------------------------------------------- what to do
