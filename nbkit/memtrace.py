@@ -62,9 +62,15 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage()._cdata for a in tree_flatten((args, kwargs))[0]
+                  if isinstance(a, torch.Tensor) and not a.is_sparse}
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and not t.is_sparse:
-                self._add(t)
+            if not isinstance(t, torch.Tensor) or t.is_sparse:
+                continue
+            key = t.untyped_storage()._cdata
+            if key in inputs and key not in self._live:
+                continue  # a view of, or an in-place result on, memory that existed before (a weight): not new
+            self._add(t)
         return out
 
 

@@ -183,7 +183,8 @@ def config_key(kind: str, checkpointing: bool, in_backward: bool, half: bool) ->
     return f"{kind}|ckpt={int(checkpointing)}|ib={int(in_backward)}|{'half' if half else 'fp32'}"
 
 
-def calibrate(spec, *, name: str, latent: int, fake: bool = True, half_only: bool = False, progress=print) -> dict:
+def calibrate(spec, *, name: str, latent: int, fake: bool = True, half_only: bool = False, kinds=None,
+              progress=print) -> dict:
     """Measure the activation model of the architecture in `spec` with nbkit.memtrace (see the module doc)."""
     from . import memtrace
     from .sd15 import build_parts
@@ -193,6 +194,8 @@ def calibrate(spec, *, name: str, latent: int, fake: bool = True, half_only: boo
     out = {"name": name, "reference_latent": latent, "configs": {}}
     combos = [(k, ck, False) for k in memtrace.KINDS for ck in (False, True)]
     combos += [(k, ck, True) for k in ("unet", "unet_te") for ck in (False, True)]
+    if kinds:
+        combos = [c for c in combos if f"{c[0]}|ib={int(c[2])}" in kinds or c[0] in kinds]
     for half in ((True,) if half_only else (True, False)):
         for kind, ck, ib in combos:
             one = memtrace.simulate_step(spec, kind, batch=1, latent=latent, checkpointing=ck, half=half,
@@ -204,6 +207,8 @@ def calibrate(spec, *, name: str, latent: int, fake: bool = True, half_only: boo
                    "G": one.after}
             out["configs"][config_key(kind, ck, ib, half)] = row
             progress(f"{config_key(kind, ck, ib, half)}: {json.dumps(row)}")
+    if kinds and "vae" not in kinds:
+        return {fp: out}
     out["vae_encode_per_image"] = memtrace.simulate_vae_encode(spec, batch=1, size=latent * _vae_factor(parts),
                                                               half=True, fake=fake)
     return {fp: out}
@@ -214,8 +219,15 @@ def _vae_factor(parts) -> int:
 
 
 def save_calibration(entry: dict, path: Path = CALIBRATION_FILE) -> None:
+    """Merge an architecture's calibration into `path` (configurations measured before are kept)."""
     data = json.loads(path.read_text()) if path.exists() else {}
-    data.update(entry)
+    for fp, e in entry.items():
+        old = data.get(fp, {})
+        if old.get("reference_latent", e["reference_latent"]) != e["reference_latent"]:
+            old = {}
+        merged = {**old, **{k: v for k, v in e.items() if k != "configs"}}
+        merged["configs"] = {**old.get("configs", {}), **e["configs"]}
+        data[fp] = merged
     path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
@@ -532,6 +544,7 @@ def _main(argv=None) -> None:
     c.add_argument("--latent", type=int, default=None, help="reference latent side (default 64 for sd15, 32 offline)")
     c.add_argument("--real", action="store_true", help="run real tensors (small models) instead of fake ones")
     c.add_argument("--half-only", action="store_true", help="skip the fp32 configurations")
+    c.add_argument("--kinds", default=None, help="comma list: only these (e.g. lora,ti,unet|ib=1,vae)")
     c.add_argument("--out", default=str(CALIBRATION_FILE))
     args = ap.parse_args(argv)
     from .offline import OFFLINE_SPEC
@@ -539,7 +552,8 @@ def _main(argv=None) -> None:
     spec = {"sd15": _sd15_spec(), "offline": OFFLINE_SPEC}.get(args.spec, Path(args.spec))
     name = args.spec if args.spec in REFERENCE else Path(args.spec).name
     latent = args.latent or REFERENCE.get(args.spec, 64)
-    entry = calibrate(spec, name=name, latent=latent, fake=not args.real, half_only=args.half_only)
+    entry = calibrate(spec, name=name, latent=latent, fake=not args.real, half_only=args.half_only,
+                      kinds=args.kinds.split(",") if args.kinds else None)
     save_calibration(entry, Path(args.out))
     print(f"wrote {args.out}")
 
