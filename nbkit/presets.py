@@ -151,7 +151,7 @@ def tune(cfg: TrainConfig, preset: str = "auto", rt: Runtime | None = None, mode
                     continue
                 trial = planner.apply_change(base, change)
                 tp = make(trial)
-                if tp.allocated < p.allocated:
+                if tp.needed < p.needed:
                     base, p = trial, tp
                     changes.append(f"{change.why} -> {p.needed / 2**30:.1f} GiB")
                 if p.fits:

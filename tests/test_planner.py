@@ -1,6 +1,7 @@
 """The memory planner: parameter counts of full-size SD 1.5 without a download, the accounting of each term,
 the activation model against measurements (a real CPU run of the offline model; published SD 1.5 anchors)."""
 
+import dataclasses
 import warnings
 
 import pytest
@@ -10,7 +11,11 @@ from nbkit import TrainConfig, load_parts, memtrace, planner, sd15, train
 from nbkit.offline import OFFLINE_SPEC
 
 GiB = 2**30
-SD15 = TrainConfig(model="sd15")
+SD15 = TrainConfig(model="sd15", mixed_precision="fp16")
+
+
+def sd(**changes):
+    return dataclasses.replace(SD15, **changes)  # no path checks: planning needs no pictures
 
 
 def row(plan, prefix):
@@ -28,64 +33,72 @@ def test_sd15_is_counted_from_its_configs_on_the_meta_device():
 
 def test_each_term_follows_the_settings():
     n_unet, n_te = sd15.PARAMS["unet"], sd15.PARAMS["text_encoder"]
-    p = planner.plan(SD15.replace(mixed_precision="fp16", use_8bit_adam=True), gpu_gb=15)
+    p = planner.plan(sd(use_8bit_adam=True), gpu_gb=15)
     assert row(p, "UNet weights (fp32, trained)") == 4 * n_unet
     assert row(p, "text encoder weights (fp16, frozen)") == 2 * n_te
     assert 2.0 * n_unet < row(p, "optimizer state (8-bit AdamW)") < 2.1 * n_unet
     assert row(p, "gradients (fp32)") == 4 * n_unet
-    adam = planner.plan(SD15.replace(mixed_precision="fp16"), gpu_gb=15)
+    adam = planner.plan(sd(), gpu_gb=15)
     assert row(adam, "optimizer state (AdamW, fp32)") == 8 * n_unet
-    te = planner.plan(SD15.replace(mixed_precision="fp16", train_text_encoder=True), gpu_gb=15)
+    te = planner.plan(sd(train_text_encoder=True), gpu_gb=15)
     assert row(te, "gradients (fp32)") == 4 * (n_unet + n_te)
-    ib = planner.plan(SD15.replace(mixed_precision="fp16", train_text_encoder=True, optimizer_in_backward=True,
+    ib = planner.plan(sd(train_text_encoder=True, optimizer_in_backward=True,
                                    max_grad_norm=0.0), gpu_gb=15)
     assert row(ib, "gradients (optimizer in backward") == 4 * 49_408 * 768  # the largest parameter only
-    fallback = planner.plan(SD15.replace(mixed_precision="fp16", optimizer_in_backward=True), gpu_gb=15)
+    fallback = planner.plan(sd(optimizer_in_backward=True), gpu_gb=15)
     assert row(fallback, "gradients (fp32)") == 4 * n_unet and "max_grad_norm" in fallback.notes[0]
-    lora = planner.plan(SD15.replace(mixed_precision="fp16", method="lora"), gpu_gb=15)
+    lora = planner.plan(sd(method="lora"), gpu_gb=15)
     assert row(lora, "UNet weights (fp16, frozen + fp32 LoRA)") == 2 * n_unet + 4 * 797_184
     assert row(lora, "gradients") == 4 * 797_184
-    ti = planner.plan(SD15.replace(mixed_precision="fp16", method="textual_inversion",
+    ti = planner.plan(sd(method="textual_inversion",
                                    instance_prompt="a photo of <zwx>"), gpu_gb=15)
     assert row(ti, "optimizer state") == 8 * 49_408 * 768 and row(ti, "UNet weights (fp16, frozen)") == 2 * n_unet
-    no_cache = planner.plan(SD15.replace(mixed_precision="fp16", cache_latents=False), gpu_gb=15)
+    no_cache = planner.plan(sd(cache_latents=False), gpu_gb=15)
     assert row(no_cache, "VAE weights") == 2 * sd15.PARAMS["vae"]
     assert p.allocated == sum(b for _, b in p.rows) and p.reserved > p.allocated and p.needed > p.reserved
 
 
 def test_activations_grow_with_pixels_and_samples_and_shrink_with_checkpointing():
-    base = SD15.replace(mixed_precision="fp16", use_8bit_adam=True)
+    base = sd(use_8bit_adam=True)
 
     def act(c):
         return row(planner.plan(c, gpu_gb=15), "activations")
 
-    assert act(base.replace(resolution=768)) > act(base)
-    assert act(base.replace(train_batch_size=2)) > act(base)
-    assert act(base.replace(with_prior_preservation=True, class_prompt="a photo of a dog", class_dir="c")) == \
-        act(base.replace(train_batch_size=2))  # prior preservation doubles the samples per step
-    big = base.replace(train_batch_size=4)
-    assert act(big.replace(gradient_checkpointing=True)) < act(big) / 2
-    assert planner.plan(big, gpu_gb=15).reserved - planner.plan(big.replace(gradient_checkpointing=True),
+    r = dataclasses.replace
+    assert act(r(base, resolution=768)) > act(base)
+    assert act(r(base, train_batch_size=2)) > act(base)
+    assert act(r(base, with_prior_preservation=True, class_prompt="a photo of a dog", class_dir="c")) == \
+        act(r(base, train_batch_size=2))  # prior preservation doubles the samples per step
+    big = r(base, train_batch_size=4)
+    assert act(r(big, gradient_checkpointing=True)) < act(big) / 2
+    assert planner.plan(big, gpu_gb=15).reserved - planner.plan(r(big, gradient_checkpointing=True),
                                                                 gpu_gb=15).reserved > 2 * GiB
+    # accumulating: the next micro-step's forward pass runs while the summed gradients are held
+    assert act(r(base, gradient_accumulation_steps=2)) > act(base) + GiB
 
 
-# Published figures (2022-23 stacks, xformers, measured with nvidia-smi: reserved + CUDA context, the planner's
-# `needed`): they bound the planner; benchmarks/RESULTS.md checks it against this kit's own measured peaks.
+# Published figures (2022-23 stacks with xformers, read from nvidia-smi: reserved + CUDA context, the planner's
+# `needed`). Two planner constants were fitted to them (CUDA_WORKSPACE, ALLOCATOR_FRAGMENTATION): this checks
+# that one model explains all of them; benchmarks/RESULTS.md checks it against this kit's own measured peaks.
 ANCHORS = [
     # diffusers PR #2039: text encoder + 8-bit Adam + fp16 + xformers + checkpointing, batch 1, VAE on the GPU
     (dict(train_text_encoder=True, use_8bit_adam=True, gradient_checkpointing=True, cache_latents=False), 11_124 / 1024),
-    # the DreamBooth 16 GB recipe's T4 table (UNet only, fp16, batch 1/2, checkpointing or not, 8-bit or not)
+    # the T4 table of the DreamBooth 16 GB recipe (UNet only, fp16; batch, accumulation, checkpointing, 8-bit)
     (dict(use_8bit_adam=True, gradient_checkpointing=True), 9.92),
     (dict(use_8bit_adam=True, gradient_checkpointing=True, train_batch_size=2), 10.4),
     (dict(use_8bit_adam=True), 11.17),
+    (dict(use_8bit_adam=True, train_batch_size=2), 13.67),
+    (dict(use_8bit_adam=True, gradient_checkpointing=True, gradient_accumulation_steps=2), 11.56),
+    (dict(use_8bit_adam=True, gradient_accumulation_steps=2), 13.7),
     (dict(gradient_checkpointing=True), 15.79),
 ]
 
 
-@pytest.mark.parametrize("settings,published", ANCHORS, ids=["pr2039-te", "t4-ckpt", "t4-ckpt-b2", "t4-b1", "t4-adamw"])
+@pytest.mark.parametrize("settings,published", ANCHORS, ids=["pr2039-te", "t4-ckpt", "t4-ckpt-b2", "t4-b1", "t4-b2",
+                                                             "t4-ckpt-acc2", "t4-acc2", "t4-adamw-ckpt"])
 def test_planner_is_near_the_published_sd15_anchors(settings, published):
-    p = planner.plan(SD15.replace(mixed_precision="fp16", **settings), gpu_gb=15)
-    assert abs(p.needed / GiB - published) / published < 0.15, (p.needed / GiB, published)
+    p = planner.plan(sd(**settings), gpu_gb=15)
+    assert abs(p.needed / GiB - published) / published < 0.12, (p.needed / GiB, published)
 
 
 def test_fake_simulation_equals_a_real_run_on_the_small_model():
@@ -116,7 +129,7 @@ def test_plan_shows_a_table_and_a_bar_chart():
     import matplotlib
 
     matplotlib.use("Agg")
-    p = planner.plan(SD15.replace(mixed_precision="fp16", train_text_encoder=True), gpu_gb=14.75)
+    p = planner.plan(sd(train_text_encoder=True), gpu_gb=14.75)
     md = p.table()
     assert "| part | GiB |" in md and "optimizer state" in md and "needed" in md
     ax = p.bar_chart()
@@ -132,9 +145,9 @@ def test_unknown_models_are_refused_with_a_way_out(tmp_path):
 
 
 def test_advice_lists_savers_with_their_effect():
-    advice = planner.advise(SD15.replace(mixed_precision="fp16", train_text_encoder=True), gpu_gb=7.8)
+    advice = planner.advise(sd(train_text_encoder=True), gpu_gb=7.8)
     names = [set(c.settings) for c, _ in advice]
     assert {"use_8bit_adam"} in names and {"gradient_checkpointing"} in names
-    eight, base = advice[0][1], planner.plan(SD15.replace(mixed_precision="fp16", train_text_encoder=True), gpu_gb=7.8)
+    eight, base = advice[0][1], planner.plan(sd(train_text_encoder=True), gpu_gb=7.8)
     assert eight.allocated < base.allocated - 4 * GiB  # AdamW fp32 -> 8-bit on 0.98 B parameters
     assert any(not c.automatic for c, _ in advice)  # LoRA / DeepSpeed / resolution: suggested, never automatic
