@@ -7,6 +7,7 @@
         -m nbkit train --config run.yaml --preset 8gb-deepspeed
     python -m nbkit plan --config run.yaml --gpu-gb 15            # predicted peak memory on a 16 GB card
     python -m nbkit presets                                       # what each preset sets
+    python -m nbkit calibrate --spec sd15                         # re-measure the planner's activation model
 
 The config file (YAML or JSON) holds TrainConfig fields (and optionally `preset`); any field can also be given
 as a flag (`--max_train_steps 800 --train_text_encoder true`), flags winning over the file. Settings given
@@ -59,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
         for f in FIELDS.values():
             p.add_argument(f"--{f.name}", dest=f"field_{f.name}", metavar="VALUE", help=f"TrainConfig.{f.name}")
     sub.add_parser("presets", help="list the memory presets")
+    sub.add_parser("calibrate", help="re-measure the planner's activation model (python -m nbkit calibrate -h)")
     return ap
 
 
@@ -119,6 +121,12 @@ def build_config(args: argparse.Namespace) -> tuple[TrainConfig, str, set[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["calibrate"]:  # the planner's own parser (python -m nbkit calibrate --help)
+        from .planner import _main
+
+        _main(argv)
+        return 0
     args = _parser().parse_args(argv)
     from . import presets
 
@@ -145,8 +153,9 @@ def main(argv: list[str] | None = None) -> int:
 
     result = train(tuned.config, progress=main_process)
     if main_process:
+        peak = result.info.get("cuda_peak_allocated_gib")
         print(f"saved {result.saved} ({len(result.losses)} steps, final loss {result.losses[-1]:.4f}, "
-              f"{result.seconds:.0f} s)")
+              f"{result.seconds:.0f} s" + (f", peak GPU memory allocated {peak:.2f} GiB" if peak else "") + ")")
     return 0
 
 

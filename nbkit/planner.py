@@ -15,7 +15,7 @@ On a GPU, `torch.cuda.max_memory_allocated` should match the prediction; `memory
 allocator's slack, and the CUDA context (~0.4 GiB, outside PyTorch) comes on top: `fits` accounts for both.
 The benchmark (`benchmarks/bench_memory.py`) checks the prediction against measured peaks on a real GPU.
 
-Recalibrate after changing the training loop: `python -m nbkit.planner calibrate --spec sd15` (minutes) and
+Recalibrate after changing the training loop: `python -m nbkit calibrate --spec sd15` (minutes) and
 `--spec offline --real` (seconds); the figures are stored in `data/memory-calibration.json`.
 """
 
@@ -105,7 +105,7 @@ def arch_from_parts(parts, name: str | None = None) -> Arch:
     te_cfg = parts.text_encoder.config.to_dict()
     fp = _fingerprint(unet_cfg, te_cfg)
     vae_blocks = parts.vae.config.block_out_channels if parts.vae is not None and hasattr(parts.vae, "config") else None
-    cal, source = calibration_for(fp)
+    cal, source = calibration_for(fp, count(parts.unet))
     return Arch(
         name=name or _guess_name(fp), fingerprint=fp, unet=count(parts.unet), text_encoder=count(parts.text_encoder),
         vae=count(parts.vae) if hasattr(parts.vae, "config") else 0,
@@ -173,11 +173,17 @@ def _cache_file() -> Path:
     return cache_dir() / "memory-calibration.json"
 
 
-def calibration_for(fingerprint: str) -> tuple[dict, str]:
-    """(calibration, where it came from) for an architecture; ({}, 'none') when it was never calibrated."""
+def calibration_for(fingerprint: str, unet_params: int | None = None) -> tuple[dict, str]:
+    """(calibration, where it came from) for an architecture; ({}, 'none') when it was never calibrated.
+
+    A model whose configs differ only in details (a hub config listing keys the spec leaves to defaults) is
+    matched by its UNet's exact parameter count."""
     data = _load_calibrations()
     if fingerprint in data:
         return data[fingerprint], "calibrated (nbkit.memtrace)"
+    for entry in data.values():
+        if unet_params and entry.get("unet_params") == unet_params:
+            return entry, f"calibrated for {entry['name']} (same UNet parameter count)"
     return {}, "none"
 
 
@@ -193,7 +199,8 @@ def calibrate(spec, *, name: str, latent: int, fake: bool = True, half_only: boo
 
     parts = build_parts("meta", spec=spec)
     fp = _fingerprint(dict(parts.unet.config), parts.text_encoder.config.to_dict())
-    out = {"name": name, "reference_latent": latent, "configs": {}}
+    out = {"name": name, "reference_latent": latent, "configs": {},
+           "unet_params": sum(p.numel() for p in parts.unet.parameters())}
     combos = [(k, ck, False) for k in memtrace.KINDS for ck in (False, True)]
     combos += [(k, ck, True) for k in ("unet", "unet_te") for ck in (False, True)]
     if kinds:
@@ -450,10 +457,10 @@ def _activations(arch: Arch, kind: str, cfg: TrainConfig, half: bool, ib: bool,
         cal = sd.calibration
         if not cal:
             raise RuntimeError(f"No activation calibration in {CALIBRATION_FILE}: run "
-                               "`python -m nbkit.planner calibrate --spec sd15` to make it.")
+                               "`python -m nbkit calibrate --spec sd15` to make it.")
         scale = (arch.unet / sd.unet) ** 0.5  # crude: activations grow about with the square root of width^2
         notes.append(f"no activation calibration for {arch.name}: scaled from SD 1.5's (rough). "
-                     "Run `python -m nbkit.planner calibrate --spec <folder>` to measure it.")
+                     "Run `python -m nbkit calibrate --spec <folder>` to measure it.")
     key = config_key(kind, ckpt, ib, half)
     fp32_from_half = False
     if key not in cal.get("configs", {}):
@@ -541,7 +548,7 @@ def advise(cfg: TrainConfig, model=None, **plan_kw) -> list[tuple[Change, Plan]]
 def _main(argv=None) -> None:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m nbkit.planner", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m nbkit", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("calibrate", help="measure an architecture's activation model with nbkit.memtrace")
     c.add_argument("--spec", default="sd15", help="'sd15', 'offline' or a diffusers folder (configs are enough)")

@@ -269,7 +269,8 @@ def train(cfg: TrainConfig, parts: SDParts | None = None, progress: bool = True)
     info = {"precision": precision, "device": str(device), "prediction_type": prediction, "runtime": rt.describe(),
             "optimizer": getattr(optimizer, "name", type(optimizer).__name__), "optimizer_in_backward": in_backward,
             "processes": procs, "effective_batch": launch.effective_batch(cfg, procs)[0],
-            "step_seconds": step_seconds}
+            "step_seconds": step_seconds,
+            "cuda_peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
     return TrainResult(out, saved, losses, validation, time.perf_counter() - t0, parts, method, cfg, info)
 
 
