@@ -33,7 +33,7 @@ def effective_batch(cfg: TrainConfig, num_processes: int) -> tuple[int, str]:
     s = (f"effective batch {n} = {cfg.train_batch_size} per step x {cfg.gradient_accumulation_steps} accumulation "
          f"x {num_processes} process{'es' if num_processes > 1 else ''}")
     if cfg.with_prior_preservation:
-        s += f" (+ as many class images)"
+        s += " (+ as many class images)"
     return n, s
 
 

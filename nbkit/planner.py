@@ -122,7 +122,7 @@ def arch_from_parts(parts, name: str | None = None) -> Arch:
 def _arch_of_spec(spec: str) -> Arch:
     from .sd15 import build_parts
 
-    name = "sd15" if Path(spec).resolve() == _sd15_spec().resolve() else Path(spec).name
+    name = "sd15" if Path(spec).resolve() == _sd15_spec().resolve() else None
     return arch_from_parts(build_parts("meta", spec=spec), name)
 
 

@@ -113,16 +113,23 @@ def test_fake_simulation_equals_a_real_run_on_the_small_model():
                                      dict(train_text_encoder=True, gradient_checkpointing=True)],
                          ids=["dreambooth-b2", "lora", "te-ckpt"])
 def test_planner_matches_the_measured_peak_of_a_real_run(cfg, changes):
-    """Every tensor the run allocates counted (memtrace.LiveBytes) from loading the model to saving it."""
-    c = cfg.replace(max_train_steps=1, **changes)
+    """Every tensor a real training run allocates, counted by memtrace.LiveBytes from loading to saving (two
+    steps: the second runs with the optimizer state in place), plus the weights (read from safetensors files,
+    not made by torch operations, so added here)."""
+    c = cfg.replace(max_train_steps=2, **changes)
     tracker = memtrace.LiveBytes()
     with warnings.catch_warnings(), tracker:
         warnings.simplefilter("ignore")
         parts = load_parts("offline")
         train(c, parts, progress=False)
+    weights = sum(t.numel() * t.element_size() for m in (parts.unet, parts.text_encoder, parts.vae)
+                  for name, t in [*m.named_parameters(), *m.named_buffers()]
+                  if "lora" not in name)  # LoRA's adapters are made by torch operations: the tracker has them
+    measured = tracker.peak + weights
     plan = planner.plan(c, "offline", device="cpu")
     vae = 4 * sum(p.numel() for p in parts.vae.parameters())  # on a CPU the "offloaded" VAE is still counted
-    assert abs(plan.allocated + vae - tracker.peak) / tracker.peak < 0.10, (plan.allocated + vae, tracker.peak)
+    print(f"planned {plan.allocated + vae}, measured {measured}")
+    assert abs(plan.allocated + vae - measured) / measured < 0.10, (plan.allocated + vae, measured)
 
 
 def test_plan_shows_a_table_and_a_bar_chart():
