@@ -179,6 +179,27 @@ def tune(cfg: TrainConfig, preset: str = "auto", rt: Runtime | None = None, mode
     return Tuned(base, name, p, changes, advice)
 
 
+# Well-known GPUs, as torch reports them (GiB; bf16 from Ampere on): for planning a run you are not on yet.
+GPUS = {
+    "T4": Runtime("colab", "cuda", "Tesla T4", 1, 14.75, False),
+    "P100": Runtime("kaggle", "cuda", "Tesla P100-PCIE-16GB", 1, 15.89, False),
+    "2xT4": Runtime("kaggle", "cuda", "Tesla T4", 2, 14.75, False),
+    "L4": Runtime("colab", "cuda", "NVIDIA L4", 1, 22.03, True),
+    "A100-40GB": Runtime("colab", "cuda", "NVIDIA A100-SXM4-40GB", 1, 39.39, True),
+    "RTX3060-12GB": Runtime("local", "cuda", "NVIDIA GeForce RTX 3060", 1, 11.76, True),
+    "RTX3070-8GB": Runtime("local", "cuda", "NVIDIA GeForce RTX 3070", 1, 7.79, True),
+}
+
+
+def preview(cfg: TrainConfig, gpu: str = "T4", model: str = "sd15", resolution: int = 512,
+            preset: str = "auto") -> Tuned:
+    """The same run with `model` (default SD 1.5, planned from its configs: no download) at `resolution` on a
+    GPU of GPUS: what a CPU-only session would meet on Colab."""
+    if gpu not in GPUS:
+        raise ValueError(f"gpu={gpu!r}: choose one of {', '.join(GPUS)}.")
+    return tune(dataclasses.replace(cfg, model=model, resolution=resolution), preset, GPUS[gpu])
+
+
 def describe(rt: Runtime | None = None) -> str:
     """A table of every preset's settings (for a fp16 GPU, or for `rt`)."""
     rt = rt or Runtime("local", "cuda", "GPU", 1, 16.0, False)

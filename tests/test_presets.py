@@ -141,3 +141,11 @@ def test_describe_lists_every_preset():
 def test_sdpa_is_the_attention_everywhere(parts):
     backends = presets.attention_backends(parts)
     assert backends == {"unet": "AttnProcessor2_0", "text_encoder": "sdpa"}
+
+
+def test_preview_plans_sd15_on_a_named_gpu_from_a_cpu_session(cfg):
+    t = presets.preview(cfg, "T4")  # the offline notebook's config, as SD 1.5 at 512 px on a Colab T4
+    assert t.preset == "16gb" and t.config.model == "sd15" and t.config.resolution == 512 and t.plan.fits
+    assert t.config.instance_dir == cfg.instance_dir and t.plan.capacity == int(14.75 * 2**30)
+    with pytest.raises(ValueError, match="gpu='H200'"):
+        presets.preview(cfg, "H200")
