@@ -95,6 +95,9 @@ def _fresh_parts(smoke: bool, device: str, cfg: TrainConfig):
 
 
 def _reset_cuda():
+    import gc
+
+    gc.collect()  # an OOM's traceback may still hold the last run's tensors
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -119,6 +122,9 @@ def run_nbkit(cfg: TrainConfig, smoke: bool, device: str, warmup: int) -> dict:
             r = train(cfg, parts, progress=False)
     except torch.cuda.OutOfMemoryError:
         return {"status": "OOM", **dict(zip(("allocated", "reserved"), _peaks()))}
+    except FloatingPointError as err:  # random weights overflowing in fp16: the memory figures still hold
+        return {"status": "non-finite loss", "error": str(err).splitlines()[0],
+                **dict(zip(("allocated", "reserved"), _peaks()))}
     finally:
         del parts
     alloc, res = _peaks()
@@ -258,7 +264,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--cap-gib", type=float, default=16.0, help="GPU memory cap (set_per_process_memory_fraction)")
     ap.add_argument("--no-reference", action="store_true", help="skip the diffusers-style reference loop")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="print one table from earlier runs' JSON files")
     args = ap.parse_args(argv)
+    if args.merge:
+        runs = [json.loads(Path(f).read_text()) for f in args.merge]
+        rows = [r for run in runs for r in run["rows"]]
+        heads = sorted({f"{run['date']} · {run['gpu']} · " + " · ".join(f"{k} {v}" for k, v in run["versions"].items())
+                        for run in runs})
+        print("\n".join(heads) + "\n\n" + table(rows))
+        return {"rows": rows}
 
     smoke = args.smoke
     cuda = torch.cuda.is_available() and not smoke

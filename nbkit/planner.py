@@ -16,7 +16,7 @@ allocator's slack, and the CUDA context (~0.4 GiB, outside PyTorch) comes on top
 The benchmark (`benchmarks/bench_memory.py`) checks the prediction against measured peaks on a real GPU.
 
 Recalibrate after changing the training loop: `python -m nbkit calibrate --spec sd15` (minutes) and
-`--spec offline --real` (seconds); the figures are stored in `data/memory-calibration.json`.
+`--spec offline --real` (a few minutes); the figures are stored in `data/memory-calibration.json`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -24,3 +24,5 @@ def test_bench_memory_smoke(tmp_path):
     assert saved["versions"]["torch"] and len(saved["rows"]) == 1
     md = Path(result["files"][1]).read_text()
     assert "| dreambooth+te+prior | cpu |" in md and "reference s/step" in md
+    merged = bench.main(["--merge", result["files"][0], result["files"][0]])
+    assert len(merged["rows"]) == 2
