@@ -116,7 +116,7 @@ def test_planner_matches_the_measured_peak_of_a_real_run(cfg, changes):
     """Every tensor a real training run allocates, counted by memtrace.LiveBytes from loading to saving (two
     steps: the second runs with the optimizer state in place), plus the weights (read from safetensors files,
     not made by torch operations, so added here)."""
-    c = cfg.replace(max_train_steps=2, **changes)
+    c = cfg.replace(max_train_steps=2, resolution=32, **changes)  # 32 px: also checks the pixel scaling
     tracker = memtrace.LiveBytes()
     with warnings.catch_warnings(), tracker:
         warnings.simplefilter("ignore")
