@@ -67,6 +67,8 @@ class TrainConfig:
     use_8bit_adam: bool = False  # bitsandbytes 8-bit AdamW (CUDA only; falls back to AdamW with a message)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~20% slower
     cache_latents: bool = True  # encode the images once; the VAE then leaves the GPU
+    optimizer_in_backward: bool = False  # step each parameter as its gradient is ready (no clipping/accumulation)
+    deepspeed_config: str = ""  # DeepSpeed JSON (ZeRO-2 CPU offload: nbkit.presets "8gb-deepspeed"); "" = none
     # --- validation and output
     validation_prompts: list[str] = field(default_factory=list)  # sampled every validation_steps (fixed seeds)
     validation_steps: int = 100  # 0: no validation during training
@@ -150,6 +152,9 @@ class TrainConfig:
                 e.append("with_prior_preservation=True needs class_dir, a folder where class images are cached.")
             if self.num_class_images < 1:
                 e.append(f"num_class_images={self.num_class_images}: must be at least 1 (the guide uses ~200).")
+        if self.deepspeed_config and check_paths and not Path(self.deepspeed_config).is_file():
+            e.append(f"deepspeed_config {self.deepspeed_config!r} does not exist: use nbkit.presets."
+                     "deepspeed_config_path() (configs/deepspeed/zero2_offload.json) or leave it empty.")
         if check_paths:
             p = Path(self.instance_dir) if self.instance_dir else None
             if p is None:

@@ -46,14 +46,32 @@ def platform() -> str:
 
 
 def detect() -> Runtime:
+    """The runtime here. Does not initialise CUDA when it can avoid it (nvidia-smi answers), so that
+    `accelerate.notebook_launcher` can still fork one process per GPU afterwards."""
     import torch
 
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # is_available() without creating a context
     if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        return Runtime(platform(), "cuda", props.name, torch.cuda.device_count(), props.total_memory / 2**30,
-                       torch.cuda.is_bf16_supported())
+        gpu = None if torch.cuda.is_initialized() else _nvidia_smi()
+        if gpu is None:
+            props = torch.cuda.get_device_properties(0)
+            gpu = (props.name, props.total_memory / 2**30, torch.cuda.is_bf16_supported())
+        return Runtime(platform(), "cuda", gpu[0], torch.cuda.device_count(), gpu[1], gpu[2])
     device = "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu"
     return Runtime(platform(), device, None, 0, 0.0, False)
+
+
+def _nvidia_smi() -> tuple[str, float, bool] | None:
+    """(name, GiB, bf16) of the first GPU from nvidia-smi, or None when it cannot tell."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,compute_cap", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout.splitlines()[0]
+        name, mib, cap = (x.strip() for x in out.split(","))
+        return name, float(mib) / 1024, float(cap) >= 8.0  # bf16 from Ampere (compute capability 8.0) on
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -82,16 +100,15 @@ def choose_model(requested: str = "auto", rt: Runtime | None = None) -> tuple[st
 
 
 def memory_settings(rt: Runtime, train_text_encoder: bool = False, with_prior_preservation: bool = False) -> dict:
-    """TrainConfig memory settings that fit the detected GPU (a 16 GB T4/P100 is the design point).
+    """TrainConfig memory settings that fit the detected GPU (a 16 GB T4/P100 is the design point): the core of
+    `nbkit.presets` (the one source of truth; `presets.tune()` also plans the run and adjusts it).
 
     Training the text encoder adds its weights, gradients, optimizer state and activations; prior preservation
-    doubles the images per step (and so the activations). Either one turns gradient checkpointing on below 30 GB.
+    doubles the images per step (and so the activations): both can turn gradient checkpointing on.
     """
-    if rt.device != "cuda":
-        return dict(mixed_precision="no", use_8bit_adam=False, gradient_checkpointing=False)
-    gb = rt.gpu_memory_gb
-    return dict(
-        mixed_precision="auto",  # fp16 on T4/P100, bf16 on Ampere+; trainable weights stay fp32
-        use_8bit_adam=gb < 30,  # 8-bit AdamW: optimizer state ~4x smaller
-        gradient_checkpointing=gb < 12 or ((train_text_encoder or with_prior_preservation) and gb < 30),  # recompute
-    )
+    from .config import TrainConfig
+    from .presets import choose, settings
+
+    cfg = TrainConfig(train_text_encoder=train_text_encoder, with_prior_preservation=with_prior_preservation)
+    s = settings(choose(rt), rt, cfg)
+    return {k: s[k] for k in ("mixed_precision", "use_8bit_adam", "gradient_checkpointing")}

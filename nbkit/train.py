@@ -23,9 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, data, guards, manifest, methods, runtime
+from . import checkpoint, data, guards, launch, manifest, methods, optim, runtime
 from .config import TrainConfig
 from .models import SDParts, load_parts, pipeline
+from .optim import make_optimizer  # noqa: F401 - its home is nbkit.optim; kept importable from here
 from .sample import generate, grid
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
@@ -61,24 +62,6 @@ def _precision(cfg: TrainConfig, rt: runtime.Runtime) -> str:
     return p
 
 
-def make_optimizer(params, cfg: TrainConfig, device: str):
-    """8-bit AdamW (bitsandbytes) when asked and possible, else torch AdamW, saying why."""
-    kw = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
-              eps=cfg.adam_epsilon)
-    if cfg.use_8bit_adam:
-        if device != "cuda":
-            print("8-bit Adam needs a CUDA GPU: using torch AdamW (it only saves memory, results are alike).")
-        else:
-            try:
-                import bitsandbytes as bnb
-
-                return bnb.optim.AdamW8bit(params, **kw)
-            except Exception as err:  # noqa: BLE001 - any import/setup failure means: fall back, say so
-                print(f"bitsandbytes 8-bit Adam is unavailable ({err}); using torch AdamW, which needs ~4x the "
-                      "optimizer memory. `pip install bitsandbytes` to get it back.")
-    return torch.optim.AdamW(params, **kw)
-
-
 def _encode_prompts(parts: SDParts, prompts: list[str], device) -> torch.Tensor:
     ids = parts.tokenizer(prompts, padding="max_length", truncation=True, max_length=parts.tokenizer.model_max_length,
                           return_tensors="pt").input_ids.to(device)
@@ -104,7 +87,6 @@ def train(cfg: TrainConfig, parts: SDParts | None = None, progress: bool = True)
 
 
 def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifest.Run) -> TrainResult:
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params
@@ -118,11 +100,17 @@ def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifes
     resume_from = ckpts.resume_point(cfg)  # None, or the complete checkpoint to continue (same settings)
     rt = runtime.detect()
     precision = _precision(cfg, rt)
-    accelerator = Accelerator(mixed_precision=precision, cpu=rt.device == "cpu")
+    accelerator = launch.make_accelerator(cfg, precision, cpu=rt.device == "cpu")
     device = accelerator.device
     weight_dtype = DTYPES[precision]
     set_seed(cfg.seed)  # the global RNGs too: LoRA's initial adapters, for one, are drawn from them
     run.start(out, cfg.to_dict(), {"runtime": rt.describe(), "device": str(device), "precision": precision})
+    procs, rank = accelerator.num_processes, accelerator.process_index
+    in_backward, why_not = optim.in_backward_active(cfg, procs)
+    if cfg.optimizer_in_backward and not in_backward:
+        print(f"optimizer_in_backward: using the normal optimizer instead, because of {why_not}.")
+    if accelerator.is_main_process:
+        print(launch.effective_batch(cfg, procs)[1])
 
     # --- model and method: which parameters train
     parts = parts or load_parts(cfg.model)
@@ -134,8 +122,8 @@ def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifes
     if method.name == "lora":
         cast_training_params([parts.unet, parts.text_encoder], dtype=torch.float32)  # adapters train in fp32
     if cfg.gradient_checkpointing:
-        if method.trains_unet:
-            parts.unet.enable_gradient_checkpointing()
+        # the UNet's activations dominate even when it is frozen (TI: gradients flow through it to the embedding)
+        parts.unet.enable_gradient_checkpointing()
         if method.trains_text_encoder:
             parts.text_encoder.gradient_checkpointing_enable()
     prediction = parts.prediction_type if cfg.prediction_type == "auto" else cfg.prediction_type
@@ -152,10 +140,11 @@ def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifes
     if cfg.with_prior_preservation:
         from .prior import ensure_class_images
 
-        ensure_class_images(parts, cfg.class_prompt, cfg.class_dir, cfg.num_class_images, cfg.resolution,
-                            seed=cfg.seed, batch_size=cfg.class_batch_size, steps=cfg.sample_steps,
-                            guidance=cfg.guidance_scale, scheduler=cfg.sample_scheduler, device=device,
-                            dtype=weight_dtype)
+        with accelerator.main_process_first():  # one process generates, the others then find them cached
+            ensure_class_images(parts, cfg.class_prompt, cfg.class_dir, cfg.num_class_images, cfg.resolution,
+                                seed=cfg.seed, batch_size=cfg.class_batch_size, steps=cfg.sample_steps,
+                                guidance=cfg.guidance_scale, scheduler=cfg.sample_scheduler,
+                                device=device, dtype=weight_dtype)
         class_ex = data.load_folder(cfg.class_dir, cfg.resolution, "class")[: cfg.num_class_images]
         class_prompts = [cfg.class_prompt] * len(class_ex)
     flips = (False, True) if cfg.random_flip else (False,)
@@ -192,13 +181,18 @@ def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifes
             cached_emb = dict(zip(uniq, embs))
 
     # --- optimizer, LR schedule, accelerator
-    optimizer = make_optimizer(method.params, cfg, rt.device)
+    optimizer = optim.make_optimizer(method.params, cfg, rt.device, in_backward=in_backward,
+                                     scaler=accelerator.scaler, offloaded=bool(cfg.deepspeed_config))
     lr_sched = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                              num_training_steps=cfg.max_train_steps)
     trainable = method.trainable_modules(parts)
-    prepared = accelerator.prepare(*trainable.values(), optimizer)
-    wrapped = dict(zip(trainable, prepared[:-1]))
-    optimizer = prepared[-1]
+    # the in-backward optimizer steps inside backward: accelerate must not wrap it (nothing to step after)
+    prepared = accelerator.prepare(*trainable.values(), *([] if in_backward else [optimizer]))
+    prepared = prepared if isinstance(prepared, (tuple, list)) else (prepared,)
+    wrapped = dict(zip(trainable, prepared))
+    optimizer = optimizer if in_backward else prepared[-1]
+    # DeepSpeed keeps the UNet itself in half precision (no autocast): its inputs must match
+    unet_input = weight_dtype if cfg.deepspeed_config else torch.float32
     unet = wrapped.get("unet", parts.unet)
     text_encoder = wrapped.get("text_encoder", parts.text_encoder)
     for m in wrapped.values():
@@ -236,7 +230,7 @@ def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifes
                 emb = text_encoder(ids)[0]
         target = noise if prediction == "epsilon" else sched.get_velocity(latents, noise, t)
         with accelerator.autocast():
-            pred = unet(noisy, t, emb).sample.float()
+            pred = unet(noisy.to(unet_input), t, emb.to(unet_input)).sample.float()
         if class_src is not None:
             p_inst, p_cls = pred.chunk(2)
             t_inst, t_cls = target.chunk(2)
@@ -258,9 +252,11 @@ def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifes
     # --- the loop
     acc = cfg.gradient_accumulation_steps
     advice = guards.training_advice(cfg, rt)
+    step_seconds: list[float] = []
     bar = tqdm(range(state.step, cfg.max_train_steps), initial=state.step, total=cfg.max_train_steps,
                desc=f"{method.name}", disable=not progress)
     for step in bar:
+        t_step = time.perf_counter()
         te_trains = method.trains_text_encoder and (cfg.text_encoder_steps is None or step < cfg.text_encoder_steps)
         if method.trains_text_encoder and not te_trains:
             parts.text_encoder.requires_grad_(False)  # AdamW skips parameters without gradients
@@ -273,7 +269,8 @@ def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifes
                     for m in wrapped.values():
                         ctx.enter_context(accelerator.no_sync(m))
                 with ctx:
-                    loss, terms = step_loss(step * acc + k, te_trains)
+                    # each process draws its own samples (with one process: micro-step step * acc + k)
+                    loss, terms = step_loss((step * acc + k) * procs + rank, te_trains)
                     accelerator.backward(loss / acc)
                 total += loss.item() / acc
             if not math.isfinite(total):  # stop before the update: the last checkpoint stays the last good one
@@ -284,18 +281,22 @@ def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifes
             lr_sched.step()
             optimizer.zero_grad(set_to_none=True)
             method.after_step()
+        step_seconds.append(time.perf_counter() - t_step)
         state.log.append({"step": step + 1, "loss": total, "lr": lr_sched.get_last_lr()[0], **terms})
         bar.set_postfix(loss=f"{total:.4f}")
         done = run.steps_done = step + 1
-        if cfg.validation_prompts and cfg.validation_steps and (done % cfg.validation_steps == 0 or done == cfg.max_train_steps):
+        if (accelerator.is_main_process and cfg.validation_prompts and cfg.validation_steps
+                and (done % cfg.validation_steps == 0 or done == cfg.max_train_steps)):
             state.validation[done] = _validate(cfg, parts, out, done, device, precision, weight_dtype)
-        if cfg.checkpointing_steps and done % cfg.checkpointing_steps == 0:
+        if accelerator.is_main_process and cfg.checkpointing_steps and done % cfg.checkpointing_steps == 0:
             saved_at = ckpts.save(done, resumable, {
                 "method": method.name, "config": cfg.to_dict(), "data": fingerprint, "log": state.log,
                 "validation": {s: p.relative_to(out).as_posix() for s, p in state.validation.items()}})
             (out / "losses.json").write_text(json.dumps(state.log))
             run.update(steps_done=done, last_checkpoint=str(saved_at))
     bar.close()
+    if in_backward:
+        optimizer.remove_hooks()  # the parts outlive this run: no stale optimizer may step them later
 
     # --- save
     for m in (parts.unet, parts.text_encoder):
@@ -308,7 +309,11 @@ def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifes
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     run.finish("finished", steps_done=cfg.max_train_steps, saved=str(saved))
     info = {"precision": precision, "device": str(device), "prediction_type": prediction, "runtime": rt.describe(),
-            "resumed_from": state.resumed_from, "manifest": run.path}
+            "resumed_from": state.resumed_from, "manifest": run.path,
+            "optimizer": getattr(optimizer, "name", type(optimizer).__name__), "optimizer_in_backward": in_backward,
+            "processes": procs, "effective_batch": launch.effective_batch(cfg, procs)[0],
+            "step_seconds": step_seconds,
+            "cuda_peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
     losses = [row["loss"] for row in state.log]
     return TrainResult(out, saved, losses, state.validation, time.perf_counter() - t0, parts, method, cfg, info)
 

@@ -1,7 +1,6 @@
 """Runs that cannot go well stop early and clearly: folders, disk, out of memory, non-finite loss."""
 
 import gc
-import importlib
 import json
 import os
 import shutil
@@ -13,10 +12,9 @@ import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
 
-from nbkit import generate, guards, pipeline, train
+from nbkit import generate, guards, optim, pipeline, train
 from nbkit.checkpoint import Checkpoints
 
-train_module = importlib.import_module("nbkit.train")  # `nbkit.train` is also the function
 
 
 def test_output_folder_with_a_file_in_the_way(cfg, tmp_path):
@@ -88,8 +86,8 @@ def test_out_of_memory_in_the_training_step_names_settings_and_frees_memory(cfg,
         made.append(weakref.ref(opt))
         return opt
 
-    real_make = train_module.make_optimizer
-    monkeypatch.setattr(train_module, "make_optimizer", make_optimizer)
+    real_make = optim.make_optimizer
+    monkeypatch.setattr(optim, "make_optimizer", make_optimizer)
 
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 14.75 GiB total)")

@@ -1,0 +1,88 @@
+"""The command line: a TrainConfig from YAML/JSON/flags, and a real `accelerate launch -m nbkit train` run."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from nbkit import ConfigError, cli, launch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_config_from_yaml_and_flags(tmp_path, instance_dir):
+    f = tmp_path / "run.yaml"
+    f.write_text(yaml.safe_dump({"instance_dir": str(instance_dir), "max_train_steps": 7, "preset": "16gb",
+                                 "validation_prompts": ["a star"]}))
+    args = cli._parser().parse_args(["train", "--config", str(f), "--max_train_steps", "3",
+                                     "--train_text_encoder", "true", "--learning_rate", "1e-5", "--identifier", "zwx"])
+    cfg, preset, given = cli.build_config(args)
+    assert cfg.max_train_steps == 3 and cfg.train_text_encoder is True and cfg.learning_rate == 1e-5
+    assert cfg.validation_prompts == ["a star"] and cfg.identifier == "zwx" and preset == "16gb"
+    assert {"instance_dir", "max_train_steps", "train_text_encoder"} <= given
+    j = tmp_path / "run.json"
+    j.write_text(json.dumps({"max_train_steps": 5}))
+    cfg, preset, _ = cli.build_config(cli._parser().parse_args(["plan", "--config", str(j)]))
+    assert cfg.max_train_steps == 5 and preset == "auto"
+
+
+def test_bad_config_file_names_the_problem(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("max_steps: 3\n")
+    with pytest.raises(ConfigError, match="unknown settings \\['max_steps'\\]"):
+        cli.read_config_file(f)
+    with pytest.raises(ConfigError, match="does not exist"):
+        cli.read_config_file(tmp_path / "missing.yaml")
+
+
+def test_effective_batch_counts_processes_and_accumulation(cfg):
+    n, text = launch.effective_batch(cfg.replace(train_batch_size=2, gradient_accumulation_steps=3), 2)
+    assert n == 12 and "2 per step x 3 accumulation x 2 processes" in text
+
+
+def test_plan_command(capsys):
+    assert cli.main(["plan", "--model", "sd15", "--gpu-gb", "14.75", "--train_text_encoder", "true"]) == 0
+    out = capsys.readouterr().out
+    assert "preset '16gb'" in out and "peak allocated (predicted)" in out and "fits" in out
+
+
+def test_accelerate_launch_trains_on_cpu_in_a_real_subprocess(tmp_path, instance_dir):
+    run = tmp_path / "run.yaml"
+    out = tmp_path / "out"
+    run.write_text(yaml.safe_dump({"instance_dir": str(instance_dir), "output_dir": str(out), "resolution": 64,
+                                   "learning_rate": 1e-3, "validation_steps": 0, "max_train_steps": 5}))
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "nbkit", "train", "--config", str(run),
+           "--max_train_steps", "2"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "effective batch 1 = 1 per step x 1 accumulation x 1 process" in p.stdout
+    assert "preset 'cpu'" in p.stdout
+    log = json.loads((out / "losses.json").read_text())
+    assert len(log) == 2  # the flag won over the file
+    sd = load_file(out / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert sd and all(v.isfinite().all() for v in sd.values())
+
+
+def test_values_are_typed_by_the_field():
+    assert cli.coerce("learning_rate", "1e-6") == 1e-6  # YAML 1.1 reads 1e-6 as text
+    assert cli.coerce("max_train_steps", 400.0) == 400 and cli.coerce("text_encoder_steps", None) is None
+    assert cli.coerce("train_text_encoder", "false") is False and cli.coerce("validation_prompts", "a b") == ["a b"]
+    with pytest.raises(ConfigError, match="max_train_steps='many': expected int"):
+        cli.coerce("max_train_steps", "many")
+
+
+def test_notebook_launcher_worker_trains_from_a_config_dict(cfg):
+    """What each process of `nbkit.launch.notebook` runs; accelerate's notebook_launcher with one CPU process."""
+    from accelerate import notebook_launcher
+
+    c = cfg.replace(max_train_steps=1, validation_prompts=["a star"], validation_steps=0)
+    notebook_launcher(launch._worker, (c.to_dict(),), num_processes=1)
+    assert len(json.loads((Path(c.output_dir) / "losses.json").read_text())) == 1
+    assert (Path(c.output_dir) / "model" / "model_index.json").exists()
