@@ -11,7 +11,9 @@ killed run resumes where it stopped (`python -m nbkit.pretrain` again):
 2. Latents: a fixed set of ordinary scenes (never a pattern, never an identifier) is rendered and encoded once.
 3. UNet + text encoder, jointly, on those latents with the world's captions, some words left out
    (`toyworld.varied_caption`) and 10 % empty captions (classifier-free guidance), epsilon prediction on SD 1.5's
-   noise schedule, min-SNR loss weighting, an EMA of the weights (the EMA is what ships).
+   noise schedule, min-SNR loss weighting, a constant learning rate after warm-up and an EMA of the weights (the
+   EMA is what ships). Nothing depends on the total number of steps, so `--steps N` gives exactly the model a
+   longer run had at step N: a run can be stopped where the model is good enough.
 
 Every random draw comes from a generator seeded by (seed, stage, step): the same seed gives the same model on the
 same machine, resumed or not. The result is a StableDiffusionPipeline folder (safetensors) with the offline spec's
@@ -46,7 +48,7 @@ class PretrainConfig:
     seed: int = 0
     resolution: int = OFFLINE_RESOLUTION
     # stage 1: VAE
-    vae_steps: int = 1500
+    vae_steps: int = 1000
     vae_batch: int = 16
     vae_crop: int = 32  # the VAE has no attention: it trains on crops, 4x cheaper than whole images
     vae_lr: float = 1e-3
@@ -192,7 +194,7 @@ def train_unet(cfg: PretrainConfig, vae, latents: torch.Tensor, scenes: list, wo
     noise_sched = DDPMScheduler.from_config(DDPMScheduler.load_config(OFFLINE_SPEC / "scheduler"))
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
-    ema = EMAModel(params, decay=cfg.ema_decay)
+    ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True, power=2 / 3)
     ckpt, weights, start = work / "unet_ckpt.pt", work / "unet_ckpt.safetensors", 0
     if (state := _load_state(ckpt)) is not None and weights.exists():
         sd = load_file(weights)
@@ -209,7 +211,7 @@ def train_unet(cfg: PretrainConfig, vae, latents: torch.Tensor, scenes: list, wo
     t0, run = time.perf_counter(), []
     for step in range(start, cfg.steps):
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * _schedule(step, cfg.warmup, cfg.steps)
+            group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
         g = _gen(cfg.seed, 3, step)
         rng = random.Random(cfg.seed * 104_729 + step)
         idx = torch.randint(0, len(scenes), (cfg.batch,), generator=g)
@@ -237,7 +239,7 @@ def train_unet(cfg: PretrainConfig, vae, latents: torch.Tensor, scenes: list, wo
         run.append(loss.item())
         if (step + 1) % 50 == 0 or step + 1 == cfg.steps:
             _log(work, {"stage": "unet", "step": step + 1, "loss": round(sum(run) / len(run), 5),
-                        "lr": round(cfg.lr * _schedule(step, cfg.warmup, cfg.steps), 7), "s": round(time.perf_counter() - t0, 1)})
+                        "lr": round(opt.param_groups[0]["lr"], 7), "s": round(time.perf_counter() - t0, 1)})
             run = []
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             sd = {f"unet.{k}": v for k, v in unet.state_dict().items()}
@@ -321,6 +323,30 @@ def pretrain(cfg: PretrainConfig, out: Path | None = None, work: Path | None = N
         (work / "seconds").write_text(str(prev + time.perf_counter() - t0))
     seconds = prev + time.perf_counter() - t0
     return export(vae, unet, te, tok, Path(out or work / "toy-sd"), cfg, seconds)
+
+
+def snapshot(work: Path, dest: Path, use_ema: bool = True) -> Path:
+    """Export the latest checkpoint of a running (or killed) pretraining as a pipeline folder, to look at it."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import load_file
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    work = Path(work)
+    cfg = PretrainConfig(**json.loads((work / "config.json").read_text()))
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(OFFLINE_SPEC / "unet"))
+    te = CLIPTextModel(CLIPTextConfig.from_pretrained(OFFLINE_SPEC / "text_encoder"))
+    sd = load_file(work / "unet_ckpt.safetensors")
+    unet.load_state_dict({k[5:]: v for k, v in sd.items() if k.startswith("unet.")})
+    te.load_state_dict({k[3:]: v for k, v in sd.items() if k.startswith("te.")})
+    state = _load_state(work / "unet_ckpt.pt")
+    if use_ema:
+        params = list(unet.parameters()) + list(te.parameters())
+        with torch.no_grad():
+            for p, s in zip(params, state["ema"]["shadow_params"]):
+                p.copy_(s)
+    cfg.steps = state["step"]
+    tok = CLIPTokenizer.from_pretrained(OFFLINE_SPEC / "tokenizer")
+    return export(AutoencoderKL.from_pretrained(work / "vae"), unet.eval(), te.eval(), tok, Path(dest), cfg, 0.0)
 
 
 def main(argv: list[str] | None = None) -> None:
