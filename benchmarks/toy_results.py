@@ -25,7 +25,7 @@ import torch
 
 from nbkit import judge, load_parts, pipeline, toyworld
 from nbkit.config import TrainConfig
-from nbkit.offline import SAMPLE_INSTANCE_DIR, offline_model_dir
+from nbkit.offline import NEW_CONTEXTS, SAMPLE_INSTANCE_DIR, offline_model_dir
 from nbkit.sample import generate
 from nbkit.train import train
 
@@ -62,7 +62,7 @@ def base_prompt_following(pipe, n: int = 48, seed: int = 0) -> dict[str, float]:
     }
 
 
-def dreambooth(lr: float, steps: int, prior: bool = False, workdir: Path | None = None, num_class_images: int = 20,
+def dreambooth(lr: float, steps: int, prior: bool = False, workdir: Path | None = None, num_class_images: int = 16,
                seed: int = 0, instance_dir: Path = SAMPLE_INSTANCE_DIR, **overrides):
     """One toy DreamBooth fine-tune of the UNet on the sample subject; returns the TrainResult."""
     workdir = Path(workdir or tempfile.mkdtemp(prefix="toydb-"))
@@ -77,30 +77,61 @@ def dreambooth(lr: float, steps: int, prior: bool = False, workdir: Path | None 
 
 
 def judge_run(pipe, seeds: int = 12) -> dict[str, float]:
+    """The three judge scores of a pipeline (subject, new contexts, class prompt), from seeds 0..seeds-1."""
     return judge.scores(pipe, identifier=SUBJECT, class_noun=CLASS_NOUN, seeds=seeds, **SAMPLE)
+
+
+JUDGED_PROMPTS = [INSTANCE_PROMPT] + [f"a photo of a {SUBJECT} {CLASS_NOUN} on a {bg} background"
+                                      for bg in NEW_CONTEXTS] + [CLASS_PROMPT]
+
+
+def scores_from_grid(path: Path, seeds: int) -> dict[str, float]:
+    """Judge a validation grid of JUDGED_PROMPTS (one row per prompt, one column per seed)."""
+    from PIL import Image
+
+    g = Image.open(path)
+    tiles = [[g.crop((c * 64, r * 64, c * 64 + 64, r * 64 + 64)) for c in range(seeds)]
+             for r in range(len(JUDGED_PROMPTS))]
+    ctx = [im for row in tiles[1:-1] for im in row]
+    ctx_prompts = [p for p in JUDGED_PROMPTS[1:-1] for _ in range(seeds)]
+    return judge.scores({"subject": tiles[0], "context": (ctx, ctx_prompts), "class": tiles[-1]})
+
+
+def dreambooth_curve(lr: float, steps: tuple[int, ...], seeds: int, prior: bool = False, workdir: Path | None = None,
+                     **kw) -> dict[int, dict[str, float]]:
+    """One run to max(steps) that draws the judged prompts at every step of `steps` (its validation grids).
+
+    The learning rate is constant, so the model at step n of this run is the model of an n-step run.
+    """
+    every = min(steps) if all(s % min(steps) == 0 for s in steps) else 1
+    r = dreambooth(lr, max(steps), prior, workdir, validation_prompts=JUDGED_PROMPTS, validation_steps=every,
+                   num_validation_images=seeds, guidance_scale=SAMPLE["guidance"],
+                   sample_scheduler=SAMPLE["scheduler"], **kw)
+    per_step = r.seconds / max(steps)  # includes validation: an upper bound of the training time
+    return {n: dict(scores_from_grid(r.validation[n], seeds), seconds=round(per_step * n)) for n in steps}
 
 
 def run(quick: bool = False, out: Path | None = ROOT / "docs" / "toy_results.md") -> str:
     t0 = time.perf_counter()
     seeds = 8 if quick else 16
-    grid_lrs = (1e-4, 5e-4, 2e-3) if quick else (5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3)
-    grid_steps = (100, 400) if quick else (50, 100, 200, 400, 800)
+    grid_lrs = (1e-4, 1e-3) if quick else (5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3)
+    grid_steps = (100, 200, 400) if quick else (100, 200, 400, 800)
     base = load_parts("offline")
     pipe = pipeline(base, SAMPLE["scheduler"])
     follow = base_prompt_following(pipe, n=24 if quick else 96)
-    base_scores = judge_run(pipe, seeds)
-    rows = [("base model (no fine-tune)", "-", "-", base_scores, 0.0)]
+    rows = [("base model (no fine-tune)", "-", "-", judge_run(pipe, seeds), 0.0)]
+    print(_row(*rows[-1]), flush=True)
     work = Path(tempfile.mkdtemp(prefix="toy-results-"))
     try:
-        for lr, steps in itertools.product(grid_lrs, grid_steps):
-            r = dreambooth(lr, steps, workdir=work)
-            rows.append(("DreamBooth", f"{lr:g}", steps, judge_run(r.pipeline("ddim"), seeds), r.seconds))
-            print(_row(*rows[-1]), flush=True)
-        best = max(rows[1:], key=lambda r: min(r[3]["subject_fidelity"], r[3]["prompt_fidelity"]))
+        for lr in grid_lrs:
+            for n, s in dreambooth_curve(lr, grid_steps, seeds, workdir=work).items():
+                rows.append(("DreamBooth", f"{lr:g}", n, s, s.pop("seconds")))
+                print(_row(*rows[-1]), flush=True)
+        best = max(rows[1:], key=lambda r: (min(r[3]["subject_fidelity"], r[3]["prompt_fidelity"]), -r[2]))
         lr, steps = float(best[1]), best[2]
         for prior in (False, True):
             r = dreambooth(lr, steps, prior=prior, workdir=work)
-            label = "DreamBooth + prior preservation" if prior else "DreamBooth (again, for the pair)"
+            label = "DreamBooth + prior preservation" if prior else "DreamBooth (timed alone)"
             rows.append((label, f"{lr:g}", steps, judge_run(r.pipeline("ddim"), seeds), r.seconds))
             print(_row(*rows[-1]), flush=True)
     finally:

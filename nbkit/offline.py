@@ -56,9 +56,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get("NBKIT_CACHE", Path.home() / ".cache" / "nbkit"))
 
 
-def offline_model_dir() -> Path:
-    """A diffusers folder for the offline default model, built on first use (a second or two)."""
-    if (PRETRAINED_TOY / "model_index.json").exists():
+def offline_model_dir(pretrained: bool = True) -> Path:
+    """A diffusers folder for the offline default model: the pretrained toy model when it is there (and asked for),
+    else the spec with seeded random weights, built on first use (a second or two)."""
+    if pretrained and (PRETRAINED_TOY / "model_index.json").exists():
         return PRETRAINED_TOY
     if not (OFFLINE_SPEC / "model_index.json").exists():
         raise FileNotFoundError(
