@@ -173,6 +173,17 @@ def scores(pipe_or_images, identifier: str = "zwx", class_noun: str = "star", su
     }
 
 
+def format_scores(table: dict[str, dict[str, float]]) -> str:
+    """A small text table of scores() results, one row per model: {"before": scores(...), "after": ...}."""
+    cols = (("subject_fidelity", "subject fidelity"), ("prompt_fidelity", "prompt fidelity (new contexts)"),
+            ("class_drift", "class drift"))
+    width = max(len(k) for k in table) + 2
+    lines = [" " * width + " | ".join(c for _, c in cols)]
+    for name, s in table.items():
+        lines.append(name.ljust(width) + " | ".join(f"{s[k]:.0%}".center(len(c)) for k, c in cols))
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- training
 def _degrade(img: Image.Image, rng: random.Random) -> Image.Image:
     """Blur, tint and noise: what a small diffusion model's pictures look like next to a clean render."""

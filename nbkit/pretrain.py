@@ -11,9 +11,13 @@ killed run resumes where it stopped (`python -m nbkit.pretrain` again):
 2. Latents: a fixed set of ordinary scenes (never a pattern, never an identifier) is rendered and encoded once.
 3. UNet + text encoder, jointly, on those latents with the world's captions, some words left out
    (`toyworld.varied_caption`) and 10 % empty captions (classifier-free guidance), epsilon prediction on SD 1.5's
-   noise schedule, min-SNR loss weighting, a constant learning rate after warm-up and an EMA of the weights (the
+   noise schedule, min-SNR loss weighting, offset noise, a constant learning rate after warm-up and an EMA of the weights (the
    EMA is what ships). Nothing depends on the total number of steps, so `--steps N` gives exactly the model a
    longer run had at step N: a run can be stopped where the model is good enough.
+
+Offset noise matters here more than anywhere: SD 1.5's schedule leaves a little signal even at the last
+timestep, and a toy scene's background is most of the picture, so without it the model learns to read the
+background from the mean of the noise (the seed) instead of the prompt.
 
 Every random draw comes from a generator seeded by (seed, stage, step): the same seed gives the same model on the
 same machine, resumed or not. The result is a StableDiffusionPipeline folder (safetensors) with the offline spec's
@@ -63,6 +67,7 @@ class PretrainConfig:
     warmup: int = 200
     caption_dropout: float = 0.1  # empty captions, for classifier-free guidance
     snr_gamma: float = 5.0  # min-SNR weighting (Hang et al. 2023); 0 turns it off
+    offset_noise: float = 0.1  # std of a per-image, per-channel noise offset (0: off), see train_unet
     ema_decay: float = 0.999
     checkpoint_every: int = 250
     threads: int = 0  # torch threads; 0 leaves torch's default
@@ -225,6 +230,8 @@ def train_unet(cfg: PretrainConfig, vae, latents: torch.Tensor, scenes: list, wo
                   return_tensors="pt").input_ids
         noise = torch.randn(lat.shape, generator=g)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.batch,), generator=g)
+        if cfg.offset_noise:
+            noise = noise + cfg.offset_noise * torch.randn((cfg.batch, lat.shape[1], 1, 1), generator=g)
         pred = unet(noise_sched.add_noise(lat, noise, t), t, te(ids)[0]).sample
         per = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
         if cfg.snr_gamma > 0:

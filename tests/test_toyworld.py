@@ -14,7 +14,7 @@ from nbkit import judge, load_parts, pipeline, toyworld
 from nbkit.offline import NEW_CONTEXTS, PRETRAINED_TOY, SAMPLE_BACKGROUNDS, offline_model_dir
 
 # The recommended toy DreamBooth recipe (docs/toy_results.md) and an overfitting one.
-SWEET = dict(lr=SWEET_LR := 2e-4, steps=SWEET_STEPS := 200)
+SWEET = dict(lr=2e-4, steps=200)
 HOT = dict(lr=2e-3, steps=400)
 SEEDS = 8
 
@@ -67,10 +67,6 @@ def test_sample_instance_pictures_show_the_subject_on_few_backgrounds():
 
 
 # ---------------------------------------------------------------- the pretrained model
-pytestmark_model = pytest.mark.skipif(not (PRETRAINED_TOY / "model_index.json").exists(),
-                                      reason="no pretrained toy model in data/toy-sd")
-
-
 def test_pretrained_toy_model_is_the_offline_default_and_small():
     if not (PRETRAINED_TOY / "model_index.json").exists():
         pytest.skip("no pretrained toy model in data/toy-sd")
