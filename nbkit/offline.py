@@ -21,21 +21,28 @@ OFFLINE_SPEC = DATA_DIR / "offline-sd"  # configs + tokenizer, no weights
 PRETRAINED_TOY = DATA_DIR / "toy-sd"  # a pretrained toy model with weights, when it exists
 SAMPLE_INSTANCE_DIR = DATA_DIR / "instance" / "zwx_star"
 OFFLINE_RESOLUTION = 64  # image side the offline model works at
+# The sample subject's pictures show it on these backgrounds only: the others are "new contexts" for DreamBooth
+# (blue is left out of both, the subject's stripes being blue).
+SAMPLE_BACKGROUNDS = ("white", "yellow", "black")
+NEW_CONTEXTS = ("green", "purple")
 
-# Each part as small as the architecture allows while keeping every block type SD 1.5 has.
+# Each part as small as the architecture allows while keeping every block type SD 1.5 has. The VAE has 3 blocks
+# (64 px images -> 16x16x4 latents, a factor of 4) and no attention, so it can train on crops; the UNet attends to
+# the text at 8x8 and 4x4 (the middle block too) and convolves only at 16x16, where attention would cost most.
 UNET = dict(
-    sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=[32, 64],
-    down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
-    cross_attention_dim=32, attention_head_dim=8, norm_num_groups=16,
+    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=[32, 64, 64],
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    cross_attention_dim=64, attention_head_dim=4, norm_num_groups=16,
 )
 VAE = dict(
-    sample_size=64, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, block_out_channels=[32, 64],
-    down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-    norm_num_groups=16, scaling_factor=0.18215,
+    sample_size=64, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+    block_out_channels=[16, 32, 64], down_block_types=["DownEncoderBlock2D"] * 3,
+    up_block_types=["UpDecoderBlock2D"] * 3, norm_num_groups=8, mid_block_add_attention=False, scaling_factor=0.18215,
 )
 TEXT_ENCODER = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
-    hidden_act="quick_gelu", projection_dim=32,
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+    hidden_act="quick_gelu", projection_dim=64,
 )
 SCHEDULER = dict(  # SD 1.5's training noise schedule
     _class_name="PNDMScheduler", beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -49,9 +56,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get("NBKIT_CACHE", Path.home() / ".cache" / "nbkit"))
 
 
-def offline_model_dir() -> Path:
-    """A diffusers folder for the offline default model, built on first use (a second or two)."""
-    if (PRETRAINED_TOY / "model_index.json").exists():
+def offline_model_dir(pretrained: bool = True) -> Path:
+    """A diffusers folder for the offline default model: the pretrained toy model when it is there (and asked for),
+    else the spec with seeded random weights, built on first use (a second or two)."""
+    if pretrained and (PRETRAINED_TOY / "model_index.json").exists():
         return PRETRAINED_TOY
     if not (OFFLINE_SPEC / "model_index.json").exists():
         raise FileNotFoundError(
@@ -150,5 +158,6 @@ if __name__ == "__main__":
     from . import toyworld
 
     write_spec()
-    toyworld.write_subject_images(SAMPLE_INSTANCE_DIR, "zwx", n=5, size=OFFLINE_RESOLUTION, seed=0)
+    toyworld.write_subject_images(SAMPLE_INSTANCE_DIR, "zwx", n=5, size=OFFLINE_RESOLUTION, seed=0,
+                                  backgrounds=SAMPLE_BACKGROUNDS)
     print(f"wrote {OFFLINE_SPEC} and {SAMPLE_INSTANCE_DIR}")

@@ -4,6 +4,11 @@ It gives the kit data it can make itself (no photos of real people, no download)
 for the offline run, the vocabulary of the offline tokenizer, and (later) the pretraining set of the toy model.
 Everything is deterministic from a seed.
 
+Pretraining sees ordinary scenes only, captioned with the full grammar or with some words left out
+(`varied_caption`), so the model also follows short prompts ("a photo of a star"). Patterns never appear in
+ordinary scenes: a subject's two-colour pattern is new to the model, as a student's dog is new to SD 1.5.
+The toy judge (nbkit.judge) learns the ground truth of `labels()`, patterns included (`patterned_scene`).
+
 >>> scene = Scene(shape="star", colour="red", background="blue", size="small")
 >>> scene.caption()
 'a photo of a small red star on a blue background'
@@ -25,6 +30,9 @@ COLOURS = {
 }
 SIZES = {"small": 0.28, "large": 0.42}  # radius as a fraction of the image side
 BACKGROUNDS = ("blue", "green", "white", "black", "yellow", "purple")
+PATTERNS = ("none", "stripes", "dots", "checks")
+JITTER = 0.06  # largest centre offset, fraction of the side
+TILT = 12.0  # largest rotation, degrees
 
 # A subject never drawn in ordinary scenes: taught with DreamBooth / TI / LoRA from a handful of pictures.
 # Each is a class shape with a two-colour pattern that ordinary scenes never have.
@@ -141,7 +149,7 @@ def random_scene(rng: random.Random) -> Scene:
     background = rng.choice([b for b in BACKGROUNDS if b != colour])
     return Scene(
         shape=rng.choice(SHAPES), colour=colour, background=background, size=rng.choice(list(SIZES)),
-        dx=rng.uniform(-0.12, 0.12), dy=rng.uniform(-0.12, 0.12), angle=rng.uniform(-20, 20),
+        dx=rng.uniform(-JITTER, JITTER), dy=rng.uniform(-JITTER, JITTER), angle=rng.uniform(-TILT, TILT),
     )
 
 
@@ -151,21 +159,89 @@ def subject_scene(identifier: str, rng: random.Random, background: str | None = 
     bg = background or rng.choice([b for b in BACKGROUNDS if b != spec["colour"]])
     return Scene(
         shape=spec["shape"], colour=spec["colour"], background=bg, size="large", pattern=spec["pattern"],
-        identifier=identifier, dx=rng.uniform(-0.08, 0.08), dy=rng.uniform(-0.08, 0.08), angle=rng.uniform(-15, 15),
+        identifier=identifier, dx=rng.uniform(-JITTER, JITTER), dy=rng.uniform(-JITTER, JITTER),
+        angle=rng.uniform(-TILT, TILT),
     )
 
 
-def write_subject_images(folder: str | Path, identifier: str = "zwx", n: int = 5, size: int = 64, seed: int = 0):
-    """Write `n` pictures of a subject to `folder` as PNG (the kit's sample instance images)."""
+def subject_backgrounds(identifier: str) -> tuple[str, ...]:
+    """The backgrounds a subject can be drawn on (all but its own colour)."""
+    return tuple(b for b in BACKGROUNDS if b != SUBJECTS[identifier]["colour"])
+
+
+def write_subject_images(folder: str | Path, identifier: str = "zwx", n: int = 5, size: int = 64, seed: int = 0,
+                         backgrounds: tuple[str, ...] | None = None):
+    """Write `n` pictures of a subject to `folder` as PNG (the kit's sample instance images).
+
+    Backgrounds cycle through `backgrounds` (default: the subject's, in a seeded order), so a handful of pictures
+    already shows the subject in different places, as good instance photos do.
+    """
     rng = random.Random(seed)
+    bgs = list(backgrounds or subject_backgrounds(identifier))
+    if backgrounds is None:
+        rng.shuffle(bgs)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(n):
         p = folder / f"{identifier}_{i:02d}.png"
-        subject_scene(identifier, rng).render(size).save(p)
+        subject_scene(identifier, rng, bgs[i % len(bgs)]).render(size).save(p)
         paths.append(p)
     return paths
+
+
+def patterned_scene(rng: random.Random) -> Scene:
+    """An ordinary scene with a random two-colour pattern (for the VAE and the judge, never the UNet)."""
+    base = random_scene(rng)
+    kind = rng.choice(PATTERNS[1:])
+    rgb = COLOURS[rng.choice([c for c in COLOURS if c != base.colour])]
+    return replace(base, pattern=(kind, rgb))
+
+
+def varied_caption(scene: Scene, rng: random.Random) -> str:
+    """The scene's caption with some words left out, as people write prompts (pretraining captions).
+
+    Always names the shape; keeps the colour 85 %, the background 70 % and the size 50 % of the time.
+    """
+    words = [w for w, keep in ((scene.size, 0.5), (scene.colour, 0.85)) if rng.random() < keep]
+    text = f"a photo of a {' '.join(words + [scene.shape])}"
+    if rng.random() < 0.7:
+        text += f" on a {scene.background} background"
+    return text
+
+
+def labels(scene: Scene) -> dict[str, str]:
+    """The ground truth the judge learns: shape, colour, background, size, pattern."""
+    pattern = scene.pattern[0] if scene.pattern else "none"
+    return dict(shape=scene.shape, colour=scene.colour, background=scene.background, size=scene.size, pattern=pattern)
+
+
+def parse_prompt(prompt: str) -> dict[str, str]:
+    """What a prompt of the world's grammar asks for: shape, colour, background, size, subject (if named).
+
+    >>> parse_prompt("a photo of a zwx star on a green background")
+    {'shape': 'star', 'background': 'green', 'subject': 'zwx'}
+    """
+    words = prompt.lower().replace(",", " ").split()
+    out: dict[str, str] = {}
+    bg = None
+    if "background" in words:
+        i = words.index("background")
+        if i > 0 and words[i - 1] in BACKGROUNDS:
+            bg = i - 1
+            out["background"] = words[bg]
+    for i, w in enumerate(words):
+        if i == bg:
+            continue
+        if w in SHAPES and "shape" not in out:
+            out["shape"] = w
+        elif w in COLOURS and "colour" not in out and "shape" not in out:
+            out["colour"] = w
+        elif w in SIZES and "size" not in out:
+            out["size"] = w
+        elif w in SUBJECTS:
+            out["subject"] = w
+    return out
 
 
 def vocabulary() -> list[str]:

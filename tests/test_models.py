@@ -17,14 +17,17 @@ def test_offline_model_is_a_real_diffusers_folder(offline_dir):
 
 def test_offline_build_is_deterministic_and_cached(tmp_path, monkeypatch, offline_dir):
     monkeypatch.setenv("NBKIT_CACHE", str(tmp_path))
-    d = offline_model_dir()
-    assert d.parent == tmp_path and d.name == offline_dir.name
+    d = offline_model_dir(pretrained=False)  # the random-weights build (used when data/toy-sd is absent)
+    assert d.parent == tmp_path and d.name.startswith("offline-sd-")
     from safetensors.torch import load_file
 
+    monkeypatch.setenv("NBKIT_CACHE", str(tmp_path / "again"))
+    d2 = offline_model_dir(pretrained=False)
     a = load_file(d / "unet" / "diffusion_pytorch_model.safetensors")
-    b = load_file(offline_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(d2 / "unet" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert offline_model_dir() == d  # second call reuses it
+    monkeypatch.setenv("NBKIT_CACHE", str(tmp_path))
+    assert offline_model_dir(pretrained=False) == d  # second call reuses it
 
 
 def test_tokenizer_knows_the_course_words(parts):
@@ -37,7 +40,7 @@ def test_tokenizer_knows_the_course_words(parts):
 
 def test_load_parts(parts):
     assert parts.prediction_type == "epsilon"
-    assert parts.vae_scale_factor == 2
+    assert parts.vae_scale_factor == 4  # 64 px pictures, 16x16 latents
     assert type(parts.noise_scheduler).__name__ == "DDPMScheduler"
 
 

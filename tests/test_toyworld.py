@@ -1,0 +1,136 @@
+"""The toy world and the pretrained toy model: the course's findings, measured (margins below docs/toy_results.md).
+
+The model-level tests share one base model and three short fine-tunes (module-scoped fixtures) and draw few
+pictures with few steps, so that the file stays around two minutes on 2 CPU cores.
+"""
+
+import random
+import time
+
+import numpy as np
+import pytest
+
+from nbkit import judge, load_parts, pipeline, toyworld
+from nbkit.offline import NEW_CONTEXTS, PRETRAINED_TOY, SAMPLE_BACKGROUNDS, offline_model_dir
+
+# The recommended toy DreamBooth recipe (docs/toy_results.md) and an overfitting one.
+SWEET = dict(lr=2e-4, steps=200)
+HOT = dict(lr=2e-3, steps=400)
+SEEDS = 8
+
+
+# ---------------------------------------------------------------- the world
+def test_scenes_are_deterministic_and_captioned():
+    a = [toyworld.random_scene(random.Random(4)) for _ in range(3)]
+    b = [toyworld.random_scene(random.Random(4)) for _ in range(3)]
+    assert a == b
+    assert np.array_equal(np.asarray(a[0].render(64)), np.asarray(b[0].render(64)))
+    s = toyworld.Scene("star", "red", "blue", "small")
+    assert s.caption() == "a photo of a small red star on a blue background"
+    assert toyworld.parse_prompt(s.caption()) == dict(size="small", colour="red", shape="star", background="blue")
+
+
+def test_varied_captions_always_name_the_shape_and_parse_back():
+    rng = random.Random(0)
+    for _ in range(200):
+        scene = toyworld.random_scene(rng)
+        cap = toyworld.varied_caption(scene, rng)
+        asked = toyworld.parse_prompt(cap)
+        assert asked["shape"] == scene.shape
+        assert all(toyworld.labels(scene)[k] == v for k, v in asked.items())
+
+
+def test_ordinary_scenes_never_show_a_pattern_or_identifier():
+    rng = random.Random(1)
+    for _ in range(100):
+        s = toyworld.random_scene(rng)
+        assert s.pattern is None and s.identifier is None and s.colour != s.background
+        assert not set(s.caption().split()) & set(toyworld.SUBJECTS)
+
+
+def test_parse_prompt_names_the_subject_and_background():
+    assert toyworld.parse_prompt("a photo of a zwx star on a green background") == dict(
+        subject="zwx", shape="star", background="green")
+    assert toyworld.parse_prompt("a photo of zwx star") == dict(subject="zwx", shape="star")
+
+
+def test_sample_instance_pictures_show_the_subject_on_few_backgrounds():
+    from nbkit.data import load_folder
+    from nbkit.offline import SAMPLE_INSTANCE_DIR
+
+    images = [e.image for e in load_folder(SAMPLE_INSTANCE_DIR, 64)]
+    assert 4 <= len(images) <= 6
+    seen = judge.predict(images)
+    assert all(judge.is_subject(s, "zwx") for s in seen)
+    assert {s["background"] for s in seen} == set(SAMPLE_BACKGROUNDS)
+    assert not set(NEW_CONTEXTS) & set(SAMPLE_BACKGROUNDS)
+
+
+# ---------------------------------------------------------------- the pretrained model
+def test_pretrained_toy_model_is_the_offline_default_and_small():
+    if not (PRETRAINED_TOY / "model_index.json").exists():
+        pytest.skip("no pretrained toy model in data/toy-sd")
+    assert offline_model_dir() == PRETRAINED_TOY
+    files = [p for p in PRETRAINED_TOY.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 25_000_000
+    assert not any(p.suffix in (".bin", ".pt", ".ckpt") for p in files)
+    assert (PRETRAINED_TOY / "tokenizer" / "vocab.json").exists()
+    readme = (PRETRAINED_TOY / "README.md").read_text()
+    assert "python -m nbkit.pretrain" in readme and "seed" in readme
+
+
+@pytest.fixture(scope="module")
+def bench():
+    if not (PRETRAINED_TOY / "model_index.json").exists():
+        pytest.skip("no pretrained toy model in data/toy-sd")
+    from benchmarks import toy_results
+
+    return toy_results
+
+
+@pytest.fixture(scope="module")
+def base_pipe(bench):
+    return pipeline(load_parts("offline"), "ddim")
+
+
+@pytest.fixture(scope="module")
+def tuned(bench, tmp_path_factory):
+    """The three fine-tunes the tests compare, each timed."""
+    work = tmp_path_factory.mktemp("toydb")
+    runs = {}
+    for name, kw in (("sweet", dict(SWEET)), ("prior", dict(SWEET, prior=True)), ("hot", dict(HOT))):
+        t = time.perf_counter()
+        r = bench.dreambooth(workdir=work, num_class_images=12, **kw)
+        runs[name] = (bench.judge_run(r.pipeline("ddim"), SEEDS), time.perf_counter() - t, r.seconds)
+    return runs
+
+
+def test_base_model_follows_prompts(bench, base_pipe):
+    follow = bench.base_prompt_following(base_pipe, n=24)
+    assert follow["shape_colour"] >= 0.7, follow  # measured >= 0.8 on 96 prompts
+
+
+def test_base_model_does_not_know_the_subject(bench, base_pipe):
+    s = bench.judge_run(base_pipe, SEEDS)
+    assert s["subject_fidelity"] <= 0.125 and s["class_drift"] <= 0.125, s
+
+
+def test_dreambooth_learns_the_subject_and_keeps_following_prompts(tuned):
+    s, _, _ = tuned["sweet"]
+    assert s["subject_fidelity"] >= 0.6, s
+    assert s["prompt_fidelity"] >= 0.5, s
+
+
+def test_prior_preservation_halves_class_drift(tuned):
+    without, with_prior = tuned["sweet"][0]["class_drift"], tuned["prior"][0]["class_drift"]
+    assert without >= 0.25, (without, with_prior)
+    assert with_prior <= 0.5 * without, (without, with_prior)
+
+
+def test_a_hot_run_overfits(tuned):
+    assert tuned["hot"][0]["prompt_fidelity"] < tuned["sweet"][0]["prompt_fidelity"], tuned
+
+
+def test_each_fine_tune_takes_under_a_minute(tuned):
+    for name, (_, _, seconds) in tuned.items():
+        assert seconds < 60, (name, seconds)
