@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from . import toyworld
 from .offline import OFFLINE_RESOLUTION, OFFLINE_SPEC, PRETRAINED_TOY, cache_dir
+from .safeio import load_tree, save_tree
 
 
 @dataclass
@@ -93,13 +94,11 @@ def _to_tensor(images) -> torch.Tensor:
 
 
 def _save_state(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)  # atomic: a kill mid-write keeps the previous checkpoint
+    save_tree(state, path)  # safetensors, atomic: a kill mid-write keeps the previous checkpoint
 
 
 def _load_state(path: Path) -> dict | None:
-    return torch.load(path, weights_only=True) if path.exists() else None
+    return load_tree(path) if path.exists() else None
 
 
 def _log(work: Path, row: dict) -> None:
@@ -119,7 +118,7 @@ def train_vae(cfg: PretrainConfig, work: Path):
     torch.manual_seed(cfg.seed)
     vae = AutoencoderKL.from_config(AutoencoderKL.load_config(OFFLINE_SPEC / "vae"))
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    ckpt, start = work / "vae_ckpt.pt", 0
+    ckpt, start = work / "vae_state.safetensors", 0
     if (state := _load_state(ckpt)) is not None:
         vae.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
@@ -200,7 +199,7 @@ def train_unet(cfg: PretrainConfig, vae, latents: torch.Tensor, scenes: list, wo
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
     ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True, power=2 / 3)
-    ckpt, weights, start = work / "unet_ckpt.pt", work / "unet_ckpt.safetensors", 0
+    ckpt, weights, start = work / "unet_state.safetensors", work / "unet_ckpt.safetensors", 0
     if (state := _load_state(ckpt)) is not None and weights.exists():
         sd = load_file(weights)
         unet.load_state_dict({k[5:]: v for k, v in sd.items() if k.startswith("unet.")})
@@ -345,7 +344,7 @@ def snapshot(work: Path, dest: Path, use_ema: bool = True) -> Path:
     sd = load_file(work / "unet_ckpt.safetensors")
     unet.load_state_dict({k[5:]: v for k, v in sd.items() if k.startswith("unet.")})
     te.load_state_dict({k[3:]: v for k, v in sd.items() if k.startswith("te.")})
-    state = _load_state(work / "unet_ckpt.pt")
+    state = _load_state(work / "unet_state.safetensors")
     if use_ema:
         params = list(unet.parameters()) + list(te.parameters())
         with torch.no_grad():

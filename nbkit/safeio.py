@@ -3,6 +3,9 @@
 - Everything the kit writes is safetensors (no pickle: loading it can never run code), written to a temporary
   name and renamed, so a file that exists is a whole file.
 - Large state is written in shards (`save_sharded`), so a 10 GB optimizer state never needs 10 GB of RAM.
+- Training state that is not a flat dict of tensors (an optimizer's state, an EMA) goes through `save_tree` /
+  `load_tree`: its tensors into safetensors, its structure (numbers, strings, int keys, tuples) into the file's
+  JSON metadata.
 - A pickled file that the kit reads (`.bin`, `.pt` embeddings, `.ckpt`) goes through
   `torch.load(..., weights_only=True)`: tensors and plain containers only, never arbitrary objects.
 """
@@ -102,3 +105,54 @@ def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict:
                 "trust."
             ) from err
         raise
+
+
+def _flatten(obj, tensors: dict[str, torch.Tensor]):
+    """A JSON-able skeleton of `obj`; its tensors go into `tensors` under generated keys."""
+    if isinstance(obj, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = obj
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        return {"__dict__": [[_flatten(k, tensors), _flatten(v, tensors)] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_flatten(v, tensors) for v in obj]}
+    if isinstance(obj, list):
+        return [_flatten(v, tensors) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"save_tree stores tensors, numbers, strings and containers of them, not {type(obj).__name__}")
+
+
+def _unflatten(skel, tensors: dict[str, torch.Tensor]):
+    if isinstance(skel, dict):
+        if "__tensor__" in skel:
+            return tensors[skel["__tensor__"]]
+        if "__tuple__" in skel:
+            return tuple(_unflatten(v, tensors) for v in skel["__tuple__"])
+        return {_unflatten(k, tensors): _unflatten(v, tensors) for k, v in skel["__dict__"]}
+    if isinstance(skel, list):
+        return [_unflatten(v, tensors) for v in skel]
+    return skel
+
+
+def save_tree(obj, path: str | Path) -> Path:
+    """Save nested dicts/lists/tuples of tensors and plain values (an optimizer's state_dict, say) as one
+    safetensors file, atomically: no pickle, so loading it can never run code."""
+    import json
+
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _flatten(obj, tensors)
+    return save_tensors(tensors, path, metadata={"nbkit_tree": json.dumps(skeleton)})
+
+
+def load_tree(path: str | Path, device: str | torch.device = "cpu"):
+    """Read what save_tree wrote, with the same structure and types."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        skeleton = json.loads((f.metadata() or {})["nbkit_tree"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return _unflatten(skeleton, tensors)

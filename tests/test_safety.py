@@ -72,3 +72,28 @@ def test_load_tensors_reads_plain_pickles_and_refuses_code(tmp_path):
     torch.save({"emb": Payload()}, tmp_path / "evil.pt")
     with pytest.raises(UnsafeFile, match="evil.pt is a pickle that holds more than tensors"):
         load_tensors(tmp_path / "evil.pt")
+
+
+def test_optimizer_and_ema_state_round_trip_through_safetensors(tmp_path):
+    from diffusers.training_utils import EMAModel
+
+    from nbkit.safeio import load_tree, save_tree
+
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, betas=(0.9, 0.99))
+    net(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    ema = EMAModel(list(net.parameters()), decay=0.9)
+    ema.step(list(net.parameters()))
+    state = {"opt": opt.state_dict(), "ema": ema.state_dict(), "step": 7}
+    path = save_tree(state, tmp_path / "state.safetensors")
+    back = load_tree(path)
+    assert back["step"] == 7 and back["opt"]["param_groups"][0]["betas"] == (0.9, 0.99)
+    assert set(back["opt"]["state"]) == {0, 1}  # integer keys stay integers
+    assert torch.equal(back["opt"]["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    again = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters(), lr=1.0)
+    again.load_state_dict(back["opt"])
+    assert again.param_groups[0]["lr"] == 1e-3
+    assert all(torch.equal(a, b) for a, b in zip(back["ema"]["shadow_params"], ema.shadow_params))
+    with pytest.raises(TypeError):
+        save_tree({"f": object()}, tmp_path / "bad.safetensors")
