@@ -63,17 +63,21 @@ def base_prompt_following(pipe, n: int = 48, seed: int = 0) -> dict[str, float]:
 
 
 def dreambooth(lr: float, steps: int, prior: bool = False, workdir: Path | None = None, num_class_images: int = 16,
-               seed: int = 0, instance_dir: Path = SAMPLE_INSTANCE_DIR, **overrides):
-    """One toy DreamBooth fine-tune of the UNet on the sample subject; returns the TrainResult."""
+               seed: int = 0, instance_dir: Path = SAMPLE_INSTANCE_DIR, parts=None, **overrides):
+    """One toy fine-tune on the sample subject (DreamBooth of the UNet unless `overrides` say otherwise, e.g.
+    method="lora"), in a fresh output folder, from `parts` (default: the offline model); returns the TrainResult."""
     workdir = Path(workdir or tempfile.mkdtemp(prefix="toydb-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    run_dir = tempfile.mkdtemp(prefix=f"db-{lr:g}-{steps}-{int(prior)}-", dir=workdir)  # never resumes another run
+    overrides = {"method": "dreambooth", "instance_prompt": INSTANCE_PROMPT, "identifier": SUBJECT,
+                 "checkpointing_steps": 0, "validation_steps": 0, "sample_steps": SAMPLE["steps"], **overrides}
     cfg = TrainConfig(
-        model="offline", method="dreambooth", instance_dir=str(instance_dir), instance_prompt=INSTANCE_PROMPT,
-        identifier=SUBJECT, output_dir=str(workdir / f"db-{lr:g}-{steps}-{int(prior)}"), resolution=64,
-        max_train_steps=steps, learning_rate=lr, validation_steps=0, seed=seed, sample_steps=SAMPLE["steps"],
+        model="offline", instance_dir=str(instance_dir), output_dir=run_dir, resolution=64,
+        max_train_steps=steps, learning_rate=lr, seed=seed,
         with_prior_preservation=prior, class_prompt=CLASS_PROMPT if prior else "",
         class_dir=str(workdir / "class") if prior else "", num_class_images=num_class_images, **overrides,
     )
-    return train(cfg, load_parts("offline"), progress=False)
+    return train(cfg, parts or load_parts("offline"), progress=False)
 
 
 def judge_run(pipe, seeds: int = 12) -> dict[str, float]:
