@@ -39,7 +39,11 @@ def size_mb(path: str | Path) -> float:
 
 def human_size(path: str | Path) -> str:
     """A file's or folder's size for people: '3.1 KB', '3.4 MB', '2.1 GB'."""
-    n = size_mb(path) * 1e6
+    return format_bytes(size_mb(path) * 1e6)
+
+
+def format_bytes(n: float) -> str:
+    """A number of bytes for people: '416 B', '3.1 KB', '3.4 MB', '2.1 GB'."""
     for unit in ("B", "KB", "MB"):
         if n < 1000:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

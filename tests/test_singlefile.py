@@ -3,11 +3,12 @@ own original->diffusers converters, and reload with from_single_file giving the 
 
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 
+from _images import assert_same_picture, draw
 from nbkit import singlefile as sf
+from nbkit.takehome import pixel_difference
 
 # Keys and shapes of the original SD 1.5 checkpoint (v1-5-pruned-emaonly), a sample covering every renaming rule.
 SD15_KEYS = {
@@ -146,14 +147,6 @@ def test_round_trip_keeps_every_value(parts):
         assert all(torch.equal(back[k], v) for k, v in ref.items())
 
 
-def images(pipe, steps=2):
-    """Two steps, one seed: enough to compare two models pixel by pixel (the offline model's weights are random)."""
-    from nbkit import generate
-
-    return np.asarray(generate(pipe, "a photo of zwx star on a green background", seeds=[0], steps=steps, size=64)[0],
-                      dtype=np.float32)
-
-
 @pytest.mark.parametrize("half", [False, True])
 def test_export_reloads_with_from_single_file(parts, tmp_path, half):
     from safetensors import safe_open
@@ -170,9 +163,7 @@ def test_export_reloads_with_from_single_file(parts, tmp_path, half):
         assert all(d < 2e-3 for d in diffs.values()), diffs  # fp16 rounding only
     else:
         assert diffs == {"unet": 0.0, "vae": 0.0, "text_encoder": 0.0}
-    reloaded.scheduler = pipeline(parts, "ddim").scheduler
-    a, b = images(pipeline(parts, "ddim")), images(reloaded)
-    assert np.abs(a - b).mean() < (1.0 if half else 1e-3)
+    assert_same_picture(pipeline(parts), reloaded, mean=1.0 if half else 1e-3)
 
 
 def test_lora_is_merged_into_the_checkpoint(cfg, tmp_path):
@@ -180,12 +171,11 @@ def test_lora_is_merged_into_the_checkpoint(cfg, tmp_path):
 
     result = nbkit.train(cfg.replace(method="lora", max_train_steps=2, learning_rate=1e-2), progress=False)
     pipe = result.pipeline("ddim")
-    before = images(pipe)
+    before = draw(pipe)
     path = sf.save_single_file(result, tmp_path / "lora_merged.safetensors")
-    assert np.array_equal(images(pipe), before), "exporting leaves the in-memory LoRA model as it was"
+    assert pixel_difference(draw(pipe), before) == (0, 0), "exporting leaves the in-memory LoRA model as it was"
     reloaded = sf.load_single_file(path, result.parts.source)
-    reloaded.scheduler = pipe.scheduler
-    assert np.abs(images(reloaded) - before).mean() < 0.5
+    assert_same_picture(pipe, reloaded, mean=0.5)
     base = nbkit.load_parts("offline")
     changed = {k for k, v in base.unet.state_dict().items() if not torch.equal(v, reloaded.unet.state_dict()[k])}
     assert changed and all(k.rsplit(".", 2)[-2] in ("to_q", "to_k", "to_v") or ".to_out.0." in k for k in changed)
