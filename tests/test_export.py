@@ -140,7 +140,7 @@ def test_lora_kohya_keys_alpha_and_reload_through_diffusers(lora_run, tmp_path):
     unet_keys = [k for k in sd if k.startswith("lora_unet_")]
     te_keys = [k for k in sd if k.startswith("lora_te_text_model_encoder_layers_")]
     assert unet_keys and te_keys and len(unet_keys) + len(te_keys) == len(sd)
-    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0.lora_down.weight" in sd
+    assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_out_0.lora_down.weight" in sd
     downs = [k for k in sd if k.endswith(".lora_down.weight")]
     assert len(downs) == len([k for k in sd if k.endswith(".lora_up.weight")]) == len([k for k in sd if k.endswith(".alpha")])
     assert all(sd[k.replace(".lora_down.weight", ".alpha")].item() == 8.0 for k in downs)  # the trained alpha, not the rank
