@@ -15,6 +15,7 @@ Each writer takes the trained model as `SDParts`, a `TrainResult` or a pipeline,
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -86,6 +87,9 @@ def diffusers_folder(model, out: str | Path, dtype: str = "fp32", scheduler: str
                           "them first (pipe.fuse_lora(); pipe.unload_lora_weights()) to save a whole model.")
     before = [m.dtype for m in modules]
     out = Path(out)
+    quiet = logging.getLogger("diffusers.models.modeling_utils")  # warns on every cast, listing no module
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         for m in modules:
             m.to(dtype=torch_dtype)
@@ -93,6 +97,7 @@ def diffusers_folder(model, out: str | Path, dtype: str = "fp32", scheduler: str
     finally:
         for m, d in zip(modules, before):
             m.to(dtype=d)
+        quiet.setLevel(level)
     return out
 
 

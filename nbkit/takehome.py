@@ -165,7 +165,7 @@ def _reload_and_draw(fmt, path, written, base_model, token, prompt, seed, steps,
     dtype = torch.float16 if _device() == "cuda" else torch.float32
     note = ""
     if fmt == "diffusers":
-        pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype, safety_checker=None,
+        pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, safety_checker=None,
                                                        requires_safety_checker=False)
     elif fmt == "single_file":
         config = _config_folder(model, written)
