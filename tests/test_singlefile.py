@@ -1,6 +1,8 @@
 """Single-file export in the original SD layout: exact key layout for SD 1.5 (and 2.x), round trips through diffusers'
 own original->diffusers converters, and reload with from_single_file giving the same weights and images."""
 
+import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -11,52 +13,8 @@ from nbkit import singlefile as sf
 from nbkit.takehome import pixel_difference
 
 # Keys and shapes of the original SD 1.5 checkpoint (v1-5-pruned-emaonly), a sample covering every renaming rule.
-SD15_KEYS = {
-    "cond_stage_model.transformer.text_model.embeddings.position_ids": (1, 77),
-    "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": (49408, 768),
-    "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight": (77, 768),
-    "cond_stage_model.transformer.text_model.encoder.layers.11.mlp.fc2.weight": (768, 3072),
-    "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.bias": (768,),
-    "cond_stage_model.transformer.text_model.final_layer_norm.weight": (768,),
-    "first_stage_model.decoder.mid.attn_1.k.weight": (512, 512, 1, 1),
-    "first_stage_model.decoder.mid.attn_1.proj_out.weight": (512, 512, 1, 1),
-    "first_stage_model.decoder.mid.block_2.norm2.weight": (512,),
-    "first_stage_model.decoder.norm_out.weight": (128,),
-    "first_stage_model.decoder.up.0.block.0.nin_shortcut.weight": (128, 256, 1, 1),
-    "first_stage_model.decoder.up.0.block.2.conv2.weight": (128, 128, 3, 3),
-    "first_stage_model.decoder.up.1.upsample.conv.weight": (256, 256, 3, 3),
-    "first_stage_model.decoder.up.3.upsample.conv.weight": (512, 512, 3, 3),
-    "first_stage_model.encoder.down.0.downsample.conv.weight": (128, 128, 3, 3),
-    "first_stage_model.encoder.down.1.block.0.nin_shortcut.weight": (256, 128, 1, 1),
-    "first_stage_model.encoder.mid.attn_1.norm.weight": (512,),
-    "first_stage_model.encoder.mid.block_1.conv1.weight": (512, 512, 3, 3),
-    "first_stage_model.encoder.conv_out.weight": (8, 512, 3, 3),
-    "first_stage_model.quant_conv.weight": (8, 8, 1, 1),
-    "first_stage_model.post_quant_conv.weight": (4, 4, 1, 1),
-    "model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3),
-    "model.diffusion_model.input_blocks.1.0.emb_layers.1.weight": (320, 1280),
-    "model.diffusion_model.input_blocks.1.0.in_layers.2.weight": (320, 320, 3, 3),
-    "model.diffusion_model.input_blocks.1.1.proj_in.weight": (320, 320, 1, 1),
-    "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 768),
-    "model.diffusion_model.input_blocks.3.0.op.weight": (320, 320, 3, 3),
-    "model.diffusion_model.input_blocks.4.0.skip_connection.weight": (640, 320, 1, 1),
-    "model.diffusion_model.input_blocks.9.0.op.weight": (1280, 1280, 3, 3),
-    "model.diffusion_model.input_blocks.11.0.out_layers.3.weight": (1280, 1280, 3, 3),
-    "model.diffusion_model.middle_block.0.in_layers.0.weight": (1280,),
-    "model.diffusion_model.middle_block.1.transformer_blocks.0.ff.net.0.proj.weight": (10240, 1280),
-    "model.diffusion_model.middle_block.2.out_layers.3.weight": (1280, 1280, 3, 3),
-    "model.diffusion_model.out.0.weight": (320,),
-    "model.diffusion_model.out.2.weight": (4, 320, 3, 3),
-    "model.diffusion_model.output_blocks.0.0.skip_connection.weight": (1280, 2560, 1, 1),
-    "model.diffusion_model.output_blocks.2.1.conv.weight": (1280, 1280, 3, 3),
-    "model.diffusion_model.output_blocks.3.1.norm.weight": (1280,),
-    "model.diffusion_model.output_blocks.5.2.conv.weight": (1280, 1280, 3, 3),
-    "model.diffusion_model.output_blocks.8.2.conv.weight": (640, 640, 3, 3),
-    "model.diffusion_model.output_blocks.9.0.in_layers.0.weight": (960,),
-    "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm3.weight": (320,),
-    "model.diffusion_model.time_embed.0.weight": (1280, 320),
-    "model.diffusion_model.time_embed.2.weight": (1280, 1280),
-}
+_REFERENCE = json.loads((Path(__file__).parent / "data" / "sd15_original_keys.json").read_text())
+SD15_KEYS = {key: tuple(shape) for key, shape in _REFERENCE["shapes"].items()}
 SD15_COUNTS = {"model.diffusion_model.": 686, "first_stage_model.": 248, "cond_stage_model.": 197}
 
 
