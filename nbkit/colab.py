@@ -100,7 +100,7 @@ def notebook_files(notebook: str, use_drive: bool, output_dir: str | Path, insta
                    mountpoint: str | Path = DRIVE_MOUNTPOINT) -> NotebookFiles:
     """The folders of one notebook. With `use_drive` on Colab, Drive is mounted and relative paths go into the
     course folder in it: OUTPUT_DIR `outputs/01_dreambooth` becomes `MyDrive/nbkit/outputs/01_dreambooth`, a
-    photo folder `my_dog` becomes `MyDrive/nbkit/instance/my_dog`, exports go to `MyDrive/nbkit/exports/<notebook>`
+    photo folder `my_dog` becomes `MyDrive/nbkit/instance/my_dog` (unless only a local `my_dog` exists), exports go to `MyDrive/nbkit/exports/<notebook>`
     and the model download cache into Drive too; a disconnect then loses nothing (checkpoints included, so the
     training cell resumes). Anywhere else: the folders as given, and one printed line.
     `instance_dir="sample"` is the toy subject shipped with the kit.
@@ -121,8 +121,9 @@ def notebook_files(notebook: str, use_drive: bool, output_dir: str | Path, insta
     out = Path(output_dir)
     out = out if out.is_absolute() else p.root / out
     inst = Path(SAMPLE_INSTANCE_DIR if sample else instance_dir)
-    if not inst.is_absolute():
-        inst = p.instance_dir / (inst.relative_to("instance") if inst.parts[:1] == ("instance",) else inst)
+    if not inst.is_absolute():  # photos in Drive's instance/ folder (unless only a local folder of that name exists)
+        in_drive = p.instance_dir / (inst.relative_to("instance") if inst.parts[:1] == ("instance",) else inst)
+        inst = in_drive if in_drive.exists() or not inst.exists() else inst
     files = NotebookFiles(p.root, out, inst, p.exports / notebook, p.class_dir, True)
     print(f"Google Drive: outputs and checkpoints in {out}, photos in {inst}, exports in {files.exports}.")
     return files

@@ -100,4 +100,7 @@ def test_notebook_files_on_drive(tmp_path, monkeypatch, capsys):
     (root / "outputs" / "01_dreambooth" / "model").mkdir(parents=True)
     assert f.path("outputs/01_dreambooth/model") == root / "outputs" / "01_dreambooth" / "model"
     assert f.path("someone/their-model") == Path("someone/their-model")  # a hub id stays one
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "uploaded_here").mkdir()  # photos put in a local folder (the Colab file browser) are found there
+    assert colab.notebook_files("01", True, "out", "uploaded_here").instance_dir == Path("uploaded_here")
     assert "Google Drive" in capsys.readouterr().out
