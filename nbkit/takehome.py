@@ -125,11 +125,17 @@ def take_home(model, out: str | Path, formats: list[str] | tuple[str, ...] | Non
         if ref is None:
             trained = model if hasattr(model, "scheduler") else pipeline(export._parts(model), scheduler)
             ref = generate(trained, prompt, seeds=[seed], steps=steps, size=size, scheduler=scheduler)[0]
+        base = {}  # LoRA and embeddings go onto one fresh base model, loaded once
         for fmt, item in written.items():
             image, note = _reload_and_draw(fmt, item.path, written, base_model, token, prompt, seed, steps, size,
-                                           scheduler, model)
+                                           scheduler, model, base)
             item.mean_pixel_diff, item.max_pixel_diff = pixel_difference(ref, image)
             item.note = note
+        del base
+        if torch.cuda.is_available():
+            from diffusers.training_utils import free_memory
+
+            free_memory()
     return written
 
 
@@ -157,8 +163,9 @@ def _write(model, fmt: str, out: Path, dtype: str, token: str | None, ident: str
     return export.ti_a1111(model, token, out)
 
 
-def _reload_and_draw(fmt, path, written, base_model, token, prompt, seed, steps, size, scheduler, model):
-    """Load one written file the way its users do; one picture with the same settings as the reference."""
+def _reload_and_draw(fmt, path, written, base_model, token, prompt, seed, steps, size, scheduler, model, base):
+    """Load one written file the way its users do; one picture with the same settings as the reference.
+    `base` holds the fresh base model that LoRA and embedding files are loaded onto (and taken off again)."""
     from diffusers import StableDiffusionPipeline
     from diffusers.training_utils import free_memory
 
@@ -173,7 +180,9 @@ def _reload_and_draw(fmt, path, written, base_model, token, prompt, seed, steps,
     else:
         if not base_model:
             raise ValueError(f"{fmt} is loaded onto a base model: pass base_model= (the model the run started from).")
-        pipe = pipeline(load_parts(base_model), scheduler, dtype=dtype if _device() == "cuda" else None)
+        if "pipe" not in base:
+            base["pipe"] = pipeline(load_parts(base_model), scheduler, dtype=dtype if _device() == "cuda" else None)
+        pipe = base["pipe"]
         if fmt.startswith("lora"):
             pipe.load_lora_weights(str(path))
         else:
@@ -183,9 +192,14 @@ def _reload_and_draw(fmt, path, written, base_model, token, prompt, seed, steps,
     pipe.set_progress_bar_config(disable=True)
     pipe.to(_device())
     image = generate(pipe, prompt, seeds=[seed], steps=steps, size=size, scheduler=scheduler)[0]
-    del pipe
-    if torch.cuda.is_available():
-        free_memory()  # one reloaded model at a time on a 16 GB GPU
+    if fmt.startswith("lora"):
+        pipe.unload_lora_weights()  # the base model again, for the next file
+    elif fmt.startswith("ti"):
+        pipe.unload_textual_inversion()
+    else:
+        del pipe
+        if torch.cuda.is_available():
+            free_memory()  # one reloaded model at a time on a 16 GB GPU
     return image, note
 
 
