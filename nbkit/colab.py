@@ -100,9 +100,10 @@ def notebook_files(notebook: str, use_drive: bool, output_dir: str | Path, insta
                    mountpoint: str | Path = DRIVE_MOUNTPOINT) -> NotebookFiles:
     """The folders of one notebook. With `use_drive` on Colab, Drive is mounted and relative paths go into the
     course folder in it: OUTPUT_DIR `outputs/01_dreambooth` becomes `MyDrive/nbkit/outputs/01_dreambooth`, a
-    photo folder `my_dog` becomes `MyDrive/nbkit/instance/my_dog` (unless only a local `my_dog` exists), exports go to `MyDrive/nbkit/exports/<notebook>`
-    and the model download cache into Drive too; a disconnect then loses nothing (checkpoints included, so the
-    training cell resumes). Anywhere else: the folders as given, and one printed line.
+    photo folder `my_dog` becomes `MyDrive/nbkit/instance/my_dog` (unless only a local `my_dog` exists), exports
+    go to `MyDrive/nbkit/exports/<notebook>` and the model download cache into Drive too; a disconnect then loses
+    nothing (checkpoints included, so the training cell resumes). Anywhere else: the folders as given, and one
+    printed line.
     `instance_dir="sample"` is the toy subject shipped with the kit.
     """
     from .offline import SAMPLE_INSTANCE_DIR
