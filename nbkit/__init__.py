@@ -5,6 +5,8 @@ methods (what trains), train (the one loop), checkpoint (resumable checkpoints),
 memory, non-finite loss), manifest (how a run was made), safeio (safetensors out, weights-only pickles in),
 prior (class images), sample (schedulers, generation, grids), compare (same-seed comparisons, the scheduler grid),
 export (the formats a model is taken home in), offline (the bundled model), toyworld (its data).
+Imported on their own: takehome (a run's formats in one call, each reloaded and checked), singlefile (the original
+SD layout), hub (model card, upload), colab (runtime check, Drive, folders), course, widgets.
 For memory and speed: memory (what training costs, in words and tables), presets (settings per GPU), planner
 (predicted peak memory), memtrace (measured allocations), optim (optimizer, in backward), launch (multi-GPU,
 DeepSpeed, notebook_launcher), cli (`python -m nbkit`, `accelerate launch -m nbkit`), sd15 (SD 1.5's

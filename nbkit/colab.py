@@ -78,6 +78,58 @@ def paths(drive: Path | None = None, root: str | Path | None = None, project: st
     return Paths(base, base / "instance", base / "class_images", base / "outputs", base / "exports", on_drive)
 
 
+@dataclass(frozen=True)
+class NotebookFiles:
+    """Where one notebook reads and writes (the Drive folders when Drive is on): see `notebook_files`."""
+
+    root: Path  # the course folder (in Drive: MyDrive/nbkit; else the current folder)
+    output_dir: Path  # the notebook's outputs: models, samples, logs and checkpoints (so RESUME=auto finds them)
+    instance_dir: Path  # the photos of the subject
+    exports: Path  # the files to take home
+    class_dir: Path | None  # shared class images (Drive only; None: the notebook's own default)
+    on_drive: bool
+
+    def path(self, p: str | Path) -> Path:
+        """A path the user gave (e.g. FINETUNED_MODEL): a relative one that exists in the course folder in Drive is
+        taken from there; anything else (an absolute path, a hub id) is returned as given."""
+        p = Path(p)
+        return self.root / p if self.on_drive and not p.is_absolute() and (self.root / p).exists() else p
+
+
+def notebook_files(notebook: str, use_drive: bool, output_dir: str | Path, instance_dir: str | Path = "sample",
+                   mountpoint: str | Path = DRIVE_MOUNTPOINT) -> NotebookFiles:
+    """The folders of one notebook. With `use_drive` on Colab, Drive is mounted and relative paths go into the
+    course folder in it: OUTPUT_DIR `outputs/01_dreambooth` becomes `MyDrive/nbkit/outputs/01_dreambooth`, a
+    photo folder `my_dog` becomes `MyDrive/nbkit/instance/my_dog` (unless only a local `my_dog` exists), exports
+    go to `MyDrive/nbkit/exports/<notebook>` and the model download cache into Drive too; a disconnect then loses
+    nothing (checkpoints included, so the training cell resumes). Anywhere else: the folders as given, and one
+    printed line.
+    `instance_dir="sample"` is the toy subject shipped with the kit.
+    """
+    from .offline import SAMPLE_INSTANCE_DIR
+
+    sample = str(instance_dir) == "sample"
+    drive = mount_drive(use_drive, mountpoint)
+    if drive is None:
+        out = Path(output_dir)
+        if not use_drive:
+            print(f"Files stay on this machine, in {out}" + (" (USE_DRIVE = True keeps them in Google Drive)."
+                                                              if runtime.platform() == "colab" else "."))
+        return NotebookFiles(Path("."), out, Path(SAMPLE_INSTANCE_DIR if sample else instance_dir), out / "export",
+                             None, False)
+    p = paths(drive).create()
+    hub_cache_on_drive(drive)
+    out = Path(output_dir)
+    out = out if out.is_absolute() else p.root / out
+    inst = Path(SAMPLE_INSTANCE_DIR if sample else instance_dir)
+    if not inst.is_absolute():  # photos in Drive's instance/ folder (unless only a local folder of that name exists)
+        in_drive = p.instance_dir / (inst.relative_to("instance") if inst.parts[:1] == ("instance",) else inst)
+        inst = in_drive if in_drive.exists() or not inst.exists() else inst
+    files = NotebookFiles(p.root, out, inst, p.exports / notebook, p.class_dir, True)
+    print(f"Google Drive: outputs and checkpoints in {out}, photos in {inst}, exports in {files.exports}.")
+    return files
+
+
 def hub_cache_on_drive(drive: Path, project: str = PROJECT) -> Path:
     """Keep the Hugging Face download cache in Drive, so the base model is downloaded once, not every session.
 

@@ -15,6 +15,7 @@ Each writer takes the trained model as `SDParts`, a `TrainResult` or a pipeline,
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -39,7 +40,11 @@ def size_mb(path: str | Path) -> float:
 
 def human_size(path: str | Path) -> str:
     """A file's or folder's size for people: '3.1 KB', '3.4 MB', '2.1 GB'."""
-    n = size_mb(path) * 1e6
+    return format_bytes(size_mb(path) * 1e6)
+
+
+def format_bytes(n: float) -> str:
+    """A number of bytes for people: '416 B', '3.1 KB', '3.4 MB', '2.1 GB'."""
     for unit in ("B", "KB", "MB"):
         if n < 1000:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -82,6 +87,9 @@ def diffusers_folder(model, out: str | Path, dtype: str = "fp32", scheduler: str
                           "them first (pipe.fuse_lora(); pipe.unload_lora_weights()) to save a whole model.")
     before = [m.dtype for m in modules]
     out = Path(out)
+    quiet = logging.getLogger("diffusers.models.modeling_utils")  # warns on every cast, listing no module
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         for m in modules:
             m.to(dtype=torch_dtype)
@@ -89,6 +97,7 @@ def diffusers_folder(model, out: str | Path, dtype: str = "fp32", scheduler: str
     finally:
         for m, d in zip(modules, before):
             m.to(dtype=d)
+        quiet.setLevel(level)
     return out
 
 

@@ -2,6 +2,7 @@
 cache moved into Drive, and the course table."""
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -67,3 +68,39 @@ def test_course_table_marks_fit_and_missing(tmp_path):
     ax = course.plot_memory(15.0)
     assert len(ax.patches) == len(course.COURSE) and "15 GB" in ax.get_legend().get_texts()[0].get_text()
     assert [nb.name for nb in course.available(tmp_path)] == ["01_dreambooth"]
+
+
+def test_notebook_files_off_colab_stay_local(tmp_path, monkeypatch, capsys):
+    from nbkit.offline import SAMPLE_INSTANCE_DIR
+
+    monkeypatch.setattr(colab.runtime, "platform", lambda: "local")
+    f = colab.notebook_files("01_dreambooth", False, tmp_path / "out")
+    assert (f.output_dir, f.exports, f.instance_dir, f.on_drive) == (tmp_path / "out", tmp_path / "out" / "export",
+                                                                    SAMPLE_INSTANCE_DIR, False)
+    assert capsys.readouterr().out.count("\n") == 1  # one line, nothing else
+    f = colab.notebook_files("01_dreambooth", True, "outputs/01", "my_dog")  # asked for Drive, not on Colab
+    assert f.output_dir == Path("outputs/01") and f.instance_dir == Path("my_dog") and not f.on_drive
+    assert "only mounted on Colab" in capsys.readouterr().out
+    assert f.path("outputs/01_dreambooth/model") == Path("outputs/01_dreambooth/model")
+
+
+def test_notebook_files_on_drive(tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    drive = tmp_path / "MyDrive"
+    monkeypatch.setattr(colab, "mount_drive", lambda use, mountpoint=None: drive if use else None)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    f = colab.notebook_files("01_dreambooth", True, "outputs/01_dreambooth", "my_dog")
+    root = drive / "nbkit"
+    assert f.on_drive and f.output_dir == root / "outputs" / "01_dreambooth"  # checkpoints go there too: RESUME=auto
+    assert f.instance_dir == root / "instance" / "my_dog" and f.exports == root / "exports" / "01_dreambooth"
+    assert f.class_dir == root / "class_images" and (tmp_path / "hf" / "hub").resolve() == (root / "hf-cache").resolve()
+    assert colab.notebook_files("01", True, "/abs/out", "instance/my_dog").instance_dir == f.instance_dir
+    assert colab.notebook_files("01", True, "/abs/out").output_dir == Path("/abs/out")
+    (root / "outputs" / "01_dreambooth" / "model").mkdir(parents=True)
+    assert f.path("outputs/01_dreambooth/model") == root / "outputs" / "01_dreambooth" / "model"
+    assert f.path("someone/their-model") == Path("someone/their-model")  # a hub id stays one
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "uploaded_here").mkdir()  # photos put in a local folder (the Colab file browser) are found there
+    assert colab.notebook_files("01", True, "out", "uploaded_here").instance_dir == Path("uploaded_here")
+    assert "Google Drive" in capsys.readouterr().out

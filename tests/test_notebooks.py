@@ -59,13 +59,23 @@ def test_opens_on_a_gpu_runtime(path):
     assert meta.get("kernelspec", {}).get("name") == "python3"
 
 
+# The take-home files of each method (notebooks' "Take it home" section, nbkit.takehome), in OUTPUT_DIR/export.
+TAKE_HOME = {
+    "dreambooth": ["export/model_index.json", "export/unet/diffusion_pytorch_model.safetensors",
+                   "export/text_encoder/model.safetensors", "export/zwx_dreambooth.safetensors"],
+    "textual_inversion": ["export/learned_embeds.safetensors", "export/zwx.safetensors"],
+    "lora": ["export/pytorch_lora_weights.safetensors", "export/zwx_lora.safetensors"],
+}
+METHOD = {"01_dreambooth": "dreambooth", "02_prior_preservation": "dreambooth", "03_schedulers": "dreambooth",
+          "04_text_encoder": "dreambooth", "05_textual_inversion": "textual_inversion", "06_lora": "lora"}
+
 # What each notebook must have written, beyond running without error (glob patterns allowed).
 EXPECTED = {
     "00_start_here": ["runtime.txt", "memory.png", "playground.png"],
     "01_dreambooth": ["model/model_index.json", "model/unet/diffusion_pytorch_model.safetensors", "losses.json",
                       "validation/step_00004.png", "samples/after_000.png", "samples/before_000.png",
                       "run_manifest.json", "checkpoints/step_000004/checkpoint.json"],
-    "05_textual_inversion": ["ti/model/learned_embeds.safetensors", "ti/a1111/zwx.safetensors", "ti/losses.json",
+    "05_textual_inversion": ["ti/model/learned_embeds.safetensors", "ti/losses.json",
                              "ti/validation/step_00002.png", "samples/after_000.png", "samples/before_000.png",
                              "ti_dreambooth/model/model_index.json", "dreambooth/model/model_index.json",
                              "dreambooth_te/model/model_index.json", "compare.png"],
@@ -127,6 +137,24 @@ def _check_text_encoder(out):
     assert len(shift) == 4 and max(shift.values()) > 0
 
 
+for _nb, _method in METHOD.items():
+    EXPECTED[_nb] = EXPECTED[_nb] + TAKE_HOME[_method]
+
+
+def check_take_home(out, text):
+    """The exports are in the formats of the method, in fp16 where that applies, and each reloaded to the same
+    picture as the trained model (the notebook prints the check)."""
+    from safetensors import safe_open
+
+    for path in out.glob("export/**/*.safetensors"):
+        if path.name in ("learned_embeds.safetensors", "zwx.safetensors"):  # embeddings stay fp32 (a few KB)
+            continue
+        with safe_open(str(path), "pt") as f:  # floats in fp16 (a kohya file keeps its scalar .alpha in fp32)
+            dtypes = {f.get_slice(k).get_dtype() for k in f.keys() if not k.endswith(".alpha")}
+        assert dtypes <= {"F16", "I64"} and "F16" in dtypes, (path, dtypes)
+    assert text.count("reloaded: same picture") >= 2 and "DIFFERENT" not in text
+
+
 CHECKS = {"02_prior_preservation": _check_prior, "03_schedulers": _check_grid, "04_text_encoder": _check_text_encoder}
 
 
@@ -150,5 +178,7 @@ def test_notebook_runs_in_smoke_mode(path, tmp_path):
     assert "OFFLINE model" in text, "the notebook says when it falls back to the offline model"
     for rel in EXPECTED.get(path.stem, []):
         assert list(out.glob(rel)), rel
+    if path.stem in METHOD:
+        check_take_home(out, text)
     if path.stem in CHECKS:
         CHECKS[path.stem](out)

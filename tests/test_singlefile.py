@@ -1,61 +1,20 @@
 """Single-file export in the original SD layout: exact key layout for SD 1.5 (and 2.x), round trips through diffusers'
 own original->diffusers converters, and reload with from_single_file giving the same weights and images."""
 
+import json
+from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 
+from _images import assert_same_picture, draw
 from nbkit import singlefile as sf
+from nbkit.takehome import pixel_difference
 
 # Keys and shapes of the original SD 1.5 checkpoint (v1-5-pruned-emaonly), a sample covering every renaming rule.
-SD15_KEYS = {
-    "cond_stage_model.transformer.text_model.embeddings.position_ids": (1, 77),
-    "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": (49408, 768),
-    "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight": (77, 768),
-    "cond_stage_model.transformer.text_model.encoder.layers.11.mlp.fc2.weight": (768, 3072),
-    "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.bias": (768,),
-    "cond_stage_model.transformer.text_model.final_layer_norm.weight": (768,),
-    "first_stage_model.decoder.mid.attn_1.k.weight": (512, 512, 1, 1),
-    "first_stage_model.decoder.mid.attn_1.proj_out.weight": (512, 512, 1, 1),
-    "first_stage_model.decoder.mid.block_2.norm2.weight": (512,),
-    "first_stage_model.decoder.norm_out.weight": (128,),
-    "first_stage_model.decoder.up.0.block.0.nin_shortcut.weight": (128, 256, 1, 1),
-    "first_stage_model.decoder.up.0.block.2.conv2.weight": (128, 128, 3, 3),
-    "first_stage_model.decoder.up.1.upsample.conv.weight": (256, 256, 3, 3),
-    "first_stage_model.decoder.up.3.upsample.conv.weight": (512, 512, 3, 3),
-    "first_stage_model.encoder.down.0.downsample.conv.weight": (128, 128, 3, 3),
-    "first_stage_model.encoder.down.1.block.0.nin_shortcut.weight": (256, 128, 1, 1),
-    "first_stage_model.encoder.mid.attn_1.norm.weight": (512,),
-    "first_stage_model.encoder.mid.block_1.conv1.weight": (512, 512, 3, 3),
-    "first_stage_model.encoder.conv_out.weight": (8, 512, 3, 3),
-    "first_stage_model.quant_conv.weight": (8, 8, 1, 1),
-    "first_stage_model.post_quant_conv.weight": (4, 4, 1, 1),
-    "model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3),
-    "model.diffusion_model.input_blocks.1.0.emb_layers.1.weight": (320, 1280),
-    "model.diffusion_model.input_blocks.1.0.in_layers.2.weight": (320, 320, 3, 3),
-    "model.diffusion_model.input_blocks.1.1.proj_in.weight": (320, 320, 1, 1),
-    "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 768),
-    "model.diffusion_model.input_blocks.3.0.op.weight": (320, 320, 3, 3),
-    "model.diffusion_model.input_blocks.4.0.skip_connection.weight": (640, 320, 1, 1),
-    "model.diffusion_model.input_blocks.9.0.op.weight": (1280, 1280, 3, 3),
-    "model.diffusion_model.input_blocks.11.0.out_layers.3.weight": (1280, 1280, 3, 3),
-    "model.diffusion_model.middle_block.0.in_layers.0.weight": (1280,),
-    "model.diffusion_model.middle_block.1.transformer_blocks.0.ff.net.0.proj.weight": (10240, 1280),
-    "model.diffusion_model.middle_block.2.out_layers.3.weight": (1280, 1280, 3, 3),
-    "model.diffusion_model.out.0.weight": (320,),
-    "model.diffusion_model.out.2.weight": (4, 320, 3, 3),
-    "model.diffusion_model.output_blocks.0.0.skip_connection.weight": (1280, 2560, 1, 1),
-    "model.diffusion_model.output_blocks.2.1.conv.weight": (1280, 1280, 3, 3),
-    "model.diffusion_model.output_blocks.3.1.norm.weight": (1280,),
-    "model.diffusion_model.output_blocks.5.2.conv.weight": (1280, 1280, 3, 3),
-    "model.diffusion_model.output_blocks.8.2.conv.weight": (640, 640, 3, 3),
-    "model.diffusion_model.output_blocks.9.0.in_layers.0.weight": (960,),
-    "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm3.weight": (320,),
-    "model.diffusion_model.time_embed.0.weight": (1280, 320),
-    "model.diffusion_model.time_embed.2.weight": (1280, 1280),
-}
+_REFERENCE = json.loads((Path(__file__).parent / "data" / "sd15_original_keys.json").read_text())
+SD15_KEYS = {key: tuple(shape) for key, shape in _REFERENCE["shapes"].items()}
 SD15_COUNTS = {"model.diffusion_model.": 686, "first_stage_model.": 248, "cond_stage_model.": 197}
 
 
@@ -146,14 +105,6 @@ def test_round_trip_keeps_every_value(parts):
         assert all(torch.equal(back[k], v) for k, v in ref.items())
 
 
-def images(pipe, steps=2):
-    """Two steps, one seed: enough to compare two models pixel by pixel (the offline model's weights are random)."""
-    from nbkit import generate
-
-    return np.asarray(generate(pipe, "a photo of zwx star on a green background", seeds=[0], steps=steps, size=64)[0],
-                      dtype=np.float32)
-
-
 @pytest.mark.parametrize("half", [False, True])
 def test_export_reloads_with_from_single_file(parts, tmp_path, half):
     from safetensors import safe_open
@@ -170,9 +121,7 @@ def test_export_reloads_with_from_single_file(parts, tmp_path, half):
         assert all(d < 2e-3 for d in diffs.values()), diffs  # fp16 rounding only
     else:
         assert diffs == {"unet": 0.0, "vae": 0.0, "text_encoder": 0.0}
-    reloaded.scheduler = pipeline(parts, "ddim").scheduler
-    a, b = images(pipeline(parts, "ddim")), images(reloaded)
-    assert np.abs(a - b).mean() < (1.0 if half else 1e-3)
+    assert_same_picture(pipeline(parts), reloaded, mean=1.0 if half else 1e-3)
 
 
 def test_lora_is_merged_into_the_checkpoint(cfg, tmp_path):
@@ -180,12 +129,11 @@ def test_lora_is_merged_into_the_checkpoint(cfg, tmp_path):
 
     result = nbkit.train(cfg.replace(method="lora", max_train_steps=2, learning_rate=1e-2), progress=False)
     pipe = result.pipeline("ddim")
-    before = images(pipe)
+    before = draw(pipe)
     path = sf.save_single_file(result, tmp_path / "lora_merged.safetensors")
-    assert np.array_equal(images(pipe), before), "exporting leaves the in-memory LoRA model as it was"
+    assert pixel_difference(draw(pipe), before) == (0, 0), "exporting leaves the in-memory LoRA model as it was"
     reloaded = sf.load_single_file(path, result.parts.source)
-    reloaded.scheduler = pipe.scheduler
-    assert np.abs(images(reloaded) - before).mean() < 0.5
+    assert_same_picture(pipe, reloaded, mean=0.5)
     base = nbkit.load_parts("offline")
     changed = {k for k, v in base.unet.state_dict().items() if not torch.equal(v, reloaded.unet.state_dict()[k])}
     assert changed and all(k.rsplit(".", 2)[-2] in ("to_q", "to_k", "to_v") or ".to_out.0." in k for k in changed)
