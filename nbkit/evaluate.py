@@ -175,6 +175,12 @@ def clip_t(images: list, prompts: str | list[str], clip: Clip | str | None = Non
     return float((clip.images(images) * clip.texts(prompts)).sum(-1).mean())
 
 
+def class_drift(class_images: list, references: list, model: Dino | str | None = None) -> float:
+    """Language drift: DINO similarity of plain class-prompt pictures ("a photo of a dog") to the instance pictures.
+    Compare it with the base model's: a rise means the class has started to look like your subject."""
+    return dino(class_images, references, model)
+
+
 def diversity(images: list, model: Dino | Clip | str | None = None) -> float:
     """Mean pairwise cosine distance (1 - similarity) among the images' DINO (or CLIP) embeddings: 0 when the
     model draws the same picture every time."""
@@ -282,7 +288,7 @@ class ClipDinoEvaluator(Evaluator):
         text = [" ".join(p.replace(self.subject_phrase(), self.class_noun).split()) for p in ctx_prompts]
         s = {"subject_fidelity": dino(images["subject"], self.references, self.dino),
              "prompt_fidelity": clip_t(ctx_images, text, self.clip),
-             "class_drift": dino(images["class"], self.references, self.dino),
+             "class_drift": class_drift(images["class"], self.references, self.dino),
              "clip_i": clip_i(images["subject"], self.references, self.clip),
              "dino_context": dino(ctx_images, self.references, self.dino)}
         if len(images["class"]) > 1:

@@ -37,6 +37,22 @@ def test_overfit_fires_after_a_fall_from_the_peak_and_not_on_a_rise():
     assert tracking.best_row(rows((0.9, 0.9))) is None and tracking.overfit(rows((0.9, 0.9), (0.1, 0.1), (0.1, 0.1))) is None
 
 
+def test_eval_settings_are_checked(cfg):
+    from nbkit import ConfigError
+
+    with pytest.raises(ConfigError, match="eval_steps=-1"):
+        cfg.replace(eval_steps=-1)
+    with pytest.raises(ConfigError, match="eval_seeds=0"):
+        cfg.replace(eval_steps=5, eval_seeds=0)
+    assert tracking.subject_words(cfg) == ("zwx", "star", "")
+    ti = cfg.replace(method="textual_inversion", instance_prompt="a photo of <zwx>", initializer_token="star")
+    assert tracking.subject_words(ti) == ("<zwx>", "star", "<zwx>")
+    dog = cfg.replace(instance_prompt="zwx on a sofa", class_prompt="a photo of a dog")
+    assert tracking.subject_words(dog) == ("zwx", "dog", "zwx")
+    with pytest.raises(ValueError, match="set class_prompt"):
+        tracking.subject_words(cfg.replace(instance_prompt="a photo of zwx"))
+
+
 def test_metric_curves_mark_the_best_step(tmp_path):
     r = rows((0, 0), (0.4, 0.9), (0.8, 0.8), (0.9, 0.5))
     (tmp_path / "metrics.json").write_text(json.dumps(r))
