@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from . import evaluate
 
 METRICS_FILE = "metrics.json"
@@ -87,6 +89,34 @@ def read_best(out: str | Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def best_pipeline(run, scheduler: str = "ddim", device: str | None = "auto"):
+    """The best model of a run as a pipeline, ready to sample: `run` is a TrainResult or the run's output folder.
+
+    DreamBooth: best/ is a whole diffusers folder; LoRA and TI: their file on the base model named in best.json."""
+    from diffusers import StableDiffusionPipeline
+
+    from .models import load_parts, pipeline
+    from .sample import set_scheduler
+
+    out = Path(getattr(run, "output_dir", run))
+    info = read_best(out)
+    if not info or not info.get("path"):
+        raise FileNotFoundError(f"{out} has no saved best model ({BEST_DIR}/{BEST_INFO}): train with eval_steps > 0 "
+                                "and keep_best=True.")
+    path = Path(info["path"])
+    if info.get("method") == "dreambooth" or (path / "model_index.json").exists():
+        pipe = set_scheduler(StableDiffusionPipeline.from_pretrained(path), scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        device = ("cuda" if torch.cuda.is_available() else None) if device == "auto" else device
+        return pipe.to(device) if device else pipe
+    pipe = pipeline(load_parts(info["base_model"]), scheduler, device=device)
+    if info.get("method") == "lora":
+        pipe.load_lora_weights(path.parent, weight_name=path.name)
+    else:
+        pipe.load_textual_inversion(path, token=info.get("placeholder_token"))
+    return pipe
+
+
 def model_saver(cfg, parts, method) -> Callable[[Path], Path]:
     """How to write the model in training into a folder without disturbing the run; returns what it wrote.
 
@@ -116,6 +146,7 @@ class Tracker:
     overfit_at: int | None = None  # the step the overfit warning named (it is given once)
     margin: float = 0.2  # see overfit()
     patience: int = 2
+    about: dict = field(default_factory=dict)  # written into best.json: method, base model, TI token
 
     @classmethod
     def for_training(cls, cfg, parts, method, out: Path, verbose: bool = True) -> Tracker:
@@ -124,7 +155,9 @@ class Tracker:
         ev = evaluate.for_run(parts, cfg.instance_dir, identifier, class_noun, seeds=cfg.eval_seeds,
                               steps=cfg.sample_steps, guidance=cfg.guidance_scale, scheduler=cfg.sample_scheduler,
                               size=cfg.resolution, phrase=phrase, verbose=verbose)
-        return cls(ev, Path(out), model_saver(cfg, parts, method) if cfg.keep_best else None)
+        about = {"method": method.name, "base_model": parts.source, "placeholder_token":
+                 cfg.placeholder_token if method.name == "textual_inversion" else None}
+        return cls(ev, Path(out), model_saver(cfg, parts, method) if cfg.keep_best else None, about=about)
 
     def restore(self, rows: list[dict], best: dict | None, fresh: bool) -> None:
         """Continue from a checkpoint's rows (fresh=False) or start a new run (fresh=True: an earlier run's best/
@@ -168,6 +201,7 @@ class Tracker:
             tmp.mkdir(parents=True)
             written = Path(self.save(tmp))
             info["path"] = str(final / written.relative_to(tmp)) if written != tmp else str(final)
+            info.update(self.about)
             _write_json(tmp / BEST_INFO, info)
             old = self.out / f".{BEST_DIR}.old{os.getpid()}"
             if final.exists():

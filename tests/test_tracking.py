@@ -81,11 +81,10 @@ def test_lora_run_writes_metrics_and_keeps_the_best(cfg):
     assert r.best["step"] == tracking.best_row(saved)["step"] and r.best == tracking.read_best(out)
     best = Path(r.best["path"])
     assert best == out / "best" / "pytorch_lora_weights.safetensors" and all("lora" in k for k in load_file(best))
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(load_parts("offline").source)
-    pipe.load_lora_weights(best.parent, weight_name=best.name)
-    assert any("lora" in n for n, _ in pipe.unet.named_parameters())
+    assert r.best["method"] == "lora" and r.best["base_model"] == load_parts("offline").source
+    pipe = tracking.best_pipeline(out)  # the base model with the best LoRA loaded
+    lora = {n: p for n, p in pipe.unet.named_parameters() if "lora" in n}
+    assert lora and any(p.abs().sum() > 0 for n, p in lora.items() if "lora_B" in n)
 
 
 def test_dreambooth_best_model_overfit_warning_and_resume(cfg, monkeypatch, capsys):
@@ -148,6 +147,7 @@ def test_dreambooth_best_model_overfit_warning_and_resume(cfg, monkeypatch, caps
     from diffusers import UNet2DConditionModel
 
     best_unet = UNet2DConditionModel.from_pretrained(out / "best" / "unet").state_dict()
+    assert tracking.best_pipeline(r).unet.state_dict().keys() == best_unet.keys()
     assert all(torch.equal(best_unet[k], v) for k, v in snapshots[2].items())  # that step's weights, bit for bit
     final = load_file(out / "model" / "unet" / "diffusion_pytorch_model.safetensors")
     assert any(not torch.equal(final[k], v) for k, v in snapshots[2].items())  # training went on after it
