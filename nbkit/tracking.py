@@ -10,7 +10,8 @@ and keeps the best model: the one with the highest `tradeoff`, the harmonic mean
 (high only when the model both draws the subject and follows the prompt; step 0, the untrained model, is a
 baseline and never "best"). When it improves, the model is written to `best/` (LoRA and TI: their small files;
 DreamBooth: a whole diffusers folder with the trained weights in full precision), with `best.json` saying which
-step it is. Once the trade-off has fallen well below its peak, it says so, once: the run has started to overfit.
+step it is; `best_pipeline(result)` loads it to sample. Once the trade-off has fallen more than 20% below its
+peak for two evaluations in a row, it says so, once: the run has started to overfit.
 
 The rows and the best model survive an interrupted run: they travel in the checkpoint (nbkit.checkpoint).
 """
