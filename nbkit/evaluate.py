@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from . import runtime
+from .offline import NEW_CONTEXTS, OFFLINE_RESOLUTION
 
 CLIP_ID = "openai/clip-vit-base-patch32"  # the DreamBooth paper's CLIP-I / CLIP-T model
 DINO_ID = "facebook/dino-vits16"  # the paper's DINO model (ViT-S/16)
@@ -227,11 +228,12 @@ class Evaluator:
         """Generate the pictures to score: {"subject": [...], "context": ([...], prompts), "class": [...]}."""
         from .sample import generate
 
-        kw = dict(seeds=self.seeds, steps=self.steps, guidance=self.guidance, scheduler=self.scheduler, size=self.size)
         p = self.prompts()
-        return {"subject": generate(pipe, p["subject"], **kw),
-                "context": (generate(pipe, p["context"], **kw), [q for q in p["context"] for _ in self.seeds]),
-                "class": generate(pipe, p["class"], **kw)}
+        groups = [[q for q in p[g] for _ in self.seeds] for g in ("subject", "context", "class")]
+        images = generate(pipe, p["subject"] + p["context"] + p["class"], seeds=self.seeds, steps=self.steps,
+                          guidance=self.guidance, scheduler=self.scheduler, size=self.size)  # prompt-major, one call
+        a, b = len(groups[0]), len(groups[0]) + len(groups[1])
+        return {"subject": images[:a], "context": (images[a:b], groups[1]), "class": images[b:]}
 
     def score(self, pipe_or_images) -> dict[str, float]:
         """Score a pipeline (draws the pictures first) or a dict of pictures already drawn (as `draw` returns)."""
@@ -249,7 +251,7 @@ class JudgeEvaluator(Evaluator):
     """The toy model's scores, read by the toy judge from the world's ground truth (shares of pictures)."""
 
     subject: str = "zwx"  # which toy subject (toyworld.SUBJECTS) the instance pictures show
-    contexts: tuple[str, ...] = ()  # backgrounds the instance pictures never show
+    contexts: tuple[str, ...] = NEW_CONTEXTS  # backgrounds the instance pictures never show
     name: str = "toy judge"
 
     def prompts(self) -> dict[str, list[str]]:
@@ -338,7 +340,6 @@ def for_run(model, instance_dir: str | Path, identifier: str, class_noun: str, *
     the hub ids (also NBKIT_CLIP_MODEL / NBKIT_DINO_MODEL). Prints which scorer it chose and why.
     """
     from . import data
-    from .offline import NEW_CONTEXTS, OFFLINE_RESOLUTION
 
     refs = [e.image for e in data.load_folder(instance_dir, 0, "instance")]
     seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
