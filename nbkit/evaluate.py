@@ -62,7 +62,8 @@ def _load(kind: str, model_id: str, loader):
         if local:
             why = f"the folder {model_id!r} does not hold a saved {kind} model (config.json, weights, preprocessor)"
         elif offline:
-            why = f"the model hub cannot be reached (no network, or HF_HUB_OFFLINE is set) and {model_id!r} is not cached"
+            why = (f"the model hub cannot be reached (no network, or HF_HUB_OFFLINE is set) and {model_id!r} is not "
+                   "cached")
         else:
             why = f"the hub has no {model_id!r} (check the spelling)"
         raise EvaluatorUnavailable(

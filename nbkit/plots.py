@@ -50,11 +50,10 @@ def metric_curves(rows: list[dict] | str | Path, ax=None, title: str | None = No
     the best step (highest trade-off, nbkit.tracking) with a dashed line."""
     import matplotlib.pyplot as plt
 
-    from .tracking import METRICS_FILE, best_row
+    from .tracking import best_row, read_metrics
 
     if isinstance(rows, (str, Path)):
-        path = Path(rows) / METRICS_FILE if Path(rows).is_dir() else Path(rows)
-        rows = json.loads(path.read_text())
+        rows = read_metrics(rows)
     if not rows:
         raise ValueError("No scores to plot: the run had eval_steps=0 (set eval_steps to score it while it trains).")
     ax = ax or plt.subplots(figsize=(6, 3))[1]

@@ -84,6 +84,12 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def read_metrics(out: str | Path) -> list[dict]:
+    """The rows of a run's metrics.json (a run folder or the file); [] when the run was not scored."""
+    path = Path(out) / METRICS_FILE if Path(out).is_dir() else Path(out)
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
 def read_best(out: str | Path) -> dict | None:
     """best/best.json of a run folder (None when there is none)."""
     path = Path(out) / BEST_DIR / BEST_INFO

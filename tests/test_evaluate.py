@@ -96,8 +96,10 @@ def test_metrics_equal_a_direct_computation_from_the_models_outputs(tiny, pictur
     cos = out.logits_per_image / model.logit_scale.exp()
     assert evaluate.clip_t(pictures, CAPTIONS[:5], tiny.clip) == pytest.approx(cos.diagonal().mean().item(), abs=1e-5)
     img = F.normalize(out.image_embeds, dim=-1)
-    assert evaluate.clip_i(pictures[:1], pictures[1:], tiny.clip) == pytest.approx((img[:1] @ img[1:].T).mean().item(), abs=1e-5)
-    vit, vproc = ViTModel.from_pretrained(tiny.dino_dir, add_pooling_layer=False), ViTImageProcessor.from_pretrained(tiny.dino_dir)
+    direct = (img[:1] @ img[1:].T).mean().item()
+    assert evaluate.clip_i(pictures[:1], pictures[1:], tiny.clip) == pytest.approx(direct, abs=1e-5)
+    vit = ViTModel.from_pretrained(tiny.dino_dir, add_pooling_layer=False)
+    vproc = ViTImageProcessor.from_pretrained(tiny.dino_dir)
     with torch.no_grad():
         cls = F.normalize(vit(**vproc(images=pictures, return_tensors="pt")).last_hidden_state[:, 0], dim=-1)
     assert evaluate.dino(pictures[:2], pictures[2:], tiny.dino) == pytest.approx((cls[:2] @ cls[2:].T).mean().item(), abs=1e-5)
