@@ -2,9 +2,9 @@
 
 Three numbers, each in [0, 1], higher is more of it:
 
-- subject fidelity: do pictures of "a photo of zwx dog" show *your* subject? The paper's DINO score: cosine
-  similarity of DINO ViT-S/16 CLS embeddings of generated vs instance pictures (CLIP-I, the same with CLIP image
-  embeddings, is reported too);
+- subject fidelity: do the pictures of your subject (plain and in new contexts) show *your* subject? The paper's
+  DINO score: cosine similarity of DINO ViT-S/16 CLS embeddings of generated vs instance pictures, over all of
+  them (CLIP-I, the same with CLIP image embeddings, is reported too);
 - prompt fidelity: do pictures of the subject in new contexts ("... on the beach") show what the prompt asks?
   CLIP-T: cosine similarity of CLIP image and text embeddings (the identifier is left out of the text: CLIP
   does not know the word);
@@ -264,6 +264,8 @@ class JudgeEvaluator(Evaluator):
         from . import judge
 
         s = judge.scores(images, subject=self.subject)
+        s["subject_fidelity_plain"] = s["subject_fidelity"]  # judge.scores' number: the plain subject prompt only
+        s["subject_fidelity"] = judge.subject_fidelity(images["subject"] + list(images["context"][0]), self.subject)
         seen = judge.predict(images["class"])
         kinds = {(x["shape"], x["colour"], x["background"]) for x in seen}  # what the class pictures show
         s["class_diversity"] = (len(kinds) - 1) / max(1, len(seen) - 1)
@@ -289,11 +291,12 @@ class ClipDinoEvaluator(Evaluator):
         ctx_images, ctx_prompts = images["context"]
         # CLIP does not know the identifier: "a photo of zwx dog on the beach" -> "a photo of dog on the beach"
         text = [" ".join(p.replace(self.subject_phrase(), self.class_noun).split()) for p in ctx_prompts]
-        s = {"subject_fidelity": dino(images["subject"], self.references, self.dino),
+        subject = images["subject"] + list(ctx_images)  # the paper scores the subject over every prompt
+        s = {"subject_fidelity": dino(subject, self.references, self.dino),
              "prompt_fidelity": clip_t(ctx_images, text, self.clip),
              "class_drift": class_drift(images["class"], self.references, self.dino),
-             "clip_i": clip_i(images["subject"], self.references, self.clip),
-             "dino_context": dino(ctx_images, self.references, self.dino)}
+             "clip_i": clip_i(subject, self.references, self.clip),
+             "subject_fidelity_plain": dino(images["subject"], self.references, self.dino)}
         if len(images["class"]) > 1:
             s["class_diversity"] = diversity(images["class"], self.dino)
         return s

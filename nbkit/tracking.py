@@ -10,8 +10,9 @@ and keeps the best model: the one with the highest `tradeoff`, the harmonic mean
 (high only when the model both draws the subject and follows the prompt; step 0, the untrained model, is a
 baseline and never "best"). When it improves, the model is written to `best/` (LoRA and TI: their small files;
 DreamBooth: a whole diffusers folder with the trained weights in full precision), with `best.json` saying which
-step it is; `best_pipeline(result)` loads it to sample. Once the trade-off has fallen more than 20% below its
-peak for two evaluations in a row, it says so, once: the run has started to overfit.
+step it is; `best_pipeline(result)` loads it to sample. Once the trade-off, averaged over the last three
+evaluations (a few fixed-seed pictures are noisy), has fallen more than 20% below its peak, it says so, once: the
+run has started to overfit.
 
 The rows and the best model survive an interrupted run: they travel in the checkpoint (nbkit.checkpoint).
 """
@@ -42,20 +43,26 @@ def best_row(rows: list[dict]) -> dict | None:
     return max(trained, key=lambda r: r["tradeoff"]) if trained else None  # max keeps the first of equals
 
 
-def overfit(rows: list[dict], margin: float = 0.2, patience: int = 2) -> dict | None:
-    """Where the run started to overfit: the trade-off fell more than `margin` (a fraction of its peak) below its
-    peak and stayed there `patience` evaluations in a row. Returns {"step", "peak", "now"} (rows) or None."""
+def smoothed(rows: list[dict], window: int = 3) -> list[dict]:
+    """Each trained step's scores averaged with the evaluations before it (`window` in all): the trend, not the
+    noise of a few fixed-seed pictures."""
+    trained = [r for r in rows if r["step"] > 0]
+    out = []
+    for i, r in enumerate(trained):
+        w = trained[max(0, i - window + 1):i + 1]
+        out.append({"step": r["step"], **{k: sum(x[k] for x in w) / len(w) for k in SCORES}})
+    return out
+
+
+def overfit(rows: list[dict], margin: float = 0.2, window: int = 3) -> dict | None:
+    """Where the run started to overfit: the smoothed trade-off (see smoothed()) fell more than `margin` (a
+    fraction of its peak) below its peak. Returns {"step", "peak", "now"} (smoothed rows) or None."""
     peak = None
-    below: list[dict] = []
-    for r in (r for r in rows if r["step"] > 0):
+    for r in smoothed(rows, window):
         if peak is None or r["tradeoff"] > peak["tradeoff"]:
-            peak, below = r, []
+            peak = r
         elif peak["tradeoff"] > 0 and r["tradeoff"] < (1 - margin) * peak["tradeoff"]:
-            below.append(r)
-            if len(below) >= patience:
-                return {"step": below[0]["step"], "peak": peak, "now": r}
-        else:
-            below = []
+            return {"step": r["step"], "peak": peak, "now": r, "window": window}
     return None
 
 
@@ -72,8 +79,9 @@ def overfit_message(point: dict, best: dict | None) -> str:
         first, second = second, first  # lead with what fell most
     where = (f"in {best['path']}" if best and best.get("path") else
              "(keep_best=True saves it)" if best else "")
-    return (f"The run has started to overfit at step {point['step']} ({moved(*first)} while {moved(*second)}; "
-            f"class drift {p['class_drift']:.2f} -> {n['class_drift']:.2f}). The best model so far is step "
+    return (f"The run has started to overfit at step {point['step']}: {moved(*first)} while {moved(*second)} "
+            f"(class drift {p['class_drift']:.2f} -> {n['class_drift']:.2f}; averages of the last "
+            f"{point.get('window', 1)} evaluations, step {p['step']} vs {n['step']}). The best model so far is step "
             f"{(best or p)['step']} {where}".rstrip() + ". More steps will not help: lower the learning rate or "
             "the steps, or use that model.")
 
@@ -152,7 +160,7 @@ class Tracker:
     best: dict | None = None  # best.json: step, scores, path
     overfit_at: int | None = None  # the step the overfit warning named (it is given once)
     margin: float = 0.2  # see overfit()
-    patience: int = 2
+    window: int = 3
     about: dict = field(default_factory=dict)  # written into best.json: method, base model, TI token
 
     @classmethod
@@ -178,7 +186,7 @@ class Tracker:
             self.rows, self.best = [], None
         else:
             self.rows, self.best = list(rows), read_best(self.out) or best
-        point = overfit(self.rows, self.margin, self.patience)
+        point = overfit(self.rows, self.margin, self.window)
         self.overfit_at = point["step"] if point else None  # already said in the earlier session
 
     def update(self, step: int, pipe) -> dict:
@@ -192,7 +200,7 @@ class Tracker:
         row["seconds"] = round(time.perf_counter() - t, 3)
         _write_json(self.out / METRICS_FILE, self.rows)
         if self.overfit_at is None:
-            point = overfit(self.rows, self.margin, self.patience)
+            point = overfit(self.rows, self.margin, self.window)
             if point:
                 self.overfit_at = point["step"]
                 print(overfit_message(point, self.best))

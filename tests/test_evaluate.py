@@ -163,13 +163,16 @@ def test_for_run_picks_clip_and_dino_for_a_real_model(tiny, capsys):
     other = [toyworld.random_scene(rng).render(64) for _ in range(4)]
     ctx_prompts = [p for p in ev.prompts()["context"]]
     s = ev.score({"subject": refs, "context": (other, ctx_prompts), "class": other})
-    assert s["subject_fidelity"] == pytest.approx(evaluate.dino(refs, refs, ev.dino), abs=1e-6)
+    # subject fidelity over the subject's pictures of every prompt (as the paper), the plain prompt's alone too
+    assert s["subject_fidelity"] == pytest.approx(evaluate.dino(refs + other, refs, ev.dino), abs=1e-6)
+    assert s["subject_fidelity_plain"] == pytest.approx(evaluate.dino(refs, refs, ev.dino), abs=1e-6)
+    assert s["clip_i"] == pytest.approx(evaluate.clip_i(refs + other, refs, ev.clip), abs=1e-6)
     texts = ["a photo of dog " + c for c in evaluate.REAL_CONTEXTS]  # the identifier is left out for CLIP
     assert s["prompt_fidelity"] == pytest.approx(evaluate.clip_t(other, texts, ev.clip), abs=1e-6)
     assert s["class_drift"] == pytest.approx(evaluate.dino(other, refs, ev.dino), abs=1e-6)
     p, q = s["subject_fidelity"], s["prompt_fidelity"]
     assert s["tradeoff"] == pytest.approx(2 * p * q / (p + q) if p > 0 and q > 0 else 0.0)
-    assert {"clip_i", "dino_context", "class_diversity"} <= set(s)
+    assert "class_diversity" in s
 
 
 def test_judge_path_on_rendered_ground_truth():
@@ -184,11 +187,13 @@ def test_judge_path_on_rendered_ground_truth():
     good = ev.score({"subject": subject, "context": (ctx, prompts), "class": plain_stars})
     assert good["subject_fidelity"] >= 0.9 and good["prompt_fidelity"] >= 0.9 and good["class_drift"] <= 0.1
     assert good["tradeoff"] >= 0.9
-    bad = ev.score({"subject": ordinary, "context": (ctx, prompts[::-1]), "class": subject})
+    bad = ev.score({"subject": ordinary[:4], "context": (ordinary, prompts), "class": subject})
     assert bad["subject_fidelity"] <= 0.15  # ordinary scenes are not the subject
-    assert bad["prompt_fidelity"] <= 0.1  # green pictures labelled purple and back
+    assert bad["prompt_fidelity"] <= 0.15  # nor the shape on the background asked
     assert bad["class_drift"] >= 0.9  # the class prompt drew the subject: drift
     assert bad["tradeoff"] < good["tradeoff"]
+    swapped = ev.score({"subject": subject, "context": (ctx, prompts[::-1]), "class": plain_stars})
+    assert swapped["prompt_fidelity"] <= 0.1 and swapped["subject_fidelity"] >= 0.9  # green labelled purple
 
 
 def test_judge_evaluator_scores_a_pipeline(parts):
