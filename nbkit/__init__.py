@@ -4,17 +4,18 @@ One module per concern: config (settings), runtime (where we run), models (loadi
 methods (what trains), train (the one loop), checkpoint (resumable checkpoints), guards (disk, folders, out of
 memory, non-finite loss), manifest (how a run was made), safeio (safetensors out, weights-only pickles in),
 prior (class images), sample (schedulers, generation, grids), compare (same-seed comparisons, the scheduler grid),
-export (the formats a model is taken home in), offline (the bundled model), toyworld (its data).
+export (the formats a model is taken home in), offline (the bundled model), toyworld (its data), evaluate (subject
+and prompt fidelity, class drift: CLIP/DINO or the toy judge), tracking (scores while training, the best model).
 Imported on their own: takehome (a run's formats in one call, each reloaded and checked), singlefile (the original
-SD layout), hub (model card, upload), colab (runtime check, Drive, folders), course, widgets.
+SD layout), hub (model card, upload), colab (runtime check, Drive, folders), course, widgets, sweep (papermill grids).
 For memory and speed: memory (what training costs, in words and tables), presets (settings per GPU), planner
 (predicted peak memory), memtrace (measured allocations), optim (optimizer, in backward), launch (multi-GPU,
 DeepSpeed, notebook_launcher), cli (`python -m nbkit`, `accelerate launch -m nbkit`), sd15 (SD 1.5's
 architecture without weights).
 """
 
-from . import (checkpoint, compare, data, export, guards, manifest, memory, offline, planner, plots, presets, prior,
-               runtime, sample)
+from . import (checkpoint, compare, data, evaluate, export, guards, manifest, memory, offline, planner, plots, presets,
+               prior, runtime, sample, tracking)
 from .checkpoint import ResumeError
 from .config import ConfigError, TrainConfig
 from .data import DataError

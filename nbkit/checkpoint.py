@@ -7,7 +7,7 @@ A checkpoint is a folder `step_NNNNNN/` holding everything the next step depends
 - `optimizer-*.safetensors`: the optimizer's moments (sharded: never more than ~1 GB in RAM at once);
 - `rng.safetensors` and `checkpoint.json`: the step, LR schedule, GradScaler, RNG states, the settings and a
   fingerprint of the training pictures (the data order is a function of (seed, step), see data.batch_indices),
-  the loss log and the validation grids so far, and the size of every file.
+  the loss log, the validation grids and the metrics rows so far (nbkit.tracking), and the size of every file.
 
 It is written into a hidden temporary folder, every file fsync'ed, `checkpoint.json` last, then renamed into
 place: a folder named `step_NNNNNN` with a `checkpoint.json` whose file sizes match is complete, anything else
@@ -43,6 +43,7 @@ MAY_CHANGE = {
     "output_dir", "checkpoints_dir", "checkpointing_steps", "checkpoints_total_limit", "resume", "max_train_steps",
     "mixed_precision", "gradient_checkpointing", "validation_prompts", "validation_steps", "num_validation_images",
     "sample_scheduler", "sample_steps", "guidance_scale", "save_dtype", "instance_dir", "class_dir",
+    "eval_steps", "eval_seeds", "keep_best",
 }
 
 
@@ -77,6 +78,8 @@ class Progress:
     log: list[dict] = field(default_factory=list)  # one row per step: loss, lr, loss terms
     validation: dict[int, Path] = field(default_factory=dict)  # step -> grid image
     resumed_from: Path | None = None
+    metrics: list[dict] = field(default_factory=list)  # one row per evaluation (nbkit.tracking)
+    best: dict | None = None  # the best model so far (nbkit.tracking)
 
 
 def trainable_params(parts, method) -> dict[str, torch.nn.Parameter]:
@@ -301,7 +304,7 @@ def resume(path: str | Path, res: Resumable, cfg: TrainConfig, data: dict, outpu
     left = cfg.max_train_steps - info["step"]
     print(f"Resuming from {path} (step {info['step']} of {cfg.max_train_steps}): trained weights, optimizer, LR "
           f"schedule, RNG states and data order restored; {left} step(s) to go." + "".join(f" Note: {n}." for n in notes))
-    return Progress(info["step"], info.get("log", []), validation, path)
+    return Progress(info["step"], info.get("log", []), validation, path, info.get("metrics", []), info.get("best"))
 
 
 # --- state <-> (tensors, JSON) ----------------------------------------------------------------------------------

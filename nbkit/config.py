@@ -76,6 +76,9 @@ class TrainConfig:
     sample_scheduler: str = "ddim"  # scheduler for validation samples
     sample_steps: int = 50  # inference steps for validation samples
     guidance_scale: float = 7.5  # classifier-free guidance for validation samples
+    eval_steps: int = 0  # score the model every this many steps into metrics.json (nbkit.evaluate; 0: off)
+    eval_seeds: int = 4  # pictures per evaluation prompt (fixed seeds 0, 1, ...)
+    keep_best: bool = True  # with eval_steps: keep the best-scoring model in output_dir/best (DreamBooth SD 1.5: ~4 GB)
     save_dtype: str = "fp32"  # "fp32" or "fp16": precision of the saved weights
     seed: int = 0  # one seed for data order, noise and samples
     # --- checkpoints and resume (nothing lost when a runtime disconnects)
@@ -106,9 +109,12 @@ class TrainConfig:
                      "class_batch_size"):
             if getattr(self, name) < 1:
                 e.append(f"{name}={getattr(self, name)}: must be at least 1.")
-        for name in ("lr_warmup_steps", "validation_steps", "num_validation_images", "max_grad_norm", "prior_loss_weight"):
+        for name in ("lr_warmup_steps", "validation_steps", "eval_steps", "num_validation_images", "max_grad_norm",
+                     "prior_loss_weight"):
             if getattr(self, name) < 0:
                 e.append(f"{name}={getattr(self, name)}: must not be negative.")
+        if self.eval_steps and self.eval_seeds < 1:
+            e.append(f"eval_seeds={self.eval_seeds}: must be at least 1 when eval_steps is on.")
         if self.mixed_precision not in PRECISIONS:
             e.append(f"mixed_precision={self.mixed_precision!r}: choose one of {', '.join(PRECISIONS)}.")
         if self.prediction_type not in PREDICTIONS:

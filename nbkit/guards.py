@@ -100,7 +100,8 @@ def check_disk(needs: list[tuple[Path, int, str]], margin: int = 100 << 20) -> N
 
 def run_disk_needs(cfg: TrainConfig, parts, method, existing_checkpoints: int, start_step: int,
                    eight_bit_adam: bool) -> list[tuple[Path, int, str]]:
-    """What this run will write, per folder: class images, checkpoints (with the one being written), the model."""
+    """What this run will write, per folder: class images, checkpoints (with the one being written), the model
+    (and the best model so far, when the run keeps it)."""
     from . import checkpoint, data
 
     needs = []
@@ -121,6 +122,8 @@ def run_disk_needs(cfg: TrainConfig, parts, method, existing_checkpoints: int, s
     else:
         n = sum(p.numel() for p in method.params) if method.name == "lora" else 1 << 16
     needs.append((Path(cfg.output_dir), n * per, f"the trained {method.name} result"))
+    if cfg.eval_steps and cfg.keep_best:  # best/ holds DreamBooth's trained weights in full precision
+        needs.append((Path(cfg.output_dir), n * (4 if method.name == "dreambooth" else per), "the best model (best/)"))
     return needs
 
 

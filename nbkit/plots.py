@@ -1,4 +1,5 @@
-"""Plots for the notebooks (matplotlib): the loss curve (and its terms), and side-by-side labelled image rows."""
+"""Plots for the notebooks (matplotlib): the loss curve (and its terms), the scores during training (metrics.json),
+and side-by-side labelled image rows."""
 
 from __future__ import annotations
 
@@ -37,6 +38,39 @@ def loss_terms(log: list[dict] | str | Path, terms: tuple[str, ...] = ("instance
     for t in terms:
         if all(t in r for r in log):
             loss_curve([r[t] for r in log], smooth=smooth, ax=ax, label=t)
+    return ax
+
+
+METRIC_LABELS = {"subject_fidelity": "subject fidelity", "prompt_fidelity": "prompt fidelity",
+                 "class_drift": "class drift", "tradeoff": "trade-off (harmonic mean)"}
+
+
+def metric_curves(rows: list[dict] | str | Path, ax=None, title: str | None = None):
+    """Plot the scores of a run against the step (rows of metrics.json, or its path, or a run folder) and mark
+    the best step (highest trade-off, nbkit.tracking) with a dashed line."""
+    import matplotlib.pyplot as plt
+
+    from .tracking import best_row, read_metrics
+
+    if isinstance(rows, (str, Path)):
+        rows = read_metrics(rows)
+    if not rows:
+        raise ValueError("No scores to plot: the run had eval_steps=0 (set eval_steps to score it while it trains).")
+    ax = ax or plt.subplots(figsize=(6, 3))[1]
+    steps = [r["step"] for r in rows]
+    for key, label in METRIC_LABELS.items():
+        if all(key in r for r in rows):
+            ax.plot(steps, [r[key] for r in rows], marker="o", ms=3, label=label,
+                    lw=2.5 if key == "tradeoff" else 1.5, ls="-" if key != "class_drift" else ":")
+    best = best_row(rows)
+    if best:
+        ax.axvline(best["step"], color="grey", ls="--", lw=1)
+        ax.annotate(f"best: step {best['step']}", (best["step"], best["tradeoff"]), textcoords="offset points",
+                    xytext=(4, 6), fontsize=8)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"score ({rows[-1].get('scorer', 'scorer')})")
+    ax.set_title(title or "scores while training (fixed seeds)")
+    ax.legend(fontsize=8)
     return ax
 
 

@@ -1,8 +1,9 @@
 """The one training loop. Every method (DreamBooth, +text encoder, LoRA, TI) and prior preservation go through it.
 
 Read top to bottom: settings and folders (checked first: writable, enough disk) -> accelerator -> model ->
-method -> data (latents and prompt embeddings cached once) -> optimizer -> resume from a checkpoint -> steps
-(each guarded: out of memory, non-finite loss) -> validation samples -> checkpoints -> save.
+method -> scorer (eval_steps) -> data (latents and prompt embeddings cached once) -> optimizer -> resume from a
+checkpoint -> steps (each guarded: out of memory, non-finite loss) -> validation samples -> scores, best model
+and overfit warning (nbkit.tracking) -> checkpoints -> save.
 
 A step is a pure function of (seed, step): the batch, the noise and the timesteps are drawn from generators
 seeded by the step, so runs are repeatable, and a run resumed from a checkpoint (nbkit.checkpoint) ends with
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, data, guards, launch, manifest, methods, optim, runtime
+from . import checkpoint, data, guards, launch, manifest, methods, optim, runtime, tracking
 from .config import TrainConfig
 from .models import SDParts, load_parts, pipeline
 from .optim import make_optimizer  # noqa: F401 - its home is nbkit.optim; kept importable from here
@@ -45,6 +46,8 @@ class TrainResult:
     method: methods.Method
     config: TrainConfig
     info: dict = field(default_factory=dict)
+    metrics: list[dict] = field(default_factory=list)  # metrics.json: one row of scores per evaluation (eval_steps)
+    best: dict | None = None  # the best-scoring step: its scores and, with keep_best, where it was saved
 
     def pipeline(self, scheduler: str = "ddim"):
         """A sampling pipeline over the trained parts."""
@@ -130,6 +133,10 @@ def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifes
     guards.check_disk(guards.run_disk_needs(cfg, parts, method, len(ckpts.complete()),  # before any class image
                                             checkpoint.step_of(resume_from) if resume_from else 0,
                                             cfg.use_8bit_adam and rt.device == "cuda"))
+
+    # --- scores during training (main process only): its models load now, so a missing one stops the run at once
+    tracker = (tracking.Tracker.for_training(cfg, parts, method, out)
+               if cfg.eval_steps and accelerator.is_main_process else None)
 
     # --- data: images -> latents (once), prompts -> embeddings (once, when the text encoder is frozen)
     expand = (lambda s: s.replace(cfg.placeholder_token, " ".join(methods.ti_tokens(cfg)))) \
@@ -248,6 +255,11 @@ def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifes
     if resume_from:
         state = checkpoint.resume(resume_from, resumable, cfg, fingerprint, out)
         run.update(resumed_from=str(resume_from), resumed_at_step=state.step, steps_done=state.step)
+    if tracker:
+        tracker.restore(state.metrics, state.best, fresh=not resume_from)
+        if not resume_from:  # the untrained model: the baseline of every curve
+            with _sampling(cfg, parts, device, precision, weight_dtype) as pipe:
+                tracker.update(0, pipe)
 
     # --- the loop
     acc = cfg.gradient_accumulation_steps
@@ -288,10 +300,14 @@ def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifes
         if (accelerator.is_main_process and cfg.validation_prompts and cfg.validation_steps
                 and (done % cfg.validation_steps == 0 or done == cfg.max_train_steps)):
             state.validation[done] = _validate(cfg, parts, out, done, device, precision, weight_dtype)
+        if tracker and (done % cfg.eval_steps == 0 or done == cfg.max_train_steps):
+            with _sampling(cfg, parts, device, precision, weight_dtype) as pipe:
+                tracker.update(done, pipe)  # metrics.json, best/, the overfit warning
         if accelerator.is_main_process and cfg.checkpointing_steps and done % cfg.checkpointing_steps == 0:
             saved_at = ckpts.save(done, resumable, {
                 "method": method.name, "config": cfg.to_dict(), "data": fingerprint, "log": state.log,
-                "validation": {s: p.relative_to(out).as_posix() for s, p in state.validation.items()}})
+                "validation": {s: p.relative_to(out).as_posix() for s, p in state.validation.items()},
+                **(tracker.state() if tracker else {})})
             (out / "losses.json").write_text(json.dumps(state.log))
             run.update(steps_done=done, last_checkpoint=str(saved_at))
     bar.close()
@@ -308,6 +324,8 @@ def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifes
     (out / "losses.json").write_text(json.dumps(state.log))
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     run.finish("finished", steps_done=cfg.max_train_steps, saved=str(saved))
+    if tracker:
+        print(tracker.summary())
     info = {"precision": precision, "device": str(device), "prediction_type": prediction, "runtime": rt.describe(),
             "resumed_from": state.resumed_from, "manifest": run.path,
             "optimizer": getattr(optimizer, "name", type(optimizer).__name__), "optimizer_in_backward": in_backward,
@@ -315,24 +333,33 @@ def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifes
             "step_seconds": step_seconds,
             "cuda_peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
     losses = [row["loss"] for row in state.log]
-    return TrainResult(out, saved, losses, state.validation, time.perf_counter() - t0, parts, method, cfg, info)
+    return TrainResult(out, saved, losses, state.validation, time.perf_counter() - t0, parts, method, cfg, info,
+                       tracker.rows if tracker else [], tracker.best if tracker else None)
 
 
-@torch.no_grad()
-def _validate(cfg, parts, out, step, device, precision, weight_dtype) -> Path:
-    """Sample the validation prompts with fixed seeds; save a grid (one row per prompt)."""
+@contextlib.contextmanager
+def _sampling(cfg, parts, device, precision, weight_dtype):
+    """A pipeline over the parts in training, for samples mid-run: VAE on the device, eval mode, autocast;
+    all put back afterwards."""
     vae_device = next(parts.vae.parameters()).device
     parts.vae.to(device)
-    pipe = pipeline(parts, cfg.sample_scheduler)
     was_training = parts.unet.training, parts.text_encoder.training
     parts.unet.eval()
     parts.text_encoder.eval()
-    with torch.autocast(device.type, dtype=weight_dtype, enabled=precision != "no"):
+    try:
+        with torch.no_grad(), torch.autocast(device.type, dtype=weight_dtype, enabled=precision != "no"):
+            yield pipeline(parts, cfg.sample_scheduler)
+    finally:
+        parts.unet.train(was_training[0])
+        parts.text_encoder.train(was_training[1])
+        parts.vae.to(vae_device)
+
+
+def _validate(cfg, parts, out, step, device, precision, weight_dtype) -> Path:
+    """Sample the validation prompts with fixed seeds; save a grid (one row per prompt)."""
+    with _sampling(cfg, parts, device, precision, weight_dtype) as pipe:
         images = generate(pipe, cfg.validation_prompts, seeds=list(range(cfg.num_validation_images)),
                           steps=cfg.sample_steps, guidance=cfg.guidance_scale, size=cfg.resolution)
-    parts.unet.train(was_training[0])
-    parts.text_encoder.train(was_training[1])
-    parts.vae.to(vae_device)
     path = out / "validation" / f"step_{step:05d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     grid(images, rows=len(cfg.validation_prompts), cols=cfg.num_validation_images).save(path)
