@@ -54,7 +54,11 @@ OK, FAILED, RUNNING, INTERRUPTED = "ok", "failed", "running", "interrupted"
 
 
 class SweepError(ValueError):
-    """The sweep file or its parameters are wrong, or some runs failed; the message says what to do."""
+    """The sweep file or its parameters are wrong; the message says what to do."""
+
+
+class SweepFailed(SweepError):
+    """Some runs of the sweep failed (the others ran); the message lists them."""
 
 
 # ---------------------------------------------------------------- the spec
@@ -378,7 +382,7 @@ def run(spec: str | Path | dict | Spec, output: str | Path | None = None, overri
     """Run every grid point not finished yet (in order), then collect. Returns a Report.
 
     A failed run is recorded and the sweep goes on; with `check` (the default) a SweepError listing the failures is
-    raised at the end, after collecting. Interrupt it (Ctrl-C, a lost runtime) and call it again: finished runs are
+    raised at the end, after collecting (SweepFailed). Interrupt it (Ctrl-C, a lost runtime) and call it again: finished runs are
     skipped, the interrupted one runs again in its folder.
     """
     from tqdm.auto import tqdm
@@ -406,7 +410,7 @@ def run(spec: str | Path | dict | Spec, output: str | Path | None = None, overri
     report = Report(s.output, ran, skipped, failed, collect(s.output))
     print(report)
     if failed and check:
-        raise SweepError(str(report))
+        raise SweepFailed(str(report))
     return report
 
 
@@ -758,7 +762,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except SweepError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1 if "failed" in str(err) and "sweep in" in str(err) else 2
+        return 1 if isinstance(err, SweepFailed) else 2
     except KeyboardInterrupt:
         print("\ninterrupted: run the same command again to continue (finished runs are skipped).", file=sys.stderr)
         return 130
