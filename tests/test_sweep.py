@@ -112,24 +112,26 @@ def test_a_failed_run_does_not_stop_the_sweep(tmp_path, counted, capsys):
 
 
 def test_sweep_of_real_training_on_the_offline_model(tmp_path):
-    """Two real fine-tuning runs (2 steps each): the higher learning rate moves the weights further."""
+    """A real fine-tuning run through the sweep (2 steps on the offline model): the UNet moved, the text encoder
+    did not, the losses were logged and collected. (Notebook 07 sweeps notebook 01 itself, in test_notebooks.)"""
+    import math
+
     import torch
     from safetensors.torch import load_file
 
     from nbkit.offline import offline_model_dir
 
-    report = sweep.run(spec(tmp_path, {"LEARNING_RATE": [1e-5, 1e-3]}, TRAIN=True, MAX_TRAIN_STEPS=2), progress=False)
-    assert not report.failed and len(report.rows) == 2
-    rel = "unet/diffusion_pytorch_model.safetensors"
-    base = load_file(offline_model_dir() / rel)
-    moved = []
-    for row in report.rows:
-        assert row["status"] == "ok" and row["steps"] == 2 and row["loss"] == row["loss"]  # finite, logged
-        run_dir = tmp_path / "sweep" / "runs" / row["run"]
-        assert (run_dir / row["image"]).is_file()
-        tuned = load_file(run_dir / "model" / rel)
-        moved.append(sum((tuned[k].float() - base[k].float()).norm() ** 2 for k in base).sqrt().item())
-    assert 0 < moved[0] < moved[1]
+    report = sweep.run(spec(tmp_path, {"MAX_TRAIN_STEPS": [2]}, TRAIN=True, LEARNING_RATE=1e-3), progress=False)
+    assert not report.failed and len(report.rows) == 1
+    row = report.rows[0]
+    assert row["status"] == "ok" and row["steps"] == 2 and math.isfinite(row["loss"]) and row["lr"] == 1e-3
+    run_dir = tmp_path / "sweep" / "runs" / row["run"]
+    assert (run_dir / row["image"]).is_file() and row["image"] == "validation/step_00002.png"
+    changed = {}
+    for rel in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        base, tuned = load_file(offline_model_dir() / rel), load_file(run_dir / "model" / rel)
+        changed[rel.split("/")[0]] = any(not torch.equal(base[k], tuned[k]) for k in base)
+    assert changed == {"unet": True, "text_encoder": False}
     assert (tmp_path / "sweep" / "images.png").exists()
 
 
