@@ -585,6 +585,9 @@ def plot_final(rows: list[dict], folder: Path | None = None, columns: list[str] 
                 ax.plot(*zip(*pts), marker="o", label=label)
         ax.set_xlabel(x)
         ax.set_title(col, fontsize=10)
+        values = [r[col] for r in ok if isinstance(r.get(col), (int, float))]
+        if "loss" not in col and values and all(0 <= v <= 1 for v in values):
+            ax.set_ylim(-0.05, 1.05)  # shares and fidelities: the whole range, so small differences look small
         if x.upper().endswith("STEPS") and len({r[x] for r in ok}) > 2:
             ax.set_xscale("log", base=2)
     if len(groups) > 1:
