@@ -47,6 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import yaml
+
 KIT_ROOT = Path(__file__).resolve().parent.parent
 SPEC_KEYS = {"notebook", "output", "fixed", "grid", "cleanup", "kernel"}
 RESERVED = "OUTPUT_DIR"  # set by the sweep: each run's own folder
@@ -62,7 +64,7 @@ class SweepFailed(SweepError):
 
 
 # ---------------------------------------------------------------- the spec
-class _Loader(__import__("yaml").SafeLoader):
+class _Loader(yaml.SafeLoader):
     """YAML with 1e-6 read as a number (plain YAML 1.1 reads it as text: learning rates are written that way)."""
 
 
@@ -78,8 +80,6 @@ _Loader.add_implicit_resolver(
 
 def parse_value(text: str) -> Any:
     """A value written as YAML (`true`, `2e-6`, `[1, 2]`, `offline`)."""
-    import yaml
-
     return yaml.load(text, Loader=_Loader)
 
 
@@ -134,8 +134,6 @@ def load_spec(spec: str | Path | dict | Spec, output: str | Path | None = None,
         path = Path(spec)
         if not path.is_file():
             raise SweepError(f"sweep file {str(path)!r} does not exist (examples: configs/sweeps/*.yaml).")
-        import yaml
-
         try:
             data = yaml.load(path.read_text(), Loader=_Loader)
         except yaml.YAMLError as err:

@@ -194,6 +194,9 @@ def test_cli_dry_run_and_collect(tmp_path, counted, capsys):
     out = capsys.readouterr().out
     assert "2 runs of sweep_probe.ipynb, 2 to run" in out and "'MAX_TRAIN_STEPS': 3" in out
     assert counted.calls == [] and not (tmp_path / "sweep" / "runs").exists()
+    from nbkit import cli
+
+    assert cli.main(["sweep", str(p), "--dry-run"]) == 0 and "2 to run" in capsys.readouterr().out  # python -m nbkit sweep
     assert sweep.main(["run", str(p), "--set", "MAX_TRAIN_STEPS=3"]) == 0
     assert len(counted.calls) == 2
     (tmp_path / "sweep" / "results.csv").unlink()
