@@ -452,9 +452,9 @@ def run_row(folder: str | Path) -> dict:
             row[f"{prefix}steps"] = log[-1].get("step", len(log))
             row[f"{prefix}loss"] = log[-1].get("loss")
             row[f"{prefix}loss_last10pct"] = sum(tail) / len(tail) if tail else None
-            for k, v in _numbers(log[-1]).items():
+            for k, v in _numbers(log[-1]).items():  # lr, and loss terms such as prior preservation's
                 if k not in ("step", "loss"):
-                    row[f"{prefix}{k}"] = v
+                    row[f"{prefix}{k if k == 'lr' else 'loss_' + k}"] = v
     for prefix, p in _json_files(folder, "metrics.json").items():
         rows = _read_rows(p)
         if rows:
@@ -471,7 +471,7 @@ def final_image(folder: str | Path) -> Path | None:
     for pattern in ("validation/step_*.png", "*/validation/step_*.png", "samples/after_*.png", "samples/*.png", "*.png"):
         found = sorted(folder.glob(pattern))
         if found:
-            return found[-1] if "validation" in pattern else found[0]
+            return max(found, key=lambda f: f.name) if "validation" in pattern else found[0]  # the latest step
     return None
 
 

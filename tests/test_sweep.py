@@ -213,3 +213,46 @@ def test_example_sweeps_name_real_notebook_parameters():
     for f in files:
         s = sweep.load_spec(f)  # raises on unknown parameters or wrong types
         assert s.notebook.parent == ROOT / "notebooks" and len(s.points()) >= 2, f.name
+
+
+def test_collect_reads_nested_runs_failures_and_after_the_fact_scores(tmp_path):
+    """Hand-made run folders (no kernel): a notebook that trains two models (like 02) gives prefixed columns;
+    a failed run is a row with its error; score() adds metrics.json to finished runs only."""
+    from PIL import Image
+
+    out = tmp_path / "sw"
+    for lr, status in ((1e-6, "ok"), (2e-6, "ok"), (5e-6, "failed")):
+        point = {"LEARNING_RATE": lr}
+        run_dir = out / "runs" / sweep.run_name(point)
+        run_dir.mkdir(parents=True)
+        (run_dir / "run.json").write_text(json.dumps({"status": status, "parameters": point, "point": point,
+                                                      "seconds": 1.5, "error": "boom" if status == "failed" else None}))
+        if status == "failed":
+            continue
+        for sub in ("without_prior", "with_prior"):
+            log = [{"step": s, "loss": lr * 1e5 / s, "lr": lr, **({"instance": 0.1, "prior": 0.2} if sub == "with_prior" else {})}
+                   for s in (1, 2, 3)]
+            (run_dir / sub / "validation").mkdir(parents=True)
+            (run_dir / sub / "losses.json").write_text(json.dumps(log))
+            Image.new("RGB", (8, 8), "red").save(run_dir / sub / "validation" / "step_00003.png")
+    rows = sweep.collect(out)
+    assert [r["status"] for r in rows] == ["ok", "ok", "failed"] and rows[2]["error"] == "boom"
+    assert rows[0]["with_prior/steps"] == rows[0]["without_prior/steps"] == 3
+    assert rows[0]["with_prior/loss_prior"] == 0.2 and "without_prior/loss_prior" not in rows[0]
+    assert rows[1]["without_prior/loss"] == pytest.approx(2e-6 * 1e5 / 3)
+    assert rows[0]["image"] == "with_prior/validation/step_00003.png" and rows[2]["image"] == ""
+    assert (out / "images.png").exists() and (out / "curves.png").exists()
+
+    seen = []
+    assert sweep.score(out, lambda run_dir, params: seen.append(params) or {"subject_fidelity": params["LEARNING_RATE"] * 1e5}) == 2
+    assert sweep.score(out, lambda run_dir, params: 1 / 0) == 0, "runs measured before are not measured again"
+    rows = sweep.collect(out, plots=False)
+    assert [r.get("subject_fidelity") for r in rows] == [pytest.approx(0.1), pytest.approx(0.2), None]
+    assert rows[0]["eval_step"] == 3 and sweep.final_columns(rows)[0] == "subject_fidelity"
+    table = sweep.markdown(rows, ["LEARNING_RATE", "status", "subject_fidelity"])
+    assert table.splitlines()[2] == "| 1e-06 | ok | 0.1 |"
+    try:
+        import pandas  # noqa: F401  (not a dependency of the kit; Colab has it)
+    except ImportError:
+        return
+    assert len(sweep.collect(out, plots=False, as_frame=True)) == 3
