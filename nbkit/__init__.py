@@ -12,6 +12,7 @@ For memory and speed: memory (what training costs, in words and tables), presets
 (predicted peak memory), memtrace (measured allocations), optim (optimizer, in backward), launch (multi-GPU,
 DeepSpeed, notebook_launcher), cli (`python -m nbkit`, `accelerate launch -m nbkit`), sd15 (SD 1.5's
 architecture without weights).
+For studies: sweep (any notebook over a grid of parameters with papermill, resumable; `python -m nbkit.sweep`).
 """
 
 from . import (checkpoint, compare, data, evaluate, export, guards, manifest, memory, offline, planner, plots, presets,

@@ -8,6 +8,7 @@
     python -m nbkit plan --config run.yaml --gpu-gb 15            # predicted peak memory on a 16 GB card
     python -m nbkit presets                                       # what each preset sets
     python -m nbkit calibrate --spec sd15                         # re-measure the planner's activation model
+    python -m nbkit sweep configs/sweeps/toy_lr_steps.yaml        # a notebook over a grid (see nbkit.sweep)
 
 The config file (YAML or JSON) holds TrainConfig fields (and optionally `preset`); any field can also be given
 as a flag (`--max_train_steps 800 --train_text_encoder true`), flags winning over the file. Settings given
@@ -61,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument(f"--{f.name}", dest=f"field_{f.name}", metavar="VALUE", help=f"TrainConfig.{f.name}")
     sub.add_parser("presets", help="list the memory presets")
     sub.add_parser("calibrate", help="re-measure the planner's activation model (python -m nbkit calibrate -h)")
+    sub.add_parser("sweep", help="run a notebook over a grid of parameters (python -m nbkit sweep -h)")
     return ap
 
 
@@ -122,6 +124,10 @@ def build_config(args: argparse.Namespace) -> tuple[TrainConfig, str, set[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["sweep"]:  # python -m nbkit sweep ... = python -m nbkit.sweep ...
+        from .sweep import main as sweep_main
+
+        return sweep_main(argv[1:])
     if argv[:1] == ["calibrate"]:  # the planner's own parser (python -m nbkit calibrate --help)
         from .planner import _main
 

@@ -35,6 +35,8 @@ COURSE = [
     Notebook("05_textual_inversion", "a new word's embedding only; A1111 embeddings; textual inversion then DreamBooth",
              5, "DreamBooth part: ~10 GB"),
     Notebook("06_lora", "LoRA adapters: rank, alpha, scale, tiny files, kohya/webui keys", 5),
+    Notebook("07_finding_the_sweet_spot", "a learning-rate x steps sweep of notebook 01: measure every run, find the "
+             "sweet spot", 10, "one DreamBooth run at a time"),
 ]
 
 

@@ -90,6 +90,10 @@ EXPECTED = {
     "04_text_encoder": ["frozen_text_encoder/model/text_encoder/model.safetensors",
                         "trained_text_encoder/model/text_encoder/model.safetensors", "comparison.png", "memory.json",
                         "text_encoder_shift.json"],
+    "07_finding_the_sweet_spot": ["sweep.json", "results.csv", "final.png", "curves.png", "images.png",
+                                  "runs/*/run.json", "runs/*/01_dreambooth.ipynb", "runs/*/losses.json",
+                                  "runs/*/metrics.json", "runs/*/validation/step_00002.png",
+                                  "runs/*/model/model_index.json"],
 }
 
 
@@ -137,6 +141,17 @@ def _check_text_encoder(out):
     assert len(shift) == 4 and max(shift.values()) > 0
 
 
+def _check_sweep(out):
+    """Two runs of notebook 01 at two learning rates, both finished, collected with their judge scores."""
+    import csv
+
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 2 and all(r["status"] == "ok" for r in rows)
+    assert len({r["OFFLINE_LEARNING_RATE"] for r in rows}) == 2 and all(r["steps"] == "2" for r in rows)
+    assert all(0 <= float(r[m]) <= 1 for r in rows for m in ("subject_fidelity", "prompt_fidelity", "class_drift"))
+    assert not list(out.glob("runs/*/checkpoints")), "checkpoints of finished runs are cleaned up"
+
+
 for _nb, _method in METHOD.items():
     EXPECTED[_nb] = EXPECTED[_nb] + TAKE_HOME[_method]
 
@@ -155,7 +170,7 @@ def check_take_home(out, text):
     assert text.count("reloaded: same picture") >= 2 and "DIFFERENT" not in text
 
 
-CHECKS = {"02_prior_preservation": _check_prior, "03_schedulers": _check_grid, "04_text_encoder": _check_text_encoder}
+CHECKS = {"02_prior_preservation": _check_prior, "07_finding_the_sweet_spot": _check_sweep, "03_schedulers": _check_grid, "04_text_encoder": _check_text_encoder}
 
 
 def images_shown(nb):
