@@ -86,6 +86,20 @@ def overfit_message(point: dict, best: dict | None) -> str:
             "the steps, or use that model.")
 
 
+def table(rows: list[dict]) -> str:
+    """The scored steps of a run as a text table, best step marked (rows of metrics.json)."""
+    cols = (("subject_fidelity", "subject"), ("prompt_fidelity", "prompt"), ("class_drift", "class drift"),
+            ("tradeoff", "balance"))
+    best = best_row(rows)
+    lines = ["  step | " + " | ".join(name.rjust(11) for _, name in cols)]
+    for r in rows:
+        mark = "  <- best" if best is not None and r["step"] == best["step"] else ""
+        lines.append(f"{r['step']:6d} | " + " | ".join(f"{r.get(k, float('nan')):11.2f}" for k, _ in cols) + mark)
+    scorer = rows[0].get("scorer") if rows else None
+    return "\n".join(lines + ([f"(scored by the {scorer}; balance = harmonic mean of subject and prompt fidelity)"]
+                              if scorer else []))
+
+
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=1))

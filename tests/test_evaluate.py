@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from nbkit import evaluate, toyworld
 from nbkit.offline import OFFLINE_SPEC, SAMPLE_INSTANCE_DIR
 
+pytestmark = pytest.mark.xdist_group("evaluate")  # one worker shares the module fixtures (pytest -n with --dist loadgroup)
+
 CAPTIONS = ["a photo of a red star", "a photo of a blue circle", "a photo of a green square",
             "a photo of a yellow heart", "a photo of a purple ring", "a photo of a white triangle"]
 SCENES = [toyworld.Scene(shape, colour, bg) for shape, colour, bg in

@@ -11,6 +11,8 @@ from nbkit import TrainConfig, export, generate, load_parts, pipeline, train
 from nbkit.offline import SAMPLE_INSTANCE_DIR
 from nbkit.takehome import pixel_difference
 
+pytestmark = pytest.mark.xdist_group("export")  # one worker shares the module fixtures (pytest -n with --dist loadgroup)
+
 PROMPT = "a photo of <zwx> on a green background"
 
 

@@ -6,6 +6,8 @@ import pytest
 
 from nbkit import judge, toyworld
 
+pytestmark = pytest.mark.xdist_group("judge")  # one worker shares the module fixtures (pytest -n with --dist loadgroup)
+
 
 @pytest.fixture(scope="module")
 def held_out():

@@ -13,6 +13,8 @@ import pytest
 from nbkit import judge, load_parts, pipeline, toyworld
 from nbkit.offline import NEW_CONTEXTS, PRETRAINED_TOY, SAMPLE_BACKGROUNDS, offline_model_dir
 
+pytestmark = pytest.mark.xdist_group("toyworld")  # one worker shares the module fixtures (pytest -n with --dist loadgroup)
+
 # The recommended toy DreamBooth recipe (docs/toy_results.md) and an overfitting one.
 SWEET = dict(lr=2e-4, steps=200)
 HOT = dict(lr=2e-3, steps=400)

@@ -156,3 +156,15 @@ def test_dreambooth_best_model_overfit_warning_and_resume(cfg, monkeypatch, caps
     final = load_file(out / "model" / "unet" / "diffusion_pytorch_model.safetensors")
     assert any(not torch.equal(final[k], v) for k, v in snapshots[2].items())  # training went on after it
     assert tracking.read_best(out)["step"] == 2
+
+
+def test_table_lists_every_scored_step_and_marks_the_best():
+    from nbkit.tracking import table
+
+    rows = [dict(step=0, subject_fidelity=0.0, prompt_fidelity=0.9, class_drift=0.0, tradeoff=0.0, scorer="toy judge"),
+            dict(step=100, subject_fidelity=0.8, prompt_fidelity=0.7, class_drift=0.2, tradeoff=0.75, scorer="toy judge"),
+            dict(step=200, subject_fidelity=0.9, prompt_fidelity=0.3, class_drift=0.5, tradeoff=0.45, scorer="toy judge")]
+    lines = table(rows).splitlines()
+    assert len(lines) == 1 + 3 + 1 and "toy judge" in lines[-1]
+    assert lines[2].startswith("   100") and lines[2].endswith("<- best")
+    assert "<- best" not in lines[1] + lines[3] and "0.75" in lines[2]

@@ -4,4 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
 export HF_HUB_OFFLINE=1 NBKIT_CACHE="${NBKIT_CACHE:-$PWD/.cache/nbkit}"
-.venv/bin/python -m pytest -q "$@"
+# Two test processes (one per core of a CI machine), one torch thread each; module fixtures stay on one worker.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+.venv/bin/python -m pytest -q -n "${NBKIT_TEST_WORKERS:-2}" --dist loadgroup --durations=15 "$@"
