@@ -52,7 +52,10 @@ def measure(quick: bool = False, lrs=None, steps=None, work: Path | None = None)
     base = load_parts("offline")
     from nbkit import pipeline
 
-    out["base"] = tr.judge_run(pipeline(base, "ddim"), seeds)
+    base_pipe = pipeline(base, "ddim")
+    out["follow"] = tr.base_prompt_following(base_pipe, n=24 if quick else 48)  # the base model follows prompts
+    out["base"] = tr.judge_run(base_pipe, seeds)
+    del base_pipe
 
     # 1. learning rate x steps: one constant-LR run per rate, judged at every step count of the grid
     out["grid"] = {lr: tr.dreambooth_curve(lr, steps, seeds, workdir=work) for lr in lrs}
@@ -107,6 +110,12 @@ def verdicts(m: dict) -> list[tuple[str, str, str, bool]]:
     rows = []
     (slr, sst), (hlr, hst) = m["sweet"], m["hot"]
     sweet, hot = m["grid"][slr][sst], m["grid"][hlr][hst]
+    f = m["follow"]
+    rows.append((
+        "(toy world) The pretrained toy model follows prompts",
+        f"shape and colour as asked {pct(f['shape_colour'])}, shape {pct(f['shape'])}, colour {pct(f['colour'])}, "
+        f"background {pct(f['background'])}",
+        "base model, one picture per prompt", f["shape_colour"] >= 0.7))
     rows.append((
         "DreamBooth overfits fast: there is a sweet spot of learning rate x steps",
         f"best balance {pct(balance(sweet))} at LR {slr:g} x {sst} steps (subject {pct(sweet['subject_fidelity'])}, "

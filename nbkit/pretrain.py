@@ -292,7 +292,7 @@ Made by `python -m nbkit.pretrain{args}` (nbkit/pretrain.py), seed {cfg.seed}.
 - Data: {cfg.n_scenes} ordinary scenes of nbkit.toyworld (no pattern, no identifier ever), captions from
   toyworld.varied_caption, {cfg.caption_dropout:.0%} empty (classifier-free guidance). VAE: {cfg.vae_steps} steps;
   UNet + text encoder: {cfg.steps} steps at batch {cfg.batch}, LR {cfg.lr:g}, EMA {cfg.ema_decay}.
-- What it knows, measured by the toy judge: docs/toy_results.md (`python -m benchmarks.toy_results`).
+- What it knows, measured by the toy judge: docs/findings.md (`python -m benchmarks.findings`).
 
 Full settings: pretrain_config.json. Same seed, same machine type: same weights.
 """
