@@ -35,7 +35,7 @@ from .optim import in_backward_active
 GiB = 2**30
 MiB = 2**20
 CALIBRATION_FILE = Path(__file__).resolve().parent.parent / "data" / "memory-calibration.json"
-REFERENCE = {"sd15": 64, "offline": 32}  # latent side each shipped calibration was measured at
+REFERENCE = {"sd15": 64, "offline": 16}  # latent side each shipped calibration was measured at (offline: 64 px / 4)
 # Terms the CPU simulation cannot see, from the published anchors (diffusers PR #2039: 11,124 MiB; the T4 table
 # of the DreamBooth 16 GB recipe: 9.92 GB, ...) until benchmarks/RESULTS.md has measured them:
 CUDA_CONTEXT = int(0.45 * GiB)  # the CUDA context and kernels: outside torch's allocator, inside the GPU's memory

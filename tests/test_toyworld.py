@@ -13,7 +13,7 @@ import pytest
 from nbkit import judge, load_parts, pipeline, toyworld
 from nbkit.offline import NEW_CONTEXTS, PRETRAINED_TOY, SAMPLE_BACKGROUNDS, offline_model_dir
 
-pytestmark = pytest.mark.xdist_group("toyworld")  # one worker shares the module fixtures (pytest -n with --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("toyworld")  # one worker computes the shared (session) fixtures once
 
 # The toy DreamBooth recipes the tests compare (measured in docs/findings.md): the sweet spot, the same run pushed
 # harder (the prior-preservation pair: drift shows fast), and an overfitting one.
@@ -83,7 +83,7 @@ def test_pretrained_toy_model_is_the_offline_default_and_small():
     assert "python -m nbkit.pretrain" in readme and "seed" in readme
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: survives xdist interleaving other modules
 def bench():
     if not (PRETRAINED_TOY / "model_index.json").exists():
         pytest.skip("no pretrained toy model in data/toy-sd")
@@ -92,12 +92,12 @@ def bench():
     return toy_results
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: survives xdist interleaving other modules
 def base_pipe(bench):
     return pipeline(load_parts("offline"), "ddim")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: survives xdist interleaving other modules
 def tuned(bench, tmp_path_factory):
     """The fine-tunes the tests compare: judge scores, the subject's pattern on its own prompt, and the seconds."""
     from nbkit import generate
