@@ -336,12 +336,14 @@ def for_run(model, instance_dir: str | Path, identifier: str, class_noun: str, *
             steps: int = 25, guidance: float = 7.5, scheduler: str | None = None, size: int | None = None,
             phrase: str = "",
             clip_model: str | None = None, dino_model: str | None = None, device: str | None = None,
-            verbose: bool = True) -> Evaluator:
+            verbose: bool = True, optional: bool = False) -> Evaluator | None:
     """The evaluator for a run: the toy judge on the offline toy model (64 px pictures), CLIP + DINO otherwise.
 
     `model`: "offline", a hub id, a diffusers folder, SDParts or a pipeline. `phrase` names the subject in prompts
     when it is not "<identifier> <class_noun>" (Textual Inversion: "<zwx>"). `clip_model`/`dino_model` override
     the hub ids (also NBKIT_CLIP_MODEL / NBKIT_DINO_MODEL). Prints which scorer it chose and why.
+    `optional=True`: when CLIP/DINO cannot be loaded (no hub, nothing cached), say so and return None instead of
+    raising EvaluatorUnavailable (a notebook then shows pictures without numbers).
     """
     from . import data
 
@@ -362,8 +364,14 @@ def for_run(model, instance_dir: str | Path, identifier: str, class_noun: str, *
                                            f"read: the toy judge scores them from the world's ground truth "
                                            f"(subject {subject!r})")
     else:
-        ev = ClipDinoEvaluator(**common, size=size, references=refs, clip=_default(Clip, clip_model, device),
-                               dino=_default(Dino, dino_model, device),
+        try:
+            clip, dino_model_ = _default(Clip, clip_model, device), _default(Dino, dino_model, device)
+        except EvaluatorUnavailable as err:
+            if not optional:
+                raise
+            print(f"No scores for this run: {err}")
+            return None
+        ev = ClipDinoEvaluator(**common, size=size, references=refs, clip=clip, dino=dino_model_,
                                why=f"the model draws {px or 'real'} px pictures: scored as in the DreamBooth paper "
                                    f"(DINO for the subject, CLIP-T for the prompt)")
     if verbose:

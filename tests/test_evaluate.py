@@ -143,6 +143,14 @@ def test_a_missing_model_gives_a_clear_error(tmp_path):
                          verbose=False)
 
 
+def test_optional_scoring_says_why_and_returns_none(capsys):
+    assert evaluate.for_run("stable-diffusion-v1-5/stable-diffusion-v1-5", SAMPLE_INSTANCE_DIR, "zwx", "star",
+                            optional=True) is None
+    assert "No scores for this run" in capsys.readouterr().out
+    assert isinstance(evaluate.for_run("offline", SAMPLE_INSTANCE_DIR, "zwx", "star", optional=True),
+                      evaluate.JudgeEvaluator)
+
+
 def test_for_run_picks_the_toy_judge_for_the_offline_model_and_says_why(capsys):
     ev = evaluate.for_run("offline", SAMPLE_INSTANCE_DIR, "zwx", "star", seeds=2)
     said = capsys.readouterr().out

@@ -107,6 +107,9 @@ def _check_prior(out):
     drift = json.loads((out / "drift.json").read_text())
     assert set(drift) == {"without prior", "with prior"}
     assert all(0 <= v <= 1 for d in drift.values() for v in d.values())
+    scores = json.loads((out / "scores.json").read_text())  # the toy judge's numbers, before and after each run
+    assert set(scores) == {"before", "without prior", "with prior"}
+    assert all(0 <= s[k] <= 1 for s in scores.values() for k in ("subject_fidelity", "prompt_fidelity", "class_drift"))
 
 
 def _check_grid(out):
