@@ -72,7 +72,8 @@ def overfit_message(point: dict, best: dict | None) -> str:
 
     def moved(key, name):
         a, b = p[key], n[key]
-        return f"{name} {'fell' if b < a else 'rose' if b > a else 'stayed'} from {a:.2f} to {b:.2f}"
+        return f"{name} stayed at {b:.2f}" if round(a, 2) == round(b, 2) else \
+            f"{name} {'fell' if b < a else 'rose'} from {a:.2f} to {b:.2f}"
 
     first, second = (("prompt_fidelity", "prompt fidelity"), ("subject_fidelity", "subject fidelity"))
     if n["subject_fidelity"] - p["subject_fidelity"] < n["prompt_fidelity"] - p["prompt_fidelity"]:

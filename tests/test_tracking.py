@@ -168,3 +168,12 @@ def test_table_lists_every_scored_step_and_marks_the_best():
     assert len(lines) == 1 + 3 + 1 and "toy judge" in lines[-1]
     assert lines[2].startswith("   100") and lines[2].endswith("<- best")
     assert "<- best" not in lines[1] + lines[3] and "0.75" in lines[2]
+
+
+def test_overfit_message_says_stayed_when_a_score_did_not_move():
+    from nbkit.tracking import overfit_message
+
+    peak = dict(step=300, subject_fidelity=0.11, prompt_fidelity=1.0, class_drift=1.0)
+    now = dict(step=400, subject_fidelity=0.08, prompt_fidelity=1.0, class_drift=1.0)
+    msg = overfit_message(dict(step=400, peak=peak, now=now, window=3), None)
+    assert "subject fidelity fell from 0.11 to 0.08 while prompt fidelity stayed at 1.00" in msg, msg
