@@ -162,7 +162,7 @@ def verdicts(m: dict) -> list[tuple[str, str, str, bool]]:
         "LoRA trains small adapters: MB-sized files, fastest",
         f"{m['lora_bytes'] / 2**20:.2f} MB (fp16) vs {m['plain_bytes'] / 2**20:.1f} MB; {m['lora_seconds']:.0f} s vs "
         f"{m['plain_seconds']:.0f} s; balance {pct(balance(m['lora']))} vs {pct(balance(m['plain']))}",
-        f"rank 8, LR {5 * slr:g} x {sst}", m["lora_bytes"] * 4 < m["plain_bytes"]))
+        f"rank 8, LR {5 * slr:g} x {sst}", m["lora_bytes"] * 4 < m["plain_bytes"] and m["lora_seconds"] < m["plain_seconds"]))
     return rows
 
 
