@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from nbkit import evaluate, toyworld
 from nbkit.offline import OFFLINE_SPEC, SAMPLE_INSTANCE_DIR
 
-pytestmark = pytest.mark.xdist_group("evaluate")  # one worker computes the shared (session) fixtures once
 
 CAPTIONS = ["a photo of a red star", "a photo of a blue circle", "a photo of a green square",
             "a photo of a yellow heart", "a photo of a purple ring", "a photo of a white triangle"]
@@ -61,7 +60,7 @@ def _tiny_dino(folder):
     return folder
 
 
-@pytest.fixture(scope="session")  # session: survives xdist interleaving other modules
+@pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("scorers")
     return SimpleNamespace(clip_dir=_tiny_clip(root / "clip"), dino_dir=_tiny_dino(root / "dino"),
@@ -70,7 +69,7 @@ def tiny(tmp_path_factory):
                            dino=evaluate.Dino.load(str(root / "dino"), "cpu"))
 
 
-@pytest.fixture(scope="session")  # session: survives xdist interleaving other modules
+@pytest.fixture(scope="module")
 def pictures():
     rng = random.Random(0)
     return [toyworld.random_scene(rng).render(64) for _ in range(5)]

@@ -11,7 +11,6 @@ from nbkit import TrainConfig, export, generate, load_parts, pipeline, train
 from nbkit.offline import SAMPLE_INSTANCE_DIR
 from nbkit.takehome import pixel_difference
 
-pytestmark = pytest.mark.xdist_group("export")  # one worker computes the shared (session) fixtures once
 
 PROMPT = "a photo of <zwx> on a green background"
 
@@ -39,7 +38,7 @@ def make_cfg(tmp, **kw):
     return TrainConfig(**{**base, **kw})
 
 
-@pytest.fixture(scope="session")  # session: survives xdist interleaving other modules
+@pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, offline_dir):
     """LoRA on UNet and text encoder with alpha != rank: a wrong alpha anywhere shows up as a different output."""
     parts = load_parts("offline")
@@ -50,13 +49,13 @@ def lora_run(tmp_path_factory, offline_dir):
     return r
 
 
-@pytest.fixture(scope="session")  # session: survives xdist interleaving other modules
+@pytest.fixture(scope="module")
 def ti_run(tmp_path_factory, offline_dir):
     return train(make_cfg(tmp_path_factory.mktemp("ti"), method="textual_inversion", instance_prompt="a photo of <zwx>",
                           num_vectors=2), progress=False)
 
 
-@pytest.fixture(scope="session")  # session: survives xdist interleaving other modules
+@pytest.fixture(scope="module")
 def ti_image(ti_run):
     return generate(pipeline(ti_run.parts), PROMPT, seeds=[1], steps=2)[0]
 

@@ -6,10 +6,9 @@ import pytest
 
 from nbkit import judge, toyworld
 
-pytestmark = pytest.mark.xdist_group("judge")  # one worker computes the shared (session) fixtures once
 
 
-@pytest.fixture(scope="session")  # session: survives xdist interleaving other modules
+@pytest.fixture(scope="module")
 def held_out():
     """Scenes the judge never saw (another seed), rendered clean and degraded."""
     rng = random.Random(12345)

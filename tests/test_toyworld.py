@@ -1,6 +1,6 @@
-"""The toy world and the pretrained toy model: the course's findings, measured (margins below docs/toy_results.md).
+"""The toy world and the pretrained toy model: the course's findings, measured (with margins; the figures: docs/findings.md).
 
-The model-level tests share one base model and three short fine-tunes (module-scoped fixtures) and draw few
+The model-level tests share one base model and four short fine-tunes (module-scoped fixtures) and draw few
 pictures with few steps, so that the file stays around two minutes on 2 CPU cores.
 """
 
@@ -13,7 +13,6 @@ import pytest
 from nbkit import judge, load_parts, pipeline, toyworld
 from nbkit.offline import NEW_CONTEXTS, PRETRAINED_TOY, SAMPLE_BACKGROUNDS, offline_model_dir
 
-pytestmark = pytest.mark.xdist_group("toyworld")  # one worker computes the shared (session) fixtures once
 
 # The toy DreamBooth recipes the tests compare (measured in docs/findings.md): the sweet spot, the same run pushed
 # harder (the prior-preservation pair: drift shows fast), and an overfitting one.
@@ -83,7 +82,7 @@ def test_pretrained_toy_model_is_the_offline_default_and_small():
     assert "python -m nbkit.pretrain" in readme and "seed" in readme
 
 
-@pytest.fixture(scope="session")  # session: survives xdist interleaving other modules
+@pytest.fixture(scope="module")
 def bench():
     if not (PRETRAINED_TOY / "model_index.json").exists():
         pytest.skip("no pretrained toy model in data/toy-sd")
@@ -92,12 +91,12 @@ def bench():
     return toy_results
 
 
-@pytest.fixture(scope="session")  # session: survives xdist interleaving other modules
+@pytest.fixture(scope="module")
 def base_pipe(bench):
     return pipeline(load_parts("offline"), "ddim")
 
 
-@pytest.fixture(scope="session")  # session: survives xdist interleaving other modules
+@pytest.fixture(scope="module")
 def tuned(bench, tmp_path_factory):
     """The fine-tunes the tests compare: judge scores, the subject's pattern on its own prompt, and the seconds."""
     from nbkit import generate

@@ -4,6 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
 export HF_HUB_OFFLINE=1 NBKIT_CACHE="${NBKIT_CACHE:-$PWD/.cache/nbkit}"
-# Two test processes (one per core of a CI machine), one torch thread each; module fixtures stay on one worker.
+# Two test processes (one per core of a CI machine), one torch thread each; each test file runs whole on one
+# worker (--dist loadfile), so a file's shared fixtures (the toy fine-tunes) are computed once.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-.venv/bin/python -m pytest -q -n "${NBKIT_TEST_WORKERS:-2}" --dist loadgroup --durations=15 "$@"
+.venv/bin/python -m pytest -q -n "${NBKIT_TEST_WORKERS:-2}" --dist loadfile --durations=15 "$@"
