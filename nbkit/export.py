@@ -15,7 +15,6 @@ Each writer takes the trained model as `SDParts`, a `TrainResult` or a pipeline,
 
 from __future__ import annotations
 
-import logging
 import re
 from pathlib import Path
 
@@ -72,7 +71,8 @@ def _parts(model):
 def diffusers_folder(model, out: str | Path, dtype: str = "fp32", scheduler: str = "ddim") -> Path:
     """Write a whole diffusers folder (safetensors) that `StableDiffusionPipeline.from_pretrained(out)` loads.
 
-    `dtype="fp16"` halves the size (what a T4 samples in anyway); the in-memory model keeps its own precision.
+    `dtype="fp16"` halves the size (what a T4 samples in anyway); the written files are cast, the in-memory model
+    is left exactly as it was.
     A pipeline is saved with its own scheduler; SDParts/TrainResult with the named sampling scheduler.
     """
     from diffusers import DiffusionPipeline
@@ -85,20 +85,26 @@ def diffusers_folder(model, out: str | Path, dtype: str = "fp32", scheduler: str
     if any(getattr(m, "peft_config", None) for m in modules):
         raise ExportError("this model carries LoRA adapters: save them with lora_diffusers()/lora_kohya(), or merge "
                           "them first (pipe.fuse_lora(); pipe.unload_lora_weights()) to save a whole model.")
-    before = [m.dtype for m in modules]
     out = Path(out)
-    quiet = logging.getLogger("diffusers.models.modeling_utils")  # warns on every cast, listing no module
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        for m in modules:
-            m.to(dtype=torch_dtype)
-        pipe.save_pretrained(out, safe_serialization=True)
-    finally:
-        for m, d in zip(modules, before):
-            m.to(dtype=d)
-        quiet.setLevel(level)
+    pipe.save_pretrained(out, safe_serialization=True)
+    # cast the written files, not the model: casting the live modules to fp16 and back would round its weights
+    for f in out.rglob("*.safetensors"):
+        _cast_file(f, torch_dtype)
     return out
+
+
+def _cast_file(path: Path, dtype: torch.dtype) -> None:
+    """Rewrite one safetensors file with its floating-point tensors in `dtype` (one file in memory at a time)."""
+    from safetensors import safe_open
+
+    from .safeio import save_tensors
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if all(t.dtype == dtype or not t.is_floating_point() for t in tensors.values()):
+        return
+    save_tensors({k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}, path, meta)
 
 
 # ---------------------------------------------------------------------------------------------------------- LoRA

@@ -23,24 +23,13 @@ GiB = 2**30
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps smaller tensors' state in 32 bits
 BNB_BLOCK = 256  # values per fp32 absmax scale in 8-bit blockwise state
 
-# Stable Diffusion 1.5's architecture (diffusers/transformers defaults plus these), to count without a download.
-SD15_UNET = dict(sample_size=64, cross_attention_dim=768)
-SD15_VAE = dict(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
-                up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=2, latent_channels=4, sample_size=512)
-SD15_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                 num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
-
-
 def sd15_on_meta() -> dict[str, torch.nn.Module]:
-    """SD 1.5's UNet, text encoder and VAE with no weights (on the `meta` device): shapes only, instant."""
-    from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    """SD 1.5's UNet, text encoder and VAE with no weights (on the `meta` device): shapes only, instant.
+    The architecture is the one of nbkit.sd15 (data/sd15-arch), the kit's single copy of SD 1.5's configs."""
+    from .sd15 import build_parts
 
-    with init_empty_weights():
-        return {"unet": UNet2DConditionModel(**SD15_UNET),
-                "text_encoder": CLIPTextModel(CLIPTextConfig(**SD15_TEXT)),
-                "vae": AutoencoderKL(**SD15_VAE)}
+    parts = build_parts("meta")
+    return {"unet": parts.unet, "text_encoder": parts.text_encoder, "vae": parts.vae}
 
 
 def modules_of(parts) -> dict[str, torch.nn.Module]:
