@@ -10,10 +10,11 @@ killed run resumes where it stopped (`python -m nbkit.pretrain` again):
    any subject later); its latent scaling factor is then measured (1 / std of the latents), as SD's was.
 2. Latents: a fixed set of ordinary scenes (never a pattern, never an identifier) is rendered and encoded once.
 3. UNet + text encoder, jointly, on those latents with the world's captions, some words left out
-   (`toyworld.varied_caption`) and 10 % empty captions (classifier-free guidance), epsilon prediction on SD 1.5's
-   noise schedule, min-SNR loss weighting, offset noise, a constant learning rate after warm-up and an EMA of the weights (the
-   EMA is what ships). Nothing depends on the total number of steps, so `--steps N` gives exactly the model a
-   longer run had at step N: a run can be stopped where the model is good enough.
+   (`toyworld.varied_caption`), named looks often called by their made-up names (`toyworld.NAMES`: what makes an
+   identifier the model never saw mean something to it), and 10 % empty captions (classifier-free guidance);
+   epsilon prediction on SD 1.5's noise schedule, min-SNR loss weighting, offset noise, a warm-up-stable-decay
+   learning rate (constant, then a linear cool-down over the last `cooldown` steps: the cool-down is what makes
+   colours clean) and an EMA of the weights (the EMA is what ships).
 
 Offset noise matters here more than anywhere: SD 1.5's schedule leaves a little signal even at the last
 timestep, and a toy scene's background is most of the picture, so without it the model learns to read the
@@ -62,11 +63,13 @@ class PretrainConfig:
     # stage 2: the pretraining set
     n_scenes: int = 8000
     # stage 3: UNet + text encoder
-    steps: int = 6000
+    steps: int = 8000
     batch: int = 16
     lr: float = 5e-4
     warmup: int = 200
+    cooldown: int = 2000  # the last steps, over which the learning rate falls linearly to 10 % (0: constant to the end)
     caption_dropout: float = 0.1  # empty captions, for classifier-free guidance
+    named_share: float = 0.5  # captions that call a named look by its name (toyworld.NAMES; 0: never)
     snr_gamma: float = 5.0  # min-SNR weighting (Hang et al. 2023); 0 turns it off
     offset_noise: float = 0.1  # std of a per-image, per-channel noise offset (0: off), see train_unet
     ema_decay: float = 0.999
@@ -86,6 +89,13 @@ def _gen(seed: int, stage: int, step: int) -> torch.Generator:
 def _schedule(step: int, warmup: int, total: int) -> float:
     """Linear warm-up, then cosine decay to 10 % of the peak."""
     return min(1.0, (step + 1) / max(1, warmup)) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(step, total) / total)))
+
+
+def _warmup_stable_decay(step: int, warmup: int, total: int, cooldown: int) -> float:
+    """Linear warm-up, a constant rate, then a linear fall to 10 % over the last `cooldown` steps."""
+    start = total - cooldown
+    fall = 1.0 - 0.9 * (step + 1 - start) / cooldown if cooldown and step >= start else 1.0
+    return min(1.0, (step + 1) / max(1, warmup)) * fall
 
 
 def _to_tensor(images) -> torch.Tensor:
@@ -215,7 +225,7 @@ def train_unet(cfg: PretrainConfig, vae, latents: torch.Tensor, scenes: list, wo
     t0, run = time.perf_counter(), []
     for step in range(start, cfg.steps):
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+            group["lr"] = cfg.lr * _warmup_stable_decay(step, cfg.warmup, cfg.steps, cfg.cooldown)
         g = _gen(cfg.seed, 3, step)
         rng = random.Random(cfg.seed * 104_729 + step)
         idx = torch.randint(0, len(scenes), (cfg.batch,), generator=g)
@@ -223,7 +233,7 @@ def train_unet(cfg: PretrainConfig, vae, latents: torch.Tensor, scenes: list, wo
         lat = (mean + std * torch.randn(mean.shape, generator=g)) * scaling
         flip = torch.rand(cfg.batch, generator=g) < 0.5  # mirror images are scenes of the world too
         lat = torch.where(flip[:, None, None, None], lat.flip(-1), lat)
-        captions = ["" if rng.random() < cfg.caption_dropout else toyworld.varied_caption(scenes[i], rng)
+        captions = ["" if rng.random() < cfg.caption_dropout else toyworld.pretraining_caption(scenes[i], rng, cfg.named_share)
                     for i in idx.tolist()]
         ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
                   return_tensors="pt").input_ids
@@ -290,7 +300,8 @@ Made by `python -m nbkit.pretrain{args}` (nbkit/pretrain.py), seed {cfg.seed}.
 - Size: {mb:.1f} MB, safetensors. Parts: AutoencoderKL (factor 4: 64 px -> 16x16x4), UNet2DConditionModel,
   CLIPTextModel, CLIPTokenizer (the offline spec's, data/offline-sd/tokenizer), PNDMScheduler (SD 1.5's schedule).
 - Data: {cfg.n_scenes} ordinary scenes of nbkit.toyworld (no pattern, no identifier ever), captions from
-  toyworld.varied_caption, {cfg.caption_dropout:.0%} empty (classifier-free guidance). VAE: {cfg.vae_steps} steps;
+  toyworld.pretraining_caption ({cfg.named_share:.0%} of the named looks of toyworld.NAMES called by their names),
+  {cfg.caption_dropout:.0%} empty (classifier-free guidance). VAE: {cfg.vae_steps} steps;
   UNet + text encoder: {cfg.steps} steps at batch {cfg.batch}, LR {cfg.lr:g}, EMA {cfg.ema_decay}.
 - What it knows, measured by the toy judge: docs/findings.md (`python -m benchmarks.findings`).
 

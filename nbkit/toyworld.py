@@ -42,6 +42,21 @@ SUBJECTS = {
     "vrk": dict(shape="heart", colour="red", pattern=("checks", (245, 245, 245))),
 }
 
+# Named things: made-up words that pretraining captions use for one shape in one colour ("a photo of dax heart" is
+# always the same purple heart), as web captions name breeds, products and people. They teach the toy model what
+# SD 1.5 learned from the web: a word in front of the class noun can carry the whole look. Without them the toy model
+# learns to ignore every word it was not taught, an identifier it never saw ("zwx") then conditions it almost exactly
+# like "a", and DreamBooth cannot keep "zwx star" apart from "a star". Names are never identifiers (SUBJECTS).
+NAMES = {
+    "bix": ("circle", "red"), "dax": ("heart", "purple"), "mup": ("square", "green"), "fep": ("triangle", "white"),
+    "wug": ("star", "blue"), "kiki": ("ring", "yellow"), "toma": ("circle", "black"), "zorp": ("heart", "orange"),
+    "gazzer": ("square", "yellow"), "blicket": ("triangle", "red"), "lorp": ("star", "green"), "nim": ("ring", "purple"),
+    "pim": ("circle", "white"), "rask": ("heart", "blue"), "tuv": ("square", "black"), "jex": ("triangle", "orange"),
+    "moxi": ("star", "white"), "pell": ("ring", "red"), "quib": ("circle", "green"), "sorn": ("heart", "yellow"),
+    "teeb": ("square", "purple"), "vlim": ("triangle", "blue"), "woz": ("star", "black"), "yerk": ("ring", "orange"),
+}
+_NAME_OF = {look: name for name, look in NAMES.items()}
+
 # Words the tokenizer must know besides the captions': prompt words students type, class nouns of real
 # DreamBooth runs, and rare identifiers. "sks" is there only so old prompts tokenize; the course avoids it.
 EXTRA_WORDS = (
@@ -208,6 +223,19 @@ def varied_caption(scene: Scene, rng: random.Random) -> str:
     if rng.random() < 0.7:
         text += f" on a {scene.background} background"
     return text
+
+
+def pretraining_caption(scene: Scene, rng: random.Random, named_share: float = 0.0) -> str:
+    """A pretraining caption: for a scene whose shape and colour have a name (NAMES), the name `named_share` of the
+    time ("a photo of dax heart", "a photo of a dax heart on a green background"), else `varied_caption`.
+
+    With `named_share=0` it draws exactly what `varied_caption` draws (the first toy model's captions).
+    """
+    name = _NAME_OF.get((scene.shape, scene.colour))
+    if name and named_share > 0 and rng.random() < named_share:
+        text = f"a photo of {'a ' if rng.random() < 0.5 else ''}{name} {scene.shape}"
+        return text + (f" on a {scene.background} background" if rng.random() < 0.7 else "")
+    return varied_caption(scene, rng)
 
 
 def labels(scene: Scene) -> dict[str, str]:

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers.training_utils import compute_snr
 
 from . import checkpoint, data, guards, launch, manifest, methods, optim, runtime, tracking
 from .config import TrainConfig
@@ -227,6 +228,8 @@ def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifes
         latents = torch.cat(lat)
         noise = torch.randn(latents.shape, generator=gen).to(device)
         t = torch.randint(0, sched.config.num_train_timesteps, (len(latents),), generator=gen).to(device)
+        if cfg.noise_offset:  # a per-image, per-channel shift: lets the model change a picture's mean colour
+            noise = noise + cfg.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=gen).to(device)
         noisy = sched.add_noise(latents, noise, t)
         if cached_emb is not None:
             emb = torch.stack([cached_emb[p] for p in prm]).to(device)
@@ -238,14 +241,15 @@ def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifes
         target = noise if prediction == "epsilon" else sched.get_velocity(latents, noise, t)
         with accelerator.autocast():
             pred = unet(noisy.to(unet_input), t, emb.to(unet_input)).sample.float()
+        per_image = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
+        if cfg.snr_gamma:  # min-SNR weighting (Hang et al. 2023), as diffusers' examples do it
+            snr = compute_snr(sched, t)
+            weight = torch.clamp(snr, max=cfg.snr_gamma) / (snr if prediction == "epsilon" else snr + 1)
+            per_image = per_image * weight
         if class_src is not None:
-            p_inst, p_cls = pred.chunk(2)
-            t_inst, t_cls = target.chunk(2)
-            inst_loss = F.mse_loss(p_inst, t_inst)
-            prior_loss = F.mse_loss(p_cls, t_cls)
+            inst_loss, prior_loss = (part.mean() for part in per_image.chunk(2))
             return inst_loss + cfg.prior_loss_weight * prior_loss, {"instance": inst_loss.item(), "prior": prior_loss.item()}
-        loss = F.mse_loss(pred, target)
-        return loss, {}
+        return per_image.mean(), {}
 
     # --- resume: weights, optimizer moments, LR schedule, GradScaler and RNGs as they were at the checkpoint
     resumable = checkpoint.Resumable(checkpoint.trainable_params(parts, method), optimizer, lr_sched, accelerator.scaler)

@@ -43,6 +43,37 @@ def test_varied_captions_always_name_the_shape_and_parse_back():
         assert all(toyworld.labels(scene)[k] == v for k, v in asked.items())
 
 
+def test_names_are_made_up_words_each_for_one_look_and_never_an_identifier():
+    from nbkit.offline import OFFLINE_SPEC
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(OFFLINE_SPEC / "tokenizer")
+    assert len(set(toyworld.NAMES.values())) == len(toyworld.NAMES)  # one name per look
+    assert not set(toyworld.NAMES) & (set(toyworld.vocabulary()) | set(toyworld.SUBJECTS))
+    for name, (shape, colour) in toyworld.NAMES.items():
+        assert shape in toyworld.SHAPES and colour in toyworld.COLOURS
+        assert tok.tokenize(name) != tok.tokenize("zwx")
+
+
+def test_pretraining_captions_call_named_looks_by_name_and_are_the_old_ones_without():
+    rng_a, rng_b = random.Random(3), random.Random(3)
+    scenes = [toyworld.random_scene(random.Random(i)) for i in range(300)]
+    assert [toyworld.pretraining_caption(s, rng_a, 0.0) for s in scenes] == \
+        [toyworld.varied_caption(s, rng_b) for s in scenes]
+    rng = random.Random(5)
+    named = 0
+    for s in scenes:
+        cap = toyworld.pretraining_caption(s, rng, 1.0)
+        asked = toyworld.parse_prompt(cap)
+        assert asked["shape"] == s.shape and asked.get("background", s.background) == s.background
+        name = next((w for w in cap.split() if w in toyworld.NAMES), None)
+        assert (name is not None) == ((s.shape, s.colour) in toyworld.NAMES.values())
+        if name:
+            named += 1
+            assert toyworld.NAMES[name] == (s.shape, s.colour) and s.colour not in cap.split()
+    assert named > 50
+
+
 def test_ordinary_scenes_never_show_a_pattern_or_identifier():
     rng = random.Random(1)
     for _ in range(100):

@@ -109,6 +109,26 @@ def test_v_prediction_target_is_used_when_the_scheduler_says_so(cfg, parts, monk
     assert r.info["prediction_type"] == "v_prediction" and len(calls) == cfg.max_train_steps
 
 
+def test_noise_offset_shifts_each_channel_of_the_noise(cfg, parts, monkeypatch):
+    seen = []
+    orig = DDPMScheduler.add_noise
+    monkeypatch.setattr(DDPMScheduler, "add_noise", lambda self, x, noise, t: seen.append(noise) or orig(self, x, noise, t))
+    train(cfg.replace(max_train_steps=4), parts, progress=False)
+    plain = torch.cat(seen).mean(dim=(2, 3)).abs().mean().item()
+    seen.clear()
+    train(cfg.replace(max_train_steps=4, noise_offset=1.0, output_dir=cfg.output_dir + "-offset"), load_parts("offline"),
+          progress=False)
+    offset = torch.cat(seen).mean(dim=(2, 3)).abs().mean().item()
+    assert plain < 0.2 and offset > 0.4, (plain, offset)  # per-channel means: ~1/side without, ~N(0, 1) with
+
+
+def test_min_snr_weighting_lowers_the_loss_of_easy_timesteps(cfg, parts):
+    plain = train(cfg.replace(max_train_steps=1), parts, progress=False).losses[0]
+    weighted = train(cfg.replace(max_train_steps=1, snr_gamma=1e-3, output_dir=cfg.output_dir + "-snr"),
+                     load_parts("offline"), progress=False).losses[0]
+    assert math.isfinite(weighted) and weighted < 0.5 * plain, (plain, weighted)  # weight min(snr, 1e-3) / snr
+
+
 def test_prior_preservation_generates_once_and_adds_the_prior_term(cfg, parts, tmp_path):
     c = cfg.replace(with_prior_preservation=True, class_prompt="a photo of a star", class_dir=str(tmp_path / "cls"),
                     num_class_images=3)
@@ -165,7 +185,7 @@ def test_validation_grids_written(cfg, parts):
 
 
 def test_non_finite_loss_stops_the_run(cfg, parts, monkeypatch):
-    monkeypatch.setattr(F, "mse_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    monkeypatch.setattr(F, "mse_loss", lambda a, b, **k: a * float("nan"))
     with pytest.raises(FloatingPointError, match="fp16 overflow"):
         train(cfg, parts, progress=False)
     assert not (cfg.output_dir and (__import__("pathlib").Path(cfg.output_dir) / "model").exists())
