@@ -97,6 +97,11 @@ def coerce(name: str, value):
             return int(float(value))
         if base == "float":
             return float(value)
+        if base == "float|str":  # a number, or a word such as "auto"
+            try:
+                return float(value)
+            except (TypeError, ValueError):
+                return str(value)
         if base == "str":
             return str(value)
         if base.startswith("list"):

@@ -62,8 +62,8 @@ class TrainConfig:
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0  # gradient clipping (0: off)
     prediction_type: str = "auto"  # "auto" (the model's scheduler says), "epsilon" or "v_prediction"
-    noise_offset: float = 0.0  # offset noise (diffusers' --noise_offset): match the base model's pretraining (toy-sd: 0.1)
-    snr_gamma: float = 0.0  # min-SNR loss weighting (diffusers' --snr_gamma; 5.0 is usual), 0: plain MSE
+    noise_offset: float | str = "auto"  # offset noise (diffusers' --noise_offset); "auto": as the model was pretrained (toy-sd 0.1, SD 1.5 0)
+    snr_gamma: float | str = "auto"  # min-SNR loss weighting (diffusers' --snr_gamma, 5.0 usual; 0 off); "auto": as pretrained
     # --- memory and speed
     mixed_precision: str = "auto"  # "auto" (fp16 on T4/P100, bf16 where supported, none on CPU), "no", "fp16", "bf16"
     use_8bit_adam: bool = False  # bitsandbytes 8-bit AdamW (CUDA only; falls back to AdamW with a message)
@@ -119,10 +119,10 @@ class TrainConfig:
             e.append(f"eval_seeds={self.eval_seeds}: must be at least 1 when eval_steps is on.")
         if self.mixed_precision not in PRECISIONS:
             e.append(f"mixed_precision={self.mixed_precision!r}: choose one of {', '.join(PRECISIONS)}.")
-        if not 0 <= self.noise_offset <= 1:
-            e.append(f"noise_offset={self.noise_offset}: must be between 0 and 1 (0.1 is usual, 0 turns it off).")
-        if self.snr_gamma < 0:
-            e.append(f"snr_gamma={self.snr_gamma}: must be >= 0 (5.0 is usual, 0 turns min-SNR weighting off).")
+        if self.noise_offset != "auto" and not (isinstance(self.noise_offset, (int, float)) and 0 <= self.noise_offset <= 1):
+            e.append(f"noise_offset={self.noise_offset!r}: \"auto\" or a number from 0 to 1 (0.1 is usual, 0 turns it off).")
+        if self.snr_gamma != "auto" and not (isinstance(self.snr_gamma, (int, float)) and self.snr_gamma >= 0):
+            e.append(f"snr_gamma={self.snr_gamma!r}: \"auto\" or a number >= 0 (5.0 is usual, 0 turns min-SNR weighting off).")
         if self.prediction_type not in PREDICTIONS:
             e.append(f"prediction_type={self.prediction_type!r}: choose one of {', '.join(PREDICTIONS)}.")
         if self.save_dtype not in ("fp32", "fp16"):

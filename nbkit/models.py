@@ -34,6 +34,14 @@ class SDParts:
         return self.noise_scheduler.config.prediction_type
 
     @property
+    def pretraining(self) -> dict:
+        """How the model was pretrained, where it says so (the kit's toy model: pretrain_config.json); else {}."""
+        import json
+
+        f = Path(self.source) / "pretrain_config.json"
+        return json.loads(f.read_text()) if f.is_file() else {}
+
+    @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 

@@ -131,6 +131,9 @@ def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifes
         if method.trains_text_encoder:
             parts.text_encoder.gradient_checkpointing_enable()
     prediction = parts.prediction_type if cfg.prediction_type == "auto" else cfg.prediction_type
+    # "auto": fine-tune with the noise and loss weighting the model was pretrained with (SD 1.5: neither)
+    noise_offset = parts.pretraining.get("offset_noise", 0.0) if cfg.noise_offset == "auto" else cfg.noise_offset
+    snr_gamma = parts.pretraining.get("snr_gamma", 0.0) if cfg.snr_gamma == "auto" else cfg.snr_gamma
     guards.check_disk(guards.run_disk_needs(cfg, parts, method, len(ckpts.complete()),  # before any class image
                                             checkpoint.step_of(resume_from) if resume_from else 0,
                                             cfg.use_8bit_adam and rt.device == "cuda"))
@@ -228,8 +231,8 @@ def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifes
         latents = torch.cat(lat)
         noise = torch.randn(latents.shape, generator=gen).to(device)
         t = torch.randint(0, sched.config.num_train_timesteps, (len(latents),), generator=gen).to(device)
-        if cfg.noise_offset:  # a per-image, per-channel shift: lets the model change a picture's mean colour
-            noise = noise + cfg.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=gen).to(device)
+        if noise_offset:  # a per-image, per-channel shift: lets the model change a picture's mean colour
+            noise = noise + noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=gen).to(device)
         noisy = sched.add_noise(latents, noise, t)
         if cached_emb is not None:
             emb = torch.stack([cached_emb[p] for p in prm]).to(device)
@@ -242,9 +245,9 @@ def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifes
         with accelerator.autocast():
             pred = unet(noisy.to(unet_input), t, emb.to(unet_input)).sample.float()
         per_image = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
-        if cfg.snr_gamma:  # min-SNR weighting (Hang et al. 2023), as diffusers' examples do it
+        if snr_gamma:  # min-SNR weighting (Hang et al. 2023), as diffusers' examples do it
             snr = compute_snr(sched, t)
-            weight = torch.clamp(snr, max=cfg.snr_gamma) / (snr if prediction == "epsilon" else snr + 1)
+            weight = torch.clamp(snr, max=snr_gamma) / (snr if prediction == "epsilon" else snr + 1)
             per_image = per_image * weight
         if class_src is not None:
             inst_loss, prior_loss = (part.mean() for part in per_image.chunk(2))
@@ -330,7 +333,8 @@ def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifes
     run.finish("finished", steps_done=cfg.max_train_steps, saved=str(saved))
     if tracker:
         print(tracker.summary())
-    info = {"precision": precision, "device": str(device), "prediction_type": prediction, "runtime": rt.describe(),
+    info = {"precision": precision, "device": str(device), "prediction_type": prediction, "noise_offset": noise_offset,
+            "snr_gamma": snr_gamma, "runtime": rt.describe(),
             "resumed_from": state.resumed_from, "manifest": run.path,
             "optimizer": getattr(optimizer, "name", type(optimizer).__name__), "optimizer_in_backward": in_backward,
             "processes": procs, "effective_batch": launch.effective_batch(cfg, procs)[0],

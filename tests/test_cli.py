@@ -74,6 +74,7 @@ def test_values_are_typed_by_the_field():
     assert cli.coerce("learning_rate", "1e-6") == 1e-6  # YAML 1.1 reads 1e-6 as text
     assert cli.coerce("max_train_steps", 400.0) == 400 and cli.coerce("text_encoder_steps", None) is None
     assert cli.coerce("train_text_encoder", "false") is False and cli.coerce("validation_prompts", "a b") == ["a b"]
+    assert cli.coerce("noise_offset", "1e-1") == 0.1 and cli.coerce("snr_gamma", "auto") == "auto"
     with pytest.raises(ConfigError, match="max_train_steps='many': expected int"):
         cli.coerce("max_train_steps", "many")
 

@@ -27,6 +27,9 @@ def test_defaults_are_valid_with_a_folder(tmp_path):
     (dict(with_prior_preservation=True, class_dir="c", class_prompt="zwx stars"), "contains the identifier"),
     (dict(with_prior_preservation=True, class_prompt="a star"), "needs class_dir"),
     (dict(method="textual_inversion"), "does not contain '<zwx>'"),
+    (dict(noise_offset=2.0), "noise_offset=2.0: \"auto\" or a number from 0 to 1"),
+    (dict(noise_offset="yes"), "noise_offset='yes'"),
+    (dict(snr_gamma=-1), "snr_gamma=-1: \"auto\" or a number >= 0"),
     (dict(method="textual_inversion", instance_prompt="a <zwx>", initializer_token="two words"), "must be one word"),
 ])
 def test_impossible_settings_are_named(tmp_path, kw, expect):

@@ -113,7 +113,7 @@ def test_noise_offset_shifts_each_channel_of_the_noise(cfg, parts, monkeypatch):
     seen = []
     orig = DDPMScheduler.add_noise
     monkeypatch.setattr(DDPMScheduler, "add_noise", lambda self, x, noise, t: seen.append(noise) or orig(self, x, noise, t))
-    train(cfg.replace(max_train_steps=4), parts, progress=False)
+    train(cfg.replace(max_train_steps=4, noise_offset=0.0), parts, progress=False)
     plain = torch.cat(seen).mean(dim=(2, 3)).abs().mean().item()
     seen.clear()
     train(cfg.replace(max_train_steps=4, noise_offset=1.0, output_dir=cfg.output_dir + "-offset"), load_parts("offline"),
@@ -122,8 +122,18 @@ def test_noise_offset_shifts_each_channel_of_the_noise(cfg, parts, monkeypatch):
     assert plain < 0.2 and offset > 0.4, (plain, offset)  # per-channel means: ~1/side without, ~N(0, 1) with
 
 
+def test_auto_noise_settings_are_the_models_pretraining_ones(cfg, parts, tmp_path):
+    r = train(cfg.replace(max_train_steps=1), parts, progress=False)
+    pre = parts.pretraining  # the toy model says how it was pretrained; SD 1.5 does not (then: neither)
+    assert (r.info["noise_offset"], r.info["snr_gamma"]) == (pre.get("offset_noise", 0.0), pre.get("snr_gamma", 0.0))
+    assert (r.info["noise_offset"], r.info["snr_gamma"]) == ((0.1, 5.0) if pre else (0.0, 0.0))
+    (tmp_path / "pretrain_config.json").write_text('{"offset_noise": 0.05}')
+    parts.source = str(tmp_path)
+    assert parts.pretraining == {"offset_noise": 0.05}
+
+
 def test_min_snr_weighting_lowers_the_loss_of_easy_timesteps(cfg, parts):
-    plain = train(cfg.replace(max_train_steps=1), parts, progress=False).losses[0]
+    plain = train(cfg.replace(max_train_steps=1, snr_gamma=0.0), parts, progress=False).losses[0]
     weighted = train(cfg.replace(max_train_steps=1, snr_gamma=1e-3, output_dir=cfg.output_dir + "-snr"),
                      load_parts("offline"), progress=False).losses[0]
     assert math.isfinite(weighted) and weighted < 0.5 * plain, (plain, weighted)  # weight min(snr, 1e-3) / snr
