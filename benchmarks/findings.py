@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from nbkit import export, judge, load_parts
-from nbkit.offline import offline_model_dir
+from nbkit.offline import OFFLINE_BATCH_SIZE, offline_model_dir
 
 from . import toy_results as tr
 
@@ -69,10 +69,17 @@ def measure(quick: bool = False, lrs=None, steps=None, work: Path | None = None)
         r = tr.dreambooth(sweet_lr, sweet_steps, workdir=work, num_class_images=2 * seeds, **kw)
         return r, tr.judge_run(r.pipeline("ddim"), seeds)
 
-    # 2. prior preservation, at the sweet spot
     plain, out["plain"] = db()
     out["plain_seconds"], out["plain_bytes"] = plain.seconds, _size(plain.saved)
-    _, out["prior"] = db(prior=True)
+
+    # 2. prior preservation (and with the text encoder too), at the rate where drift shows fast
+    def pair(**kw):
+        r = tr.dreambooth(tr.PRIOR["lr"], tr.PRIOR["steps"], workdir=work, num_class_images=2 * seeds, **kw)
+        return tr.judge_run(r.pipeline("ddim"), seeds)
+
+    out["prior_setting"] = (tr.PRIOR["lr"], tr.PRIOR["steps"])
+    out["no_prior"], out["prior"] = pair(), pair(prior=True)
+    out["prior_te"] = pair(prior=True, train_text_encoder=True)
 
     # 3. schedulers on an overfit model: the middle learning rate run to the most steps (overfit, not destroyed:
     # at the hottest corner no sampler draws anything the judge can read)
@@ -125,13 +132,15 @@ def verdicts(m: dict) -> list[tuple[str, str, str, bool]]:
         f"best balance {pct(balance(sweet))} at LR {slr:g} x {sst} steps (subject {pct(sweet['subject_fidelity'])}, "
         f"new contexts {pct(sweet['prompt_fidelity'])}); the hottest cell, LR {hlr:g} x {hst}: new contexts "
         f"{pct(hot['prompt_fidelity'])}",
-        "grid below; UNet only, batch 1", balance(sweet) > balance(hot) and hot["prompt_fidelity"] < sweet["prompt_fidelity"]))
-    dp, dw = m["plain"]["class_drift"], m["prior"]["class_drift"]
+        f"grid below; UNet only, batch {OFFLINE_BATCH_SIZE}", balance(sweet) > balance(hot) and hot["prompt_fidelity"] < sweet["prompt_fidelity"]))
+    dp, dw = m["no_prior"]["class_drift"], m["prior"]["class_drift"]
+    plr, pst = m["prior_setting"]
     rows.append((
         "Prior preservation prevents language drift",
-        f"class drift {pct(dp)} without, {pct(dw)} with (subject {pct(m['plain']['subject_fidelity'])} -> "
-        f"{pct(m['prior']['subject_fidelity'])})",
-        f"LR {slr:g} x {sst}, {2 * m['seeds']} class images made by the model", dw <= 0.5 * dp and dp > 0))
+        f"class drift {pct(dp)} without, {pct(dw)} with (subject {pct(m['no_prior']['subject_fidelity'])} -> "
+        f"{pct(m['prior']['subject_fidelity'])}); with the text encoder trained too: drift "
+        f"{pct(m['prior_te']['class_drift'])}, subject {pct(m['prior_te']['subject_fidelity'])}",
+        f"LR {plr:g} x {pst}, {2 * m['seeds']} class images made by the model", dw <= 0.5 * dp and dp > 0))
     sc = m["schedulers"]
     ddim100 = sc[("ddim", 100)]["prompt_fidelity"]
     others = {k: v["prompt_fidelity"] for k, v in sc.items() if k[0] != "ddim" and k[1] == 100}

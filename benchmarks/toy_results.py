@@ -25,7 +25,7 @@ import torch
 
 from nbkit import judge, load_parts, pipeline, toyworld
 from nbkit.config import TrainConfig
-from nbkit.offline import NEW_CONTEXTS, SAMPLE_INSTANCE_DIR, offline_model_dir
+from nbkit.offline import NEW_CONTEXTS, OFFLINE_BATCH_SIZE, SAMPLE_INSTANCE_DIR, offline_model_dir
 from nbkit.sample import generate
 from nbkit.train import train
 
@@ -34,6 +34,9 @@ SUBJECT, CLASS_NOUN = "zwx", "star"
 INSTANCE_PROMPT = f"a photo of {SUBJECT} {CLASS_NOUN}"
 CLASS_PROMPT = f"a photo of a {CLASS_NOUN}"
 SAMPLE = dict(steps=20, guidance=7.5, scheduler="ddim")  # how every measured picture is drawn
+# The prior-preservation comparison: a rate where drift shows within 200 steps. With the class term in every step
+# the subject needs a higher rate than alone (measured: docs/findings.md).
+PRIOR = dict(lr=5e-4, steps=200)
 
 
 def prompt_set(n: int, seed: int = 0) -> list[str]:
@@ -64,12 +67,13 @@ def base_prompt_following(pipe, n: int = 48, seed: int = 0) -> dict[str, float]:
 
 def dreambooth(lr: float, steps: int, prior: bool = False, workdir: Path | None = None, num_class_images: int = 16,
                seed: int = 0, instance_dir: Path = SAMPLE_INSTANCE_DIR, parts=None, **overrides):
-    """One toy fine-tune on the sample subject (DreamBooth of the UNet unless `overrides` say otherwise, e.g.
-    method="lora"), in a fresh output folder, from `parts` (default: the offline model); returns the TrainResult."""
+    """One toy fine-tune on the sample subject (DreamBooth of the UNet at the toy batch size unless `overrides` say
+    otherwise, e.g. method="lora"), in a fresh output folder, from `parts` (default: the offline model); returns the TrainResult."""
     workdir = Path(workdir or tempfile.mkdtemp(prefix="toydb-"))
     workdir.mkdir(parents=True, exist_ok=True)
     run_dir = tempfile.mkdtemp(prefix=f"db-{lr:g}-{steps}-{int(prior)}-", dir=workdir)  # never resumes another run
     overrides = {"method": "dreambooth", "instance_prompt": INSTANCE_PROMPT, "identifier": SUBJECT,
+                 "train_batch_size": OFFLINE_BATCH_SIZE,
                  "checkpointing_steps": 0, "validation_steps": 0, "sample_steps": SAMPLE["steps"], **overrides}
     cfg = TrainConfig(
         model="offline", instance_dir=str(instance_dir), output_dir=run_dir, resolution=64,

@@ -21,6 +21,9 @@ OFFLINE_SPEC = DATA_DIR / "offline-sd"  # configs + tokenizer, no weights
 PRETRAINED_TOY = DATA_DIR / "toy-sd"  # a pretrained toy model with weights, when it exists
 SAMPLE_INSTANCE_DIR = DATA_DIR / "instance" / "zwx_star"
 OFFLINE_RESOLUTION = 64  # image side the offline model works at
+# The toy model learns its subject from 4 of the 5 sample pictures per step; from one at a time it learns the stripes
+# but not the colours (measured: docs/findings.md). SD 1.5 uses 1 (objects) or 2 (faces).
+OFFLINE_BATCH_SIZE = 4
 # The sample subject's pictures show it on these backgrounds only: the others are "new contexts" for DreamBooth
 # (blue is left out of both, the subject's stripes being blue).
 SAMPLE_BACKGROUNDS = ("white", "yellow", "black")

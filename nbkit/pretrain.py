@@ -302,7 +302,8 @@ Made by `python -m nbkit.pretrain{args}` (nbkit/pretrain.py), seed {cfg.seed}.
 - Data: {cfg.n_scenes} ordinary scenes of nbkit.toyworld (no pattern, no identifier ever), captions from
   toyworld.pretraining_caption ({cfg.named_share:.0%} of the named looks of toyworld.NAMES called by their names),
   {cfg.caption_dropout:.0%} empty (classifier-free guidance). VAE: {cfg.vae_steps} steps;
-  UNet + text encoder: {cfg.steps} steps at batch {cfg.batch}, LR {cfg.lr:g}, EMA {cfg.ema_decay}.
+  UNet + text encoder: {cfg.steps} steps at batch {cfg.batch}, LR {cfg.lr:g} with the last {cfg.cooldown} steps cooling
+  down to 10 %, EMA {cfg.ema_decay}.
 - What it knows, measured by the toy judge: docs/findings.md (`python -m benchmarks.findings`).
 
 Full settings: pretrain_config.json. Same seed, same machine type: same weights.
