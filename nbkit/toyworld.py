@@ -5,7 +5,8 @@ for the offline run, the vocabulary of the offline tokenizer, and (later) the pr
 Everything is deterministic from a seed.
 
 Pretraining sees ordinary scenes only, captioned with the full grammar or with some words left out
-(`varied_caption`), so the model also follows short prompts ("a photo of a star"). Patterns never appear in
+(`varied_caption`), so the model also follows short prompts ("a photo of a star"), and some looks called by made-up
+names (`NAMES`, `pretraining_caption`). Patterns never appear in
 ordinary scenes: a subject's two-colour pattern is new to the model, as a student's dog is new to SD 1.5.
 The toy judge (nbkit.judge) learns the ground truth of `labels()`, patterns included (`patterned_scene`).
 
