@@ -46,8 +46,9 @@ SUBJECTS = {
 # Named things: made-up words that pretraining captions use for one shape in one colour ("a photo of dax heart" is
 # always the same purple heart), as web captions name breeds, products and people. They teach the toy model what
 # SD 1.5 learned from the web: a word in front of the class noun can carry the whole look. Without them the toy model
-# learns to ignore every word it was not taught, an identifier it never saw ("zwx") then conditions it almost exactly
-# like "a", and DreamBooth cannot keep "zwx star" apart from "a star". Names are never identifiers (SUBJECTS).
+# learned to ignore every word it was not taught: its text encoder put "a photo of zwx star" at a distance of 1.4 from
+# "a photo of a star" (adding "red" moves it ~30), so "zwx star" and "a star" were nearly one prompt for DreamBooth;
+# with them, 5.7. Names are never identifiers (SUBJECTS).
 NAMES = {
     "bix": ("circle", "red"), "dax": ("heart", "purple"), "mup": ("square", "green"), "fep": ("triangle", "white"),
     "wug": ("star", "blue"), "kiki": ("ring", "yellow"), "toma": ("circle", "black"), "zorp": ("heart", "orange"),

@@ -132,8 +132,9 @@ def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifes
             parts.text_encoder.gradient_checkpointing_enable()
     prediction = parts.prediction_type if cfg.prediction_type == "auto" else cfg.prediction_type
     # "auto": fine-tune with the noise and loss weighting the model was pretrained with (SD 1.5: neither)
-    noise_offset = parts.pretraining.get("offset_noise", 0.0) if cfg.noise_offset == "auto" else cfg.noise_offset
-    snr_gamma = parts.pretraining.get("snr_gamma", 0.0) if cfg.snr_gamma == "auto" else cfg.snr_gamma
+    pretrained = parts.pretraining
+    noise_offset = pretrained.get("offset_noise", 0.0) if cfg.noise_offset == "auto" else cfg.noise_offset
+    snr_gamma = pretrained.get("snr_gamma", 0.0) if cfg.snr_gamma == "auto" else cfg.snr_gamma
     guards.check_disk(guards.run_disk_needs(cfg, parts, method, len(ckpts.complete()),  # before any class image
                                             checkpoint.step_of(resume_from) if resume_from else 0,
                                             cfg.use_8bit_adam and rt.device == "cuda"))
