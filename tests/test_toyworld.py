@@ -18,7 +18,7 @@ from nbkit.offline import NEW_CONTEXTS, PRETRAINED_TOY, SAMPLE_BACKGROUNDS, offl
 # harder (the prior-preservation pair: drift shows fast), and an overfitting one. All at the toy batch size (4).
 SWEET = dict(lr=2e-4, steps=200)
 PUSHED = dict(lr=5e-4, steps=200)  # benchmarks.toy_results.PRIOR
-HOT = dict(lr=2e-3, steps=400)
+HOT = dict(lr=2e-3, steps=200)
 SEEDS = 8
 
 
@@ -173,5 +173,5 @@ def test_a_hot_run_overfits(tuned):
 
 
 def test_each_fine_tune_takes_under_a_minute(tuned):
-    for name, (_, seconds) in tuned.items():
-        assert seconds < 60, (name, seconds)
+    seconds = {name: round(s) for name, (_, s) in tuned.items()}
+    assert max(seconds.values()) < 60, seconds
