@@ -32,6 +32,7 @@ class Method:
     params: list[torch.nn.Parameter]
     save: Callable[[SDParts, Path], Path]  # writes the result, returns its path
     after_step: Callable[[], None] = lambda: None  # called after every optimizer update
+    full_precision: tuple[str, ...] = ()  # modules kept whole in fp32 (else: frozen weights in fp16 on a GPU)
     extra: dict = field(default_factory=dict)
 
     def trainable_modules(self, parts: SDParts) -> dict[str, torch.nn.Module]:
@@ -109,15 +110,24 @@ def _textual_inversion(cfg: TrainConfig, parts: SDParts) -> Method:
     keep = torch.ones(len(tok), dtype=torch.bool)
     keep[ids] = False
 
+    home = {}  # the original rows where the embedding trains: copied there once, not host -> GPU every step
+
     def after_step():  # only the new vectors may move: put every other row back (weight decay touches them all)
         w = te.get_input_embeddings().weight
+        key = (w.device, w.dtype)
+        if key not in home:
+            home.clear()
+            home[key] = (original[keep].to(w.device, w.dtype), keep.to(w.device))
+        rows, mask = home[key]
         with torch.no_grad():
-            w[keep] = original[keep].to(w.device, w.dtype)
+            w[mask] = rows
 
     def save(p: SDParts, out: Path) -> Path:
         from .export import ti_diffusers
 
         return ti_diffusers(p, cfg.placeholder_token, out)  # {placeholder: [num_vectors, dim]}, fp32
 
-    return Method("textual_inversion", False, True, [emb], save, after_step,
+    # The text encoder stays fp32 as in diffusers' TI script: the embedding's gradient flows through all of it
+    # (and CPU autocast, which the T4 rehearsal uses, cannot mix fp32 activations with fp16 layer norms).
+    return Method("textual_inversion", False, True, [emb], save, after_step, full_precision=("text_encoder",),
                   extra={"token_ids": ids, "original_embeddings": original})

@@ -12,6 +12,9 @@ import sys
 from dataclasses import dataclass
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the real default where a GPU and the hub are there
+# Tests only: with this set to 1, detect() answers T4_REHEARSAL and the training loop takes a T4's code path on
+# the CPU (fp16 frozen weights, fp16 autocast, a real GradScaler, 8-bit AdamW). Never for users: it is slow.
+REHEARSAL_ENV = "NBKIT_T4_REHEARSAL"
 
 
 @dataclass(frozen=True)
@@ -22,19 +25,31 @@ class Runtime:
     gpu_count: int
     gpu_memory_gb: float  # of the first GPU; 0 without one
     bf16: bool  # the GPU computes in bf16 (Ampere and newer)
+    rehearsal: bool = False  # a T4's code path taken on the CPU (tests; see REHEARSAL_ENV)
+
+    @property
+    def gpu_path(self) -> bool:
+        """The GPU's code path is taken: on a CUDA GPU, or rehearsed on the CPU."""
+        return self.device == "cuda" or self.rehearsal
 
     def describe(self) -> str:
         if self.device == "cuda":
             gpus = f"{self.gpu_count}x {self.gpu_name}, {self.gpu_memory_gb:.1f} GB each, {'bf16' if self.bf16 else 'fp16 only'}"
         else:
             gpus = f"no GPU ({self.device})"
+        if self.rehearsal:
+            gpus = f"{self.gpu_name}: a T4's fp16 code path on the CPU, for tests"
         return f"{self.platform}: {gpus}"
 
     def default_precision(self) -> str:
         """Mixed precision to use when the setting is 'auto'."""
-        if self.device != "cuda":
+        if not self.gpu_path:
             return "no"
         return "bf16" if self.bf16 else "fp16"
+
+
+# A T4 as the training loop sees it in the rehearsal: same precision decisions, but the tensors stay on the CPU.
+T4_REHEARSAL = Runtime("local", "cpu", "Tesla T4 (rehearsal)", 1, 14.75, False, rehearsal=True)
 
 
 def platform() -> str:
@@ -46,19 +61,30 @@ def platform() -> str:
 
 
 def detect() -> Runtime:
-    """The runtime here. Does not initialise CUDA when it can avoid it (nvidia-smi answers), so that
-    `accelerate.notebook_launcher` can still fork one process per GPU afterwards."""
+    """The runtime here. Does not initialise CUDA when it can avoid it (nvidia-smi answers).
+
+    bf16 is decided by compute capability >= 8.0 (Ampere on), never by `torch.cuda.is_bf16_supported()`: with
+    its default `including_emulation=True` that answers True on a T4 (sm75) once CUDA is initialised, and a T4
+    would then train in bf16 without a GradScaler, lose the memory-efficient attention kernel and run slowly.
+    """
     import torch
 
+    if os.environ.get(REHEARSAL_ENV, "0") not in ("0", ""):
+        return T4_REHEARSAL
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # is_available() without creating a context
     if torch.cuda.is_available():
         gpu = None if torch.cuda.is_initialized() else _nvidia_smi()
         if gpu is None:
             props = torch.cuda.get_device_properties(0)
-            gpu = (props.name, props.total_memory / 2**30, torch.cuda.is_bf16_supported())
+            gpu = (props.name, props.total_memory / 2**30, bf16_capable(props.major, props.minor))
         return Runtime(platform(), "cuda", gpu[0], torch.cuda.device_count(), gpu[1], gpu[2])
     device = "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu"
     return Runtime(platform(), device, None, 0, 0.0, False)
+
+
+def bf16_capable(major: int, minor: int = 0) -> bool:
+    """bf16 compute from Ampere (compute capability 8.0) on; a T4 is 7.5, a P100 6.0."""
+    return (major, minor) >= (8, 0)
 
 
 def _nvidia_smi() -> tuple[str, float, bool] | None:
@@ -69,7 +95,8 @@ def _nvidia_smi() -> tuple[str, float, bool] | None:
         out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,compute_cap", "--format=csv,noheader,nounits"],
                              capture_output=True, text=True, timeout=10, check=True).stdout.splitlines()[0]
         name, mib, cap = (x.strip() for x in out.split(","))
-        return name, float(mib) / 1024, float(cap) >= 8.0  # bf16 from Ampere (compute capability 8.0) on
+        major, _, minor = cap.partition(".")
+        return name, float(mib) / 1024, bf16_capable(int(major), int(minor or 0))
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):
         return None
 

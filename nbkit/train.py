@@ -57,13 +57,52 @@ class TrainResult:
 
 def _precision(cfg: TrainConfig, rt: runtime.Runtime) -> str:
     p = rt.default_precision() if cfg.mixed_precision == "auto" else cfg.mixed_precision
-    if p == "bf16" and rt.device == "cuda" and not rt.bf16:
+    if p == "bf16" and rt.gpu_path and not rt.bf16:
         warnings.warn(f"{rt.gpu_name} has no bf16: using fp16 instead.")
         p = "fp16"
-    if p == "fp16" and rt.device != "cuda":
+    if p == "fp16" and not rt.gpu_path:
         warnings.warn("fp16 mixed precision needs a CUDA GPU: training in fp32 on this device.")
         p = "no"
     return p
+
+
+def _rehearse_t4(accelerator) -> None:
+    """The T4 rehearsal (runtime.REHEARSAL_ENV): accelerate takes fp16 on a CPU but neither autocasts nor scales
+    there; give it what it does on a GPU, fp16 autocast and a real GradScaler, so every line after is a T4's."""
+    accelerator.native_amp = True  # accelerator.autocast() -> torch.autocast("cpu", torch.float16)
+    accelerator.scaler = torch.amp.GradScaler("cpu")
+
+
+@dataclass
+class _Live:
+    """What a run leaves on the parts while it trains, put right however it ends (an error, out of memory,
+    a KeyboardInterrupt): gradients freed, the in-backward optimizer's hooks removed, the VAE back on the device.
+    Training again with the same parts then starts clean."""
+
+    parts: SDParts | None = None
+    params: list = field(default_factory=list)
+    optimizer: object = None
+    device: torch.device | None = None
+
+    def clean_up(self) -> None:
+        for p in self.params:
+            p.grad = None
+        if hasattr(self.optimizer, "remove_hooks"):
+            self.optimizer.remove_hooks()
+        if self.parts is not None and self.device is not None:
+            self.parts.vae.to(self.device)
+
+
+@torch.no_grad()
+def _place(module: torch.nn.Module, device, frozen_dtype: torch.dtype) -> None:
+    """Move to the device: what trains in fp32 (DreamBooth's UNet, LoRA's adapters, TI's embedding table),
+    what is frozen in `frozen_dtype` (fp16 on a T4). Tensor by tensor, so no full fp32 copy of a frozen model
+    lands on the GPU first, and a trained weight is never rounded through fp16 on its way."""
+    for p in module.parameters():
+        want = torch.float32 if p.requires_grad else frozen_dtype
+        if p.device != device or (p.is_floating_point() and p.dtype != want):
+            p.data = p.data.to(device, want if p.is_floating_point() else p.dtype)
+    module.to(device)  # the buffers
 
 
 def _encode_prompts(parts: SDParts, prompts: list[str], device) -> torch.Tensor:
@@ -79,21 +118,21 @@ def train(cfg: TrainConfig, parts: SDParts | None = None, progress: bool = True)
     it, to the same weights as if it had never stopped. However the run ends, run_manifest.json says how; when
     the GPU runs out of memory, the memory the run held is freed before the error reaches you.
     """
-    run = manifest.Run()
+    run, live = manifest.Run(), _Live()
     try:
-        return _train(cfg, parts, progress, run)
+        return _train(cfg, parts, progress, run, live)
     except BaseException as err:
         run.stopped(err)
+        live.clean_up()
         if isinstance(err, guards.OutOfMemory):
             guards.release(err)  # the loop's frames hold the optimizer state and activations: let them go
             raise err  # noqa: B904 - a fresh traceback that holds none of them
         raise
 
 
-def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifest.Run) -> TrainResult:
+def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifest.Run, live: _Live) -> TrainResult:
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params
     from tqdm.auto import tqdm
 
     # --- settings, folders and the checkpoint to resume from: checked before anything is loaded
@@ -105,6 +144,8 @@ def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifes
     rt = runtime.detect()
     precision = _precision(cfg, rt)
     accelerator = launch.make_accelerator(cfg, precision, cpu=rt.device == "cpu")
+    if rt.rehearsal and precision == "fp16":
+        _rehearse_t4(accelerator)
     device = accelerator.device
     weight_dtype = DTYPES[precision]
     set_seed(cfg.seed)  # the global RNGs too: LoRA's initial adapters, for one, are drawn from them
@@ -119,12 +160,9 @@ def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifes
     # --- model and method: which parameters train
     parts = parts or load_parts(cfg.model)
     method = methods.setup(cfg, parts)
-    for name, m in (("unet", parts.unet), ("text_encoder", parts.text_encoder), ("vae", parts.vae)):
-        trains = name in method.trainable_modules(parts)
-        dtype = torch.float32 if (trains and method.name != "lora") else weight_dtype
-        m.to(device) if m.dtype == dtype else m.to(device, dtype=dtype)
-    if method.name == "lora":
-        cast_training_params([parts.unet, parts.text_encoder], dtype=torch.float32)  # adapters train in fp32
+    live.parts, live.params, live.device = parts, method.params, device
+    for name in ("unet", "text_encoder", "vae"):
+        _place(getattr(parts, name), device, torch.float32 if name in method.full_precision else weight_dtype)
     if cfg.gradient_checkpointing:
         # the UNet's activations dominate even when it is frozen (TI: gradients flow through it to the embedding)
         parts.unet.enable_gradient_checkpointing()
@@ -137,7 +175,7 @@ def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifes
     snr_gamma = pretrained.get("snr_gamma", 0.0) if cfg.snr_gamma == "auto" else cfg.snr_gamma
     guards.check_disk(guards.run_disk_needs(cfg, parts, method, len(ckpts.complete()),  # before any class image
                                             checkpoint.step_of(resume_from) if resume_from else 0,
-                                            cfg.use_8bit_adam and rt.device == "cuda"))
+                                            cfg.use_8bit_adam and rt.gpu_path))
 
     # --- scores during training (main process only): its models load now, so a missing one stops the run at once
     tracker = (tracking.Tracker.for_training(cfg, parts, method, out)
@@ -169,11 +207,11 @@ def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifes
     scaling = parts.vae.config.scaling_factor
 
     @torch.no_grad()
-    def encode(px: torch.Tensor) -> torch.Tensor:
-        flat = px.flatten(0, 1).to(device, weight_dtype)
-        gen = torch.Generator().manual_seed(cfg.seed)
-        lat = torch.cat([parts.vae.encode(flat[i:i + 8]).latent_dist.sample(generator=gen) for i in range(0, len(flat), 8)])
-        return (lat.float() * scaling).unflatten(0, px.shape[:2])
+    def encode(px: torch.Tensor) -> torch.Tensor:  # 8 pictures at a time on the device, the rest stay on the CPU
+        flat, gen = px.flatten(0, 1), torch.Generator().manual_seed(cfg.seed)
+        lat = torch.cat([parts.vae.encode(flat[i:i + 8].to(device, weight_dtype)).latent_dist.sample(generator=gen)
+                         .float().cpu() for i in range(0, len(flat), 8)])
+        return (lat * scaling).unflatten(0, px.shape[:2])
 
     inst_px, class_px = pixels(instance), pixels(class_ex) if class_ex else None
     if cfg.cache_latents:
@@ -193,8 +231,10 @@ def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifes
             cached_emb = dict(zip(uniq, embs))
 
     # --- optimizer, LR schedule, accelerator
-    optimizer = optim.make_optimizer(method.params, cfg, rt.device, in_backward=in_backward,
+    # the rehearsal makes the optimizer a T4 would get (8-bit AdamW runs on a CPU too)
+    optimizer = optim.make_optimizer(method.params, cfg, "cuda" if rt.gpu_path else rt.device, in_backward=in_backward,
                                      scaler=accelerator.scaler, offloaded=bool(cfg.deepspeed_config))
+    live.optimizer = optimizer
     lr_sched = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                              num_training_steps=cfg.max_train_steps)
     trainable = method.trainable_modules(parts)
@@ -273,6 +313,7 @@ def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifes
     acc = cfg.gradient_accumulation_steps
     advice = guards.training_advice(cfg, rt)
     step_seconds: list[float] = []
+    scaler, scales, skipped = accelerator.scaler, [], []  # fp16: the loss scale after each step, steps skipped
     bar = tqdm(range(state.step, cfg.max_train_steps), initial=state.step, total=cfg.max_train_steps,
                desc=f"{method.name}", disable=not progress)
     for step in bar:
@@ -297,7 +338,12 @@ def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifes
                 raise guards.non_finite_loss(total, step, ckpts.latest(), precision)
             if cfg.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(method.params, cfg.max_grad_norm)
+            overflowed = getattr(optimizer, "skipped", 0)  # the in-backward optimizer counts its own
             optimizer.step()
+            if scaler is not None:  # a step whose gradients overflowed was skipped, not applied; the scale halved
+                scales.append(scaler.get_scale())
+                if accelerator.optimizer_step_was_skipped or getattr(optimizer, "skipped", 0) > overflowed:
+                    skipped.append(step + 1)
             lr_sched.step()
             optimizer.zero_grad(set_to_none=True)
             method.after_step()
@@ -337,9 +383,10 @@ def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifes
     info = {"precision": precision, "device": str(device), "prediction_type": prediction, "noise_offset": noise_offset,
             "snr_gamma": snr_gamma, "runtime": rt.describe(),
             "resumed_from": state.resumed_from, "manifest": run.path,
-            "optimizer": getattr(optimizer, "name", type(optimizer).__name__), "optimizer_in_backward": in_backward,
+            "optimizer": getattr(optimizer, "name", None) or type(getattr(optimizer, "optimizer", optimizer)).__name__,
+            "optimizer_in_backward": in_backward,
             "processes": procs, "effective_batch": launch.effective_batch(cfg, procs)[0],
-            "step_seconds": step_seconds,
+            "step_seconds": step_seconds, "grad_scales": scales, "skipped_steps": skipped,
             "cuda_peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
     losses = [row["loss"] for row in state.log]
     return TrainResult(out, saved, losses, state.validation, time.perf_counter() - t0, parts, method, cfg, info,
@@ -356,7 +403,10 @@ def _sampling(cfg, parts, device, precision, weight_dtype):
     parts.unet.eval()
     parts.text_encoder.eval()
     try:
-        with torch.no_grad(), torch.autocast(device.type, dtype=weight_dtype, enabled=precision != "no"):
+        # no autocast weight cache: it would keep a half copy of every fp32 trained weight (1.6 GiB for SD 1.5's
+        # UNet) for the whole sampling loop
+        with torch.no_grad(), torch.autocast(device.type, dtype=weight_dtype, enabled=precision != "no",
+                                             cache_enabled=False):
             yield pipeline(parts, cfg.sample_scheduler)
     finally:
         parts.unet.train(was_training[0])
