@@ -11,9 +11,10 @@ Limits (the loop falls back to the normal optimizer, saying why; see `in_backwar
 - no gradient accumulation: each backward pass updates the weights;
 - no clipping by the global gradient norm: that norm needs every gradient at once (set max_grad_norm=0);
 - one process only (with DDP each GPU would step on its own gradients before they are averaged), no DeepSpeed.
-With fp16 the loss is scaled as usual (accelerate's GradScaler); the hooks unscale each gradient, and a
-gradient that overflowed is zeroed for that step (the scale is then halved, as GradScaler does); the overflow
-check costs one GPU sync per step, not one per parameter.
+With fp16 the loss is scaled as usual (accelerate's GradScaler); the hooks unscale each gradient, and a weight
+whose gradient overflowed is not updated in that step (the scale is then halved, as GradScaler does). Unlike
+GradScaler, which skips the whole step, the weights whose gradients came before the overflow were already
+updated: the price of never holding all gradients. The check costs one GPU sync per parameter in fp16.
 """
 
 from __future__ import annotations
@@ -109,8 +110,11 @@ class InBackwardOptimizer(torch.optim.Optimizer):
             if self._found_inf is None:
                 self._found_inf = torch.zeros((), device=p.grad.device)
             g = p.grad.mul_(self._inv_scale)
-            self._found_inf += (~torch.isfinite(g)).any()
-            torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+            bad = (~torch.isfinite(g)).any()
+            self._found_inf += bad
+            if bool(bad):  # this weight's update is skipped, as GradScaler skips a whole step (one sync each)
+                p.grad = None
+                return
         self._by_param[id(p)].step()
         p.grad = None
         self.steps_in_backward += 1

@@ -143,6 +143,10 @@ def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifes
     resume_from = ckpts.resume_point(cfg)  # None, or the complete checkpoint to continue (same settings)
     rt = runtime.detect()
     precision = _precision(cfg, rt)
+    if launch.world_size() == 1:  # one process: a kernel that trained in one precision may train in another
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state()  # accelerate's singleton refuses a second mixed_precision otherwise
     accelerator = launch.make_accelerator(cfg, precision, cpu=rt.device == "cpu")
     if rt.rehearsal and precision == "fp16":
         _rehearse_t4(accelerator)
