@@ -10,7 +10,7 @@ Imported on their own: takehome (a run's formats in one call, each reloaded and 
 SD layout), hub (model card, upload), colab (runtime check, Drive, folders), course, widgets, sweep (papermill grids).
 For memory and speed: memory (what training costs, in words and tables), presets (settings per GPU), planner
 (predicted peak memory), memtrace (measured allocations), optim (optimizer, in backward), launch (multi-GPU,
-DeepSpeed, notebook_launcher), cli (`python -m nbkit`, `accelerate launch -m nbkit`), sd15 (SD 1.5's
+DeepSpeed, every GPU from a notebook), cli (`python -m nbkit`, `accelerate launch -m nbkit`), sd15 (SD 1.5's
 architecture without weights).
 For studies: sweep (any notebook over a grid of parameters with papermill, resumable; `python -m nbkit.sweep`).
 """

@@ -164,9 +164,11 @@ class TrainConfig:
                 e.append("with_prior_preservation=True needs class_dir, a folder where class images are cached.")
             if self.num_class_images < 1:
                 e.append(f"num_class_images={self.num_class_images}: must be at least 1 (the guide uses ~200).")
-        if self.deepspeed_config and check_paths and not Path(self.deepspeed_config).is_file():
-            e.append(f"deepspeed_config {self.deepspeed_config!r} does not exist: use nbkit.presets."
-                     "deepspeed_config_path() (configs/deepspeed/zero2_offload.json) or leave it empty.")
+        if self.deepspeed_config:
+            e += self._deepspeed_problems()
+            if check_paths and not Path(self.deepspeed_config).is_file():
+                e.append(f"deepspeed_config {self.deepspeed_config!r} does not exist: use nbkit.presets."
+                         "deepspeed_config_path() (configs/deepspeed/zero2_offload.json) or leave it empty.")
         if check_paths:
             p = Path(self.instance_dir) if self.instance_dir else None
             if p is None:
@@ -178,3 +180,23 @@ class TrainConfig:
         if e:
             raise ConfigError("These settings need fixing:\n  - " + "\n  - ".join(e))
         return self
+
+    def _deepspeed_problems(self) -> list[str]:
+        """What DeepSpeed cannot train here: accelerate prepares one model for it, and ZeRO steps its own fp32 copy."""
+        e: list[str] = []
+        if self.method == "dreambooth" and self.train_text_encoder:
+            e.append("deepspeed_config with train_text_encoder=True: DeepSpeed here trains the UNet only (accelerate "
+                     "prepares one model for it). Set train_text_encoder=False, or use PRESET='8gb' to train the text "
+                     "encoder on 8 GB.")
+        if self.method == "lora" and self.lora_text_encoder:
+            e.append("deepspeed_config with method='lora' and lora_text_encoder=True: accelerate prepares one model for "
+                     "DeepSpeed, the text encoder's adapters would be a second. Set lora_text_encoder=False (UNet "
+                     "adapters only), or leave deepspeed_config empty: LoRA fits 8 GB without DeepSpeed (PRESET='8gb').")
+        if self.method == "textual_inversion":
+            e.append("deepspeed_config with method='textual_inversion': ZeRO steps its own fp32 copy of the embeddings "
+                     "and writes it back, undoing TI's restore of every row but the new token's. TI's memory is tiny, "
+                     "it fits 8 GB without DeepSpeed: leave deepspeed_config empty (PRESET='8gb').")
+        if self.gradient_accumulation_steps != 1:
+            e.append(f"deepspeed_config with gradient_accumulation_steps={self.gradient_accumulation_steps}: use 1 "
+                     "(DeepSpeed would scale the loss a second time); raise train_batch_size instead.")
+        return e

@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers.training_utils import compute_snr
 
 from . import checkpoint, data, guards, launch, manifest, methods, optim, runtime, tracking
 from .config import TrainConfig
@@ -133,6 +132,7 @@ def train(cfg: TrainConfig, parts: SDParts | None = None, progress: bool = True)
 def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifest.Run, live: _Live) -> TrainResult:
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import compute_snr  # imports bitsandbytes: not at `import nbkit`
     from tqdm.auto import tqdm
 
     # --- settings, folders and the checkpoint to resume from: checked before anything is loaded

@@ -78,12 +78,3 @@ def test_values_are_typed_by_the_field():
     with pytest.raises(ConfigError, match="max_train_steps='many': expected int"):
         cli.coerce("max_train_steps", "many")
 
-
-def test_notebook_launcher_worker_trains_from_a_config_dict(cfg):
-    """What each process of `nbkit.launch.notebook` runs; accelerate's notebook_launcher with one CPU process."""
-    from accelerate import notebook_launcher
-
-    c = cfg.replace(max_train_steps=1, validation_prompts=["a star"], validation_steps=0)
-    notebook_launcher(launch._worker, (c.to_dict(),), num_processes=1)
-    assert len(json.loads((Path(c.output_dir) / "losses.json").read_text())) == 1
-    assert (Path(c.output_dir) / "model" / "model_index.json").exists()
