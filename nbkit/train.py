@@ -376,6 +376,8 @@ def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifes
     for m in (parts.unet, parts.text_encoder):
         m.eval()
     parts.unet = accelerator.unwrap_model(unet)
+    if cfg.deepspeed_config:
+        _deepspeed_master_weights(parts.unet)
     parts.text_encoder = accelerator.unwrap_model(text_encoder)
     parts.vae.to(device)
     saved = method.save(parts, out / "model") if accelerator.is_main_process else out / "model"
@@ -395,6 +397,18 @@ def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifes
     losses = [row["loss"] for row in state.log]
     return TrainResult(out, saved, losses, state.validation, time.perf_counter() - t0, parts, method, cfg, info,
                        tracker.rows if tracker else [], tracker.best if tracker else None)
+
+
+@torch.no_grad()
+def _deepspeed_master_weights(model: torch.nn.Module) -> None:
+    """DeepSpeed trains fp16 weights against fp32 master copies kept in its optimizer: put the masters back in
+    the model before it is saved, so that an fp32 save holds fp32 weights, not fp16-rounded ones labelled fp32."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    for p in model.parameters():
+        full = safe_get_full_fp32_param(p)
+        if full is not None:
+            p.data = full.detach().to(p.device).reshape(p.shape)
 
 
 @contextlib.contextmanager
