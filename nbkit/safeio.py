@@ -39,7 +39,14 @@ def save_tensors(tensors: Mapping[str, torch.Tensor], path: str | Path, metadata
     from safetensors.torch import save
 
     path = Path(path)
-    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    cpu, storages = {}, set()
+    for k, v in tensors.items():
+        v = v.detach().to("cpu").contiguous()
+        ptr = v.untyped_storage().data_ptr()
+        if v.numel() and ptr in storages:  # views of one storage (safetensors refuses them): each its own copy
+            v = v.clone()
+        storages.add(ptr)
+        cpu[k] = v
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     fsync_write(tmp, save(cpu, metadata=metadata))
     os.replace(tmp, path)
@@ -107,33 +114,69 @@ def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict:
         raise
 
 
-def _flatten(obj, tensors: dict[str, torch.Tensor]):
-    """A JSON-able skeleton of `obj`; its tensors go into `tensors` under generated keys."""
-    if isinstance(obj, torch.Tensor):
-        key = f"t{len(tensors)}"
-        tensors[key] = obj
-        return {"__tensor__": key}
-    if isinstance(obj, dict):
-        return {"__dict__": [[_flatten(k, tensors), _flatten(v, tensors)] for k, v in obj.items()]}
-    if isinstance(obj, tuple):
-        return {"__tuple__": [_flatten(v, tensors) for v in obj]}
-    if isinstance(obj, list):
-        return [_flatten(v, tensors) for v in obj]
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    raise TypeError(f"save_tree stores tensors, numbers, strings and containers of them, not {type(obj).__name__}")
+def split_tree(obj) -> tuple[dict[str, torch.Tensor], object]:
+    """Nested dicts/lists/tuples of tensors and plain values (an optimizer's state_dict, any optimizer's) as
+    (tensors by name, a JSON-able skeleton); `join_tree` puts them back together, types and structure exact.
+
+    Each tensor is named by where it sits ("state/0/exp_avg", at any depth); one tensor met twice is stored once
+    and comes back as one. A dict whose keys are all strings (none starting with "__") stays a JSON object; any
+    other (a torch optimizer's state is keyed by int parameter index, which JSON would turn into strings) becomes
+    {"__dict__": [[key, value], ...]} with its keys' types kept; a tuple becomes {"__tuple__": [...]}.
+    Raises TypeError, naming where, for anything else (an object that only pickle could store).
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    names: dict[int, str] = {}  # id(tensor) -> its name: the same tensor twice is stored once
+
+    def walk(x, path: str):
+        if isinstance(x, torch.Tensor):
+            if id(x) not in names:
+                name = path or "tensor"
+                while name in tensors:  # two paths that read alike ("a/b" as one key, or nested)
+                    name += "~"
+                names[id(x)], tensors[name] = name, x
+            return {"__tensor__": names[id(x)]}
+        if isinstance(x, dict):
+            if all(isinstance(k, str) and not k.startswith("__") for k in x):
+                return {k: walk(v, f"{path}/{k}" if path else k) for k, v in x.items()}
+            return {"__dict__": [[_key(k, path), walk(v, f"{path}/{k}" if path else str(k))] for k, v in x.items()]}
+        if isinstance(x, (list, tuple)):
+            items = [walk(v, f"{path}/{i}" if path else str(i)) for i, v in enumerate(x)]
+            return {"__tuple__": items} if isinstance(x, tuple) else items
+        if x is None or isinstance(x, (bool, int, float, str)):
+            return x
+        raise TypeError(f"{path or 'the top level'} holds a {type(x).__module__}.{type(x).__name__}, which cannot be "
+                        "saved without pickle: only tensors, numbers, strings, None and dicts/lists/tuples of them can.")
+
+    return tensors, walk(obj, "")
 
 
-def _unflatten(skel, tensors: dict[str, torch.Tensor]):
-    if isinstance(skel, dict):
-        if "__tensor__" in skel:
-            return tensors[skel["__tensor__"]]
-        if "__tuple__" in skel:
-            return tuple(_unflatten(v, tensors) for v in skel["__tuple__"])
-        return {_unflatten(k, tensors): _unflatten(v, tensors) for k, v in skel["__dict__"]}
-    if isinstance(skel, list):
-        return [_unflatten(v, tensors) for v in skel]
-    return skel
+def _key(k, path: str):
+    """A dict key in the skeleton: a plain value, or a tuple of them."""
+    if isinstance(k, tuple):
+        return {"__tuple__": [_key(v, path) for v in k]}
+    if k is None or isinstance(k, (bool, int, float, str)):
+        return k
+    raise TypeError(f"{path or 'the top level'} has a dict key of type {type(k).__name__}: only numbers, strings, "
+                    "None and tuples of them can be saved as keys.")
+
+
+def join_tree(skeleton, tensors: Mapping[str, torch.Tensor]):
+    """What split_tree took apart: the same structure, types and tensors."""
+    if isinstance(skeleton, dict):
+        if "__tensor__" in skeleton:
+            return tensors[skeleton["__tensor__"]]
+        if "__tuple__" in skeleton:
+            return tuple(join_tree(v, tensors) for v in skeleton["__tuple__"])
+        if "__dict__" in skeleton:
+            return {_hashable(join_tree(k, tensors)): join_tree(v, tensors) for k, v in skeleton["__dict__"]}
+        return {k: join_tree(v, tensors) for k, v in skeleton.items()}
+    if isinstance(skeleton, list):
+        return [join_tree(v, tensors) for v in skeleton]
+    return skeleton
+
+
+def _hashable(k):
+    return tuple(_hashable(v) for v in k) if isinstance(k, (list, tuple)) else k
 
 
 def save_tree(obj, path: str | Path) -> Path:
@@ -141,8 +184,7 @@ def save_tree(obj, path: str | Path) -> Path:
     safetensors file, atomically: no pickle, so loading it can never run code."""
     import json
 
-    tensors: dict[str, torch.Tensor] = {}
-    skeleton = _flatten(obj, tensors)
+    tensors, skeleton = split_tree(obj)
     return save_tensors(tensors, path, metadata={"nbkit_tree": json.dumps(skeleton)})
 
 
@@ -155,4 +197,4 @@ def load_tree(path: str | Path, device: str | torch.device = "cpu"):
     with safe_open(str(path), framework="pt", device=str(device)) as f:
         skeleton = json.loads((f.metadata() or {})["nbkit_tree"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return _unflatten(skeleton, tensors)
+    return join_tree(skeleton, tensors)
