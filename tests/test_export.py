@@ -286,6 +286,36 @@ def test_take_home_lora_and_ti_reload_onto_the_base_model(lora_run, ti_run, ti_i
     assert all(e.max_pixel_diff <= 1 and e.note == "the same vectors" for e in ti.values()), ti
 
 
+def test_take_home_reloads_in_fp16_as_on_a_gpu(ti_run, ti_image, parts, tmp_path, monkeypatch):
+    """On a GPU every file is reloaded in fp16 (simulated here on the CPU): the embedding comes back rounded to
+    fp16 and the pictures differ by rounding; both count as the same model."""
+    from nbkit import takehome
+
+    monkeypatch.setattr(takehome, "_reload_dtype", lambda: torch.float16)
+    vec = export.embedding(ti_run, "<zwx>")
+    assert not torch.equal(vec.half().float(), vec)  # fp16 really rounds these vectors: the check has teeth
+    ti = takehome.take_home(ti_run, tmp_path / "ti", prompt=PROMPT, seed=1, steps=2, reference=ti_image)
+    assert all(e.ok and e.note == "the same vectors (up to float16 rounding)" for e in ti.values()), ti
+    db = takehome.take_home(parts, tmp_path / "db", method="dreambooth", name="zwx", prompt=PROMPT, steps=2, size=64)
+    assert all(e.ok for e in db.values()), db
+
+
+def test_vectors_note_allows_the_reload_precision_only():
+    from nbkit.takehome import vectors_note
+
+    torch.manual_seed(0)
+    vec = torch.randn(2, 32) * 0.02
+    assert vectors_note(vec.clone(), vec, torch.float32) == "the same vectors"
+    assert vectors_note(vec.half(), vec, torch.float16) == "the same vectors (up to float16 rounding)"
+    assert vectors_note(vec.bfloat16(), vec, torch.bfloat16) == "the same vectors (up to bfloat16 rounding)"
+    assert vectors_note(vec.bfloat16(), vec, torch.float16).startswith("the vectors DIFFER")  # more than fp16 rounds
+    assert vectors_note(vec.half().float(), vec, torch.float32).startswith("the vectors DIFFER")  # fp32: exact
+    moved = vec.clone()
+    moved[1, 3] += 1e-3
+    assert vectors_note(moved.half(), vec, torch.float16) == "the vectors DIFFER (largest difference 0.001)"
+    assert "shape (1, 32)" in vectors_note(vec[:1], vec, torch.float32)
+
+
 def test_take_home_says_what_is_wrong(parts, tmp_path, monkeypatch):
     from nbkit import takehome
 
