@@ -6,14 +6,20 @@
 - Training state that is not a flat dict of tensors (an optimizer's state, an EMA) goes through `save_tree` /
   `load_tree`: its tensors into safetensors, its structure (numbers, strings, int keys, tuples) into the file's
   JSON metadata.
+- A file too big to build in memory (an fp16 copy of a 3.4 GB UNet) is streamed: `save_streaming` writes the
+  header, then one tensor at a time.
 - A pickled file that the kit reads (`.bin`, `.pt` embeddings, `.ckpt`) goes through
   `torch.load(..., weights_only=True)`: tensors and plain containers only, never arbitrary objects.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
-from collections.abc import Callable, Iterable, Mapping
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -51,6 +57,97 @@ def save_tensors(tensors: Mapping[str, torch.Tensor], path: str | Path, metadata
     fsync_write(tmp, save(cpu, metadata=metadata))
     os.replace(tmp, path)
     return path
+
+
+# torch dtype <-> the dtype names of the safetensors header
+ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+             torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+TORCH_DTYPES = {v: k for k, v in ST_DTYPES.items()}
+
+
+def save_streaming(path: str | Path, specs: Mapping[str, tuple[torch.dtype, Sequence[int]]],
+                   get: Callable[[str], torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+    """Write a safetensors file one tensor at a time, atomically, never holding the whole file in memory.
+
+    `specs`: {name: (dtype, shape)} of every tensor (the header comes first); `get(name)`: the tensor itself, on
+    any device, asked for once per name; its CPU copy is written and let go before the next is asked for. So
+    an fp16 file of a GPU model costs one tensor of host memory, not the model's size.
+    """
+    if sys.byteorder != "little":  # pragma: no cover - every machine the kit runs on
+        raise RuntimeError("safetensors files are little-endian; this machine is not.")
+    unknown = sorted({str(d) for d, _ in specs.values() if d not in ST_DTYPES})
+    if unknown:
+        raise TypeError(f"save_streaming cannot write tensors of dtype {', '.join(unknown)}.")
+    size = {k: torch.empty((), dtype=d).element_size() for k, (d, _) in specs.items()}
+    order = sorted(specs, key=lambda k: (-size[k], k))  # larger elements first: every tensor stays aligned
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for k in order:
+        dtype, shape = specs[k]
+        end = offset + math.prod(shape) * size[k]
+        header[k] = {"dtype": ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little") + raw)
+            for k in order:
+                t = get(k).detach()
+                if t.dtype != specs[k][0] or tuple(t.shape) != tuple(specs[k][1]):
+                    raise ValueError(f"{k}: got a {t.dtype} tensor of shape {tuple(t.shape)}, the header says "
+                                     f"{specs[k][0]} {tuple(specs[k][1])}.")
+                f.write(t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
+                del t
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def one_file_per_part(folder: Path, dtype: torch.dtype) -> None:
+    """Each weights file in `folder` (a set of shards with its `.index.json`, or one file) becomes one file with
+    its floating-point tensors in `dtype`, streamed (save_streaming): one tensor in RAM at a time."""
+    groups = []  # (the one file, its shards, the index)
+    for index in sorted(folder.glob("*.safetensors.index.json")):
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        groups.append((folder / index.name.removesuffix(".index.json"), shards, index))
+    sharded = {s for _, shards, _ in groups for s in shards}
+    groups += [(f, [f.name], None) for f in sorted(folder.glob("*.safetensors")) if f.name not in sharded]
+    for target, shards, index in groups:
+        _stream_cast([folder / s for s in shards], target, dtype)
+        for s in shards:
+            if folder / s != target:
+                (folder / s).unlink()
+        if index is not None:
+            index.unlink()
+
+
+def _stream_cast(sources: list[Path], target: Path, dtype: torch.dtype) -> None:
+    """Write the tensors of `sources` into `target`, floating-point ones cast to `dtype`, one at a time (nothing
+    is rewritten when `target` is the one source and already in `dtype`)."""
+    from safetensors import safe_open
+
+    new = target.with_name(f".{target.name}.new")
+    with ExitStack() as stack:
+        files = [stack.enter_context(safe_open(str(s), framework="pt")) for s in sources]
+        where, specs, changed = {}, {}, len(sources) > 1 or sources[0] != target
+        for f in files:
+            for k in f.keys():
+                sl = f.get_slice(k)
+                was = TORCH_DTYPES[sl.get_dtype()]
+                specs[k] = (dtype if was.is_floating_point else was, tuple(sl.get_shape()))
+                changed |= specs[k][0] != was
+                where[k] = f
+        if not changed:
+            return
+        save_streaming(new, specs, lambda k: where[k].get_tensor(k).to(specs[k][0]), files[0].metadata())
+    os.replace(new, target)
 
 
 def save_sharded(tensors: Iterable[tuple[str, torch.Tensor]], folder: str | Path, prefix: str,
@@ -182,16 +279,12 @@ def _hashable(k):
 def save_tree(obj, path: str | Path) -> Path:
     """Save nested dicts/lists/tuples of tensors and plain values (an optimizer's state_dict, say) as one
     safetensors file, atomically: no pickle, so loading it can never run code."""
-    import json
-
     tensors, skeleton = split_tree(obj)
     return save_tensors(tensors, path, metadata={"nbkit_tree": json.dumps(skeleton)})
 
 
 def load_tree(path: str | Path, device: str | torch.device = "cpu"):
     """Read what save_tree wrote, with the same structure and types."""
-    import json
-
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt", device=str(device)) as f:
