@@ -192,13 +192,14 @@ class Checkpoints:
 
     def save(self, step: int, res: Resumable, state: dict) -> Path:
         """Write checkpoint `step` atomically, then delete the oldest beyond the limit; return its folder."""
+        opt_state = optimizer_state(res.optimizer)  # refused (DeepSpeed) before anything is written
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.root / f"step_{step:06d}"
         tmp = self.root / f".tmp-step_{step:06d}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         weights = save_sharded(res.params.items(), tmp, "weights")
-        opt_tensors, opt_rest = split_tree(optimizer_state(res.optimizer))
+        opt_tensors, opt_rest = split_tree(opt_state)
         optimizer = save_sharded(opt_tensors.items(), tmp, "optimizer")
         rng_tensors, rng_rest = _rng_state()
         save_tensors(rng_tensors, tmp / "rng.safetensors")

@@ -239,9 +239,12 @@ def _config_folder(model, written) -> Path:
 def _check_disk(model, out: Path, formats, dtype: str) -> None:
     """Fail before writing gigabytes onto a full disk (or a full Google Drive), with the numbers."""
     parts = export._parts(model)
-    n = sum(p.numel() for m in (parts.unet, parts.text_encoder, parts.vae) for p in m.parameters())
-    whole = n * (2 if dtype == "fp16" else 4)
-    need = whole * sum(f in ("diffusers", "single_file") for f in formats) * 1.05
+    sizes = [sum(p.numel() for p in m.parameters()) for m in (parts.unet, parts.text_encoder, parts.vae)]
+    per = 2 if dtype == "fp16" else 4
+    need = sum(sizes) * per if "single_file" in formats else 0
+    if "diffusers" in formats:  # save_pretrained writes fp32, then each part is streamed into its final file
+        need += sum(sizes) * 4 + max(sizes) * per
+    need *= 1.05
     free = shutil.disk_usage(out).free
     if need > free:
         raise OSError(f"exporting {', '.join(formats)} needs ~{need / 1e9:.1f} GB but {out} has {free / 1e9:.1f} GB "

@@ -249,6 +249,9 @@ def test_deepspeed_optimizer_is_refused_with_what_to_do(tmp_path):
     with pytest.raises(ResumeError, match="checkpointing_steps=0"):
         optimizer_state(wrapped)
     model, res = tiny()
+    with pytest.raises(ResumeError, match="not supported"):
+        Checkpoints(tmp_path / "ckpts").save(1, Resumable(res.params, wrapped, res.lr_scheduler), {})
+    assert not (tmp_path / "ckpts").exists()  # refused before anything was written
     assert optimizer_state(res.optimizer) == res.optimizer.state_dict()
 
 

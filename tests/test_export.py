@@ -354,6 +354,11 @@ def test_take_home_says_what_is_wrong(parts, tmp_path, monkeypatch):
     monkeypatch.setattr(takehome.shutil, "disk_usage", lambda p: type("U", (), {"free": 10**6})())
     with pytest.raises(OSError, match="free some space"):
         takehome.take_home(parts, tmp_path, method="dreambooth")
+    # the fp16 folder is first written in fp32, then cast part by part: twice the fp16 size is not enough
+    n = sum(p.numel() for m in (parts.unet, parts.text_encoder, parts.vae) for p in m.parameters())
+    monkeypatch.setattr(takehome.shutil, "disk_usage", lambda p: type("U", (), {"free": n * 2 * 2 * 1.1})())
+    with pytest.raises(OSError, match="free some space"):
+        takehome.take_home(parts, tmp_path, method="dreambooth")
 
 
 def test_push_explains_when_it_cannot_upload_and_builds_the_card(ti_run, tmp_path, monkeypatch, capsys):
