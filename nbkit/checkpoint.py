@@ -4,7 +4,9 @@ A checkpoint is a folder `step_NNNNNN/` holding everything the next step depends
 
 - `weights-*.safetensors`: only what trains (the UNet and/or text encoder for DreamBooth, the adapters for LoRA,
   the embedding for Textual Inversion), in full precision;
-- `optimizer-*.safetensors`: the optimizer's moments (sharded: never more than ~1 GB in RAM at once);
+- `optimizer-*.safetensors`: every tensor of the optimizer's state dict (sharded: never more than ~1 GB in RAM at
+  once); its structure and plain values go into `checkpoint.json` (nbkit.safeio.split_tree: any optimizer's
+  state dict, at any depth: torch AdamW, bitsandbytes' 8-bit AdamW, the optimizer in backward's list of them);
 - `rng.safetensors` and `checkpoint.json`: the step, LR schedule, GradScaler, RNG states, the settings and a
   fingerprint of the training pictures (the data order is a function of (seed, step), see data.batch_indices),
   the loss log, the validation grids and the metrics rows so far (nbkit.tracking), and the size of every file.
@@ -32,10 +34,10 @@ import numpy as np
 import torch
 
 from .config import TrainConfig
-from .safeio import fsync_write, load_sharded, save_sharded, save_tensors
+from .safeio import fsync_write, join_tree, load_sharded, save_sharded, save_tensors, split_tree
 
 INFO = "checkpoint.json"
-FORMAT = 1
+FORMAT = 2  # 2: the optimizer state through safeio.split_tree (1: {"state", "param_groups"} only)
 NAME = re.compile(r"^step_(\d{6,})$")
 # Settings that may change between an interrupted run and its resumption: where things go, how often to
 # checkpoint or sample, how long to train, and speed/memory settings that leave the maths alone.
@@ -190,14 +192,15 @@ class Checkpoints:
 
     def save(self, step: int, res: Resumable, state: dict) -> Path:
         """Write checkpoint `step` atomically, then delete the oldest beyond the limit; return its folder."""
+        opt_state = optimizer_state(res.optimizer)  # refused (DeepSpeed) before anything is written
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.root / f"step_{step:06d}"
         tmp = self.root / f".tmp-step_{step:06d}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         weights = save_sharded(res.params.items(), tmp, "weights")
-        opt_tensors, opt_rest = _split_optimizer(res.optimizer.state_dict())
-        optimizer = save_sharded(opt_tensors, tmp, "optimizer")
+        opt_tensors, opt_rest = split_tree(opt_state)
+        optimizer = save_sharded(opt_tensors.items(), tmp, "optimizer")
         rng_tensors, rng_rest = _rng_state()
         save_tensors(rng_tensors, tmp / "rng.safetensors")
         info = {
@@ -285,7 +288,11 @@ def restore(path: str | Path, res: Resumable) -> dict:
                           "another method or model.")
     device = next(iter(res.params.values())).device  # moments go straight to the GPU, not through RAM
     moments = load_sharded(path, info["optimizer_files"], lambda key: "cpu" if key.endswith("/step") else device)
-    res.optimizer.load_state_dict(_join_optimizer(info["optimizer"], moments, res.optimizer))
+    if info.get("format", 1) == 1:
+        state = _join_optimizer_v1(info["optimizer"], moments, res.optimizer)
+    else:
+        state = join_tree(info["optimizer"], moments)
+    res.optimizer.load_state_dict(state)
     res.lr_scheduler.load_state_dict(info["lr_scheduler"])
     if res.scaler is not None and info.get("scaler"):
         res.scaler.load_state_dict(info["scaler"])
@@ -309,27 +316,25 @@ def resume(path: str | Path, res: Resumable, cfg: TrainConfig, data: dict, outpu
 
 # --- state <-> (tensors, JSON) ----------------------------------------------------------------------------------
 
-def _split_optimizer(sd: dict) -> tuple[list[tuple[str, torch.Tensor]], dict]:
-    """An optimizer state dict as (name, tensor) pairs plus JSON in which each tensor is {"tensor": name}.
+def optimizer_state(optimizer) -> dict:
+    """The optimizer's state dict, refused with what to do for an optimizer that these checkpoints cannot restore.
 
-    Works for any nesting (bitsandbytes' 8-bit AdamW keeps its quantization state in a dict inside the state).
+    DeepSpeed's ZeRO optimizer keeps this process's partition of the fp32 master weights and a loss-scaler object
+    in its state, and restores it only through its engine (`accelerator.save_state`, which pickles).
     """
-    tensors: list[tuple[str, torch.Tensor]] = []
-
-    def walk(x, name):
-        if torch.is_tensor(x):
-            tensors.append((name, x))
-            return {"tensor": name}
-        if isinstance(x, dict):
-            return {str(k): walk(v, f"{name}/{k}") for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [walk(v, f"{name}/{i}") for i, v in enumerate(x)]
-        return x
-
-    return tensors, {"state": walk(sd["state"], "state"), "param_groups": sd["param_groups"]}
+    inner, seen = optimizer, []
+    while inner is not None and len(seen) < 8:  # accelerate's wrappers keep the real optimizer in .optimizer
+        seen.append(type(inner))
+        inner = getattr(inner, "optimizer", None)
+    if any(t.__module__.split(".")[0] == "deepspeed" or t.__name__ == "DeepSpeedOptimizerWrapper" for t in seen):
+        raise ResumeError("checkpoints under DeepSpeed are not supported: its ZeRO optimizer can only be saved and "
+                          "restored through the DeepSpeed engine. Set checkpointing_steps=0 for this run, or train "
+                          "without DeepSpeed (the 8gb preset: 8-bit AdamW, optimizer in backward).")
+    return optimizer.state_dict()
 
 
-def _join_optimizer(rest: dict, tensors: dict[str, torch.Tensor], optimizer) -> dict:
+def _join_optimizer_v1(rest: dict, tensors: dict[str, torch.Tensor], optimizer) -> dict:
+    """The optimizer state of a format-1 checkpoint (written before format 2: torch and bitsandbytes AdamW only)."""
     def walk(x):
         if isinstance(x, dict):
             return tensors[x["tensor"]] if set(x) == {"tensor"} else {k: walk(v) for k, v in x.items()}

@@ -74,10 +74,16 @@ def diffusers_folder(model, out: str | Path, dtype: str = "fp32", scheduler: str
     `dtype="fp16"` halves the size (what a T4 samples in anyway); the written files are cast, the in-memory model
     is left exactly as it was.
     A pipeline is saved with its own scheduler; SDParts/TrainResult with the named sampling scheduler.
+
+    Host memory: the parts are written by `save_pretrained` in shards of SHARD (a model on the GPU is copied
+    to host RAM one shard at a time), then each part's shards are streamed, tensor by tensor and cast on the
+    way, into one file: never a second copy of the model in RAM (a free Colab has ~12.7 GB; SD 1.5's UNet is
+    3.4 GB in fp32).
     """
     from diffusers import DiffusionPipeline
 
     from .models import pipeline
+    from .safeio import one_file_per_part
 
     torch_dtype = _dtype(dtype)
     pipe = model if isinstance(model, DiffusionPipeline) else pipeline(_parts(model), scheduler)
@@ -86,25 +92,15 @@ def diffusers_folder(model, out: str | Path, dtype: str = "fp32", scheduler: str
         raise ExportError("this model carries LoRA adapters: save them with lora_diffusers()/lora_kohya(), or merge "
                           "them first (pipe.fuse_lora(); pipe.unload_lora_weights()) to save a whole model.")
     out = Path(out)
-    pipe.save_pretrained(out, safe_serialization=True)
+    pipe.save_pretrained(out, safe_serialization=True, max_shard_size=SHARD)
     # cast the written files, not the model: casting the live modules to fp16 and back would round its weights
-    for f in out.rglob("*.safetensors"):
-        _cast_file(f, torch_dtype)
+    for name in sorted(pipe.components):  # the parts' folders only: files beside them are someone else's
+        if (out / name).is_dir():
+            one_file_per_part(out / name, torch_dtype)
     return out
 
 
-def _cast_file(path: Path, dtype: torch.dtype) -> None:
-    """Rewrite one safetensors file with its floating-point tensors in `dtype` (one file in memory at a time)."""
-    from safetensors import safe_open
-
-    from .safeio import save_tensors
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if all(t.dtype == dtype or not t.is_floating_point() for t in tensors.values()):
-        return
-    save_tensors({k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}, path, meta)
+SHARD = "200MB"  # save_pretrained's shard size in diffusers_folder (then merged: one file per part)
 
 
 # ---------------------------------------------------------------------------------------------------------- LoRA

@@ -15,13 +15,19 @@ With fp16 the loss is scaled as usual (accelerate's GradScaler); the hooks unsca
 whose gradient overflowed is not updated in that step (the scale is then halved, as GradScaler does). Unlike
 GradScaler, which skips the whole step, the weights whose gradients came before the overflow were already
 updated: the price of never holding all gradients. The check costs one GPU sync per parameter in fp16.
+
+A parameter is stepped by one in-backward optimizer at a time: making a second one for a parameter still hooked
+by another takes the parameter away from the old one (its hook is removed, with a printed note), so nothing is
+ever updated twice per backward. `close()` (in a `finally`) removes the hooks and frees the per-parameter state.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Iterable
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .config import TrainConfig
 
@@ -77,6 +83,11 @@ def make_optimizer(params, cfg: TrainConfig, device: str, *, in_backward: bool =
     return make(list(params))
 
 
+# parameter -> the in-backward optimizer whose hook steps it; weak both ways (neither is kept alive by this), keyed
+# by identity (a tensor's == compares values)
+_HOOKED = WeakIdKeyDictionary()
+
+
 class InBackwardOptimizer(torch.optim.Optimizer):
     """One optimizer per parameter, stepped by a post-accumulate-grad hook during backward (module doc)."""
 
@@ -98,7 +109,26 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         self._good_steps = 0
         self.skipped = 0  # steps in which some gradient overflowed (fp16)
         self.steps_in_backward = 0  # parameter updates applied by the hooks (a test can count them)
-        self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in params]
+        self._closed = False
+        self._take_over(params)
+        self._handles = {id(p): p.register_post_accumulate_grad_hook(self._hook) for p in params}
+        for p in params:
+            _HOOKED[p] = weakref.ref(self)
+
+    def _take_over(self, params: list[torch.nn.Parameter]) -> None:
+        """Unhook these parameters from any other in-backward optimizer that still steps them."""
+        stale: dict[int, tuple[InBackwardOptimizer, list]] = {}
+        for p in params:
+            ref = _HOOKED.get(p)
+            old = ref() if ref is not None else None
+            if old is not None and old is not self and id(p) in old._handles:
+                stale.setdefault(id(old), (old, []))[1].append(p)
+        for old, ps in stale.values():
+            for p in ps:
+                old._handles.pop(id(p)).remove()
+            print(f"InBackwardOptimizer: {len(ps)} of these parameters were still hooked to an earlier in-backward "
+                  f"optimizer ({old!r}); its hooks on them are removed, so only the new one steps them. Call "
+                  ".close() on an in-backward optimizer when its run ends.")
 
     @torch.no_grad()
     def _hook(self, p: torch.Tensor) -> None:
@@ -141,10 +171,12 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         """Nothing to do: every gradient was freed as soon as it was used."""
 
     def state_dict(self) -> dict:
+        self._check_open()
         return {"optimizers": [o.state_dict() for o in self.optimizers], "good_steps": self._good_steps,
                 "skipped": self.skipped}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        self._check_open()
         for o, s in zip(self.optimizers, state_dict["optimizers"], strict=True):
             o.load_state_dict(s)
         self._good_steps = state_dict.get("good_steps", 0)
@@ -152,10 +184,26 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         self.param_groups = [o.param_groups[0] for o in self.optimizers]
 
     def remove_hooks(self) -> None:
-        """Detach from the parameters (after training, or before making another optimizer for them)."""
-        for h in self._handles:
+        """Detach from the parameters (after training, or before making another optimizer for them). Idempotent."""
+        for h in self._handles.values():
             h.remove()
-        self._handles = []
+        self._handles = {}
+        for p in [p for p, ref in list(_HOOKED.items()) if ref() is self]:
+            del _HOOKED[p]
+
+    def close(self, drop_state: bool = True) -> None:
+        """The end of its run (call it in a `finally`): remove the hooks and, with `drop_state`, free every
+        per-parameter optimizer's state (AdamW's moments: twice the trained weights). Idempotent; afterwards
+        the optimizer cannot be saved or loaded any more."""
+        self.remove_hooks()
+        if drop_state:
+            for o in self.optimizers:
+                o.state.clear()
+            self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"{self!r} was closed (its state was freed): make a new optimizer to train again.")
 
     def __repr__(self) -> str:
         return f"InBackwardOptimizer({self.name}, {len(self.optimizers)} parameters)"

@@ -213,8 +213,9 @@ def _components(model):
         raise ExportError(f"Expected a pipeline, SDParts, TrainResult or a model folder, got {type(model).__name__}.") from err
 
 
-def to_original(model, half: bool = False, text_encoder: str = "auto") -> dict[str, torch.Tensor]:
-    """The whole model as one state dict in the original layout (CPU tensors; fp16 when `half`)."""
+def _original(model, text_encoder: str = "auto") -> dict[str, torch.Tensor]:
+    """The whole model as one state dict in the original layout: the live tensors themselves, renamed (wherever
+    they are, in their own dtype), no copy but for merged LoRA layers and fused/reshaped text-encoder weights."""
     unet, vae, te, tokenizer = _components(model)
     added = [t for t, i in tokenizer.get_added_vocab().items() if i >= tokenizer.vocab_size] if tokenizer else []
     if added:
@@ -228,13 +229,17 @@ def to_original(model, half: bool = False, text_encoder: str = "auto") -> dict[s
         sd.update(unet_to_original(_state_dict(unet), unet.config))
         sd.update(vae_to_original(vae.state_dict(), vae.config))
         sd.update(text_encoder_to_original(_state_dict(te), te.config, text_encoder))
-    out = {}
-    for k, v in sd.items():
-        v = v.detach()
-        if half and v.is_floating_point():
-            v = v.to(torch.float16)  # on the GPU, before the copy: half the transfer and host memory
-        out[k] = v.to("cpu").contiguous()
-    return out
+    return {k: v.detach() for k, v in sd.items()}
+
+
+def _stored(v: torch.Tensor, half: bool) -> torch.Tensor:
+    """A tensor as the file stores it: fp16 when `half` (cast where it lives: on a GPU, half the transfer)."""
+    return v.to(torch.float16) if half and v.is_floating_point() else v
+
+
+def to_original(model, half: bool = False, text_encoder: str = "auto") -> dict[str, torch.Tensor]:
+    """The whole model as one state dict in the original layout (CPU tensors; fp16 when `half`)."""
+    return {k: _stored(v, half).to("cpu").contiguous() for k, v in _original(model, text_encoder).items()}
 
 
 def save_single_file(model, path: str | Path, half: bool = False, text_encoder: str = "auto",
@@ -243,19 +248,19 @@ def save_single_file(model, path: str | Path, half: bool = False, text_encoder: 
 
     `model`: a pipeline, SDParts, a TrainResult (DreamBooth or LoRA: adapters are merged in) or a diffusers folder.
     `half`: store fp16 weights (half the size: ~2 GB for SD 1.5; what the web UIs use anyway).
+    The file is streamed, one tensor at a time (nbkit.safeio.save_streaming): no copy of the model in host RAM.
     """
-    from safetensors.torch import save_file
+    from .safeio import save_streaming
 
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ExportError(f"{path.name}: name the file *.safetensors (the format the web UIs load safely).")
-    sd = to_original(model, half=half, text_encoder=text_encoder)
+    sd = _original(model, text_encoder)
+    specs = {k: (torch.float16 if half and v.is_floating_point() else v.dtype, tuple(v.shape)) for k, v in sd.items()}
     meta = {"format": "pt", "nbkit.layout": "original-stable-diffusion", "nbkit.dtype": "fp16" if half else "fp32"}
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(sd, str(tmp), metadata=meta)
-    tmp.replace(path)  # never a half-written checkpoint under the final name
+    save_streaming(path, specs, lambda k: _stored(sd[k], half), meta)  # atomic: never a half-written checkpoint
     return path
 
 

@@ -9,7 +9,8 @@ users will, and check that it draws what the model in memory draws.
 
 The writers are nbkit.export and nbkit.singlefile; this module only chooses, names, reloads and measures. The check:
 the same prompt, seed and steps through the reloaded file and through the model in memory, and the mean and the
-largest difference of their pixels (0-255). fp16 files differ by rounding only: a few levels at most.
+largest difference of their pixels (0-255). fp16 files differ by rounding only: a few levels at most. On a GPU
+the files are reloaded in fp16, so a reloaded embedding is compared at fp16's precision (`vectors_note`).
 """
 
 from __future__ import annotations
@@ -77,6 +78,27 @@ def _method(model, method: str | None) -> str:
 
 def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _reload_dtype() -> torch.dtype:
+    """The precision files are reloaded in, as their users will: fp16 on a GPU, fp32 on a CPU."""
+    return torch.float16 if _device() == "cuda" else torch.float32
+
+
+def vectors_note(reloaded: torch.Tensor, trained: torch.Tensor, dtype: torch.dtype) -> str:
+    """Whether a reloaded embedding holds the trained vectors, at the precision it was reloaded in (`dtype`): in
+    fp16 the trained fp32 vectors come back rounded to fp16 (a relative difference up to half fp16's eps), which
+    is the same embedding; anything more is not."""
+    a, b = reloaded.detach().float().cpu(), trained.detach().float().cpu()
+    if a.shape != b.shape:
+        return f"the vectors DIFFER (shape {tuple(a.shape)}, trained {tuple(b.shape)})"
+    if torch.equal(a, b):
+        return "the same vectors"
+    if dtype.is_floating_point and torch.finfo(dtype).eps > torch.finfo(torch.float32).eps:
+        info = torch.finfo(dtype)
+        if torch.allclose(a, b, rtol=info.eps, atol=info.tiny):
+            return f"the same vectors (up to {str(dtype).removeprefix('torch.')} rounding)"
+    return f"the vectors DIFFER (largest difference {(a - b).abs().max().item():.3g})"
 
 
 def pixel_difference(a, b) -> tuple[float, int]:
@@ -169,7 +191,7 @@ def _reload_and_draw(fmt, path, written, base_model, token, prompt, seed, steps,
     from diffusers import StableDiffusionPipeline
     from diffusers.training_utils import free_memory
 
-    dtype = torch.float16 if _device() == "cuda" else torch.float32
+    dtype = _reload_dtype()
     note = ""
     if fmt == "diffusers":
         pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, safety_checker=None,
@@ -181,14 +203,14 @@ def _reload_and_draw(fmt, path, written, base_model, token, prompt, seed, steps,
         if not base_model:
             raise ValueError(f"{fmt} is loaded onto a base model: pass base_model= (the model the run started from).")
         if "pipe" not in base:
-            base["pipe"] = pipeline(load_parts(base_model), scheduler, dtype=dtype if _device() == "cuda" else None)
+            base["pipe"] = pipeline(load_parts(base_model), scheduler, dtype=dtype if dtype != torch.float32 else None)
         pipe = base["pipe"]
         if fmt.startswith("lora"):
             pipe.load_lora_weights(str(path))
         else:
             pipe.load_textual_inversion(str(path), token=token)
-            same = torch.equal(export.embedding(pipe, token), export.embedding(model, token))
-            note = "the same vectors" if same else "the vectors DIFFER"
+            note = vectors_note(export.embedding(pipe, token), export.embedding(model, token),
+                                pipe.text_encoder.get_input_embeddings().weight.dtype)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(_device())
     image = generate(pipe, prompt, seeds=[seed], steps=steps, size=size, scheduler=scheduler)[0]
@@ -217,9 +239,12 @@ def _config_folder(model, written) -> Path:
 def _check_disk(model, out: Path, formats, dtype: str) -> None:
     """Fail before writing gigabytes onto a full disk (or a full Google Drive), with the numbers."""
     parts = export._parts(model)
-    n = sum(p.numel() for m in (parts.unet, parts.text_encoder, parts.vae) for p in m.parameters())
-    whole = n * (2 if dtype == "fp16" else 4)
-    need = whole * sum(f in ("diffusers", "single_file") for f in formats) * 1.05
+    sizes = [sum(p.numel() for p in m.parameters()) for m in (parts.unet, parts.text_encoder, parts.vae)]
+    per = 2 if dtype == "fp16" else 4
+    need = sum(sizes) * per if "single_file" in formats else 0
+    if "diffusers" in formats:  # save_pretrained writes fp32, then each part is streamed into its final file
+        need += sum(sizes) * 4 + max(sizes) * per
+    need *= 1.05
     free = shutil.disk_usage(out).free
     if need > free:
         raise OSError(f"exporting {', '.join(formats)} needs ~{need / 1e9:.1f} GB but {out} has {free / 1e9:.1f} GB "

@@ -86,8 +86,8 @@ class _Live:
     def clean_up(self) -> None:
         for p in self.params:
             p.grad = None
-        if hasattr(self.optimizer, "remove_hooks"):
-            self.optimizer.remove_hooks()
+        if hasattr(self.optimizer, "close"):  # the in-backward optimizer: its hooks off the parameters, state freed
+            self.optimizer.close()
         if self.parts is not None and self.device is not None:
             self.parts.vae.to(self.device)
 
@@ -370,7 +370,7 @@ def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifes
             run.update(steps_done=done, last_checkpoint=str(saved_at))
     bar.close()
     if in_backward:
-        optimizer.remove_hooks()  # the parts outlive this run: no stale optimizer may step them later
+        optimizer.close()  # the parts outlive this run: no stale optimizer may step them later
 
     # --- save
     for m in (parts.unet, parts.text_encoder):

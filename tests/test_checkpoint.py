@@ -18,6 +18,8 @@ import nbkit.data
 from nbkit import load_parts, train
 from nbkit.checkpoint import (INFO, Checkpoints, ResumeError, Resumable, check_compatible, is_complete, restore,
                               step_of)
+from nbkit.optim import InBackwardOptimizer
+from nbkit.safeio import save_tensors
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -212,22 +214,148 @@ def test_other_settings_or_data_refuse_to_resume_and_say_what_to_do(cfg, tmp_pat
         check_compatible(info, cfg.replace(max_train_steps=1), data, tmp_path)
 
 
-def test_nested_optimizer_state_round_trips(tmp_path):
-    """bitsandbytes' 8-bit AdamW nests its quantization tensors in a dict inside each parameter's state."""
-    from nbkit.checkpoint import _join_optimizer, _split_optimizer
-    from nbkit.safeio import load_sharded, save_sharded
+def test_any_optimizer_state_round_trips_exactly_through_json(tmp_path):
+    """Any nesting, int and tuple keys, tuples, uint8 tensors, one tensor reached twice, no "state" key at all
+    (DeepSpeed's ZeRO optimizer has none; the optimizer in backward has a list of state dicts)."""
+    from nbkit.safeio import join_tree, load_sharded, save_sharded, split_tree
 
+    shared = torch.randn(3)
+    sd = {"optimizers": [{"state": {0: {"step": torch.tensor(3.0), "q": {"state1": torch.arange(6, dtype=torch.uint8),
+                                                                       "absmax1": torch.ones(2)}}},
+                          "param_groups": [{"betas": (0.9, 0.999), "lr": 0.1, "params": [0], "fused": None}]}],
+          "single_partition_of_fp32_groups": [shared, shared], (1, "a"): float("inf"), "good_steps": 2,
+          "a/b": torch.zeros(1), "a": {"b": torch.ones(1)}}
+    tensors, rest = split_tree(sd)
+    names = save_sharded(tensors.items(), tmp_path, "optimizer")
+    back = join_tree(json.loads(json.dumps(rest)), load_sharded(tmp_path, names))
+    assert back.keys() == sd.keys() and list(back["optimizers"][0]["state"]) == [0]  # int keys stay ints
+    assert back["optimizers"][0]["param_groups"][0]["betas"] == (0.9, 0.999)  # tuples stay tuples
+    q = back["optimizers"][0]["state"][0]["q"]
+    assert q["state1"].dtype == torch.uint8 and torch.equal(q["state1"], torch.arange(6, dtype=torch.uint8))
+    a, b = back["single_partition_of_fp32_groups"]
+    assert a is b and torch.equal(a, shared)  # stored once, one tensor again
+    assert torch.equal(back["a/b"], torch.zeros(1)) and torch.equal(back["a"]["b"], torch.ones(1))
+    assert back[(1, "a")] == float("inf") and back["good_steps"] == 2
+    with pytest.raises(TypeError, match="optimizers/0/loss_scaler holds a builtins.object"):
+        split_tree({"optimizers": [{"loss_scaler": object()}]})
+
+
+def test_deepspeed_optimizer_is_refused_with_what_to_do(tmp_path):
+    from nbkit.checkpoint import optimizer_state
+
+    zero = type("DeepSpeedZeroOptimizer", (), {"__module__": "deepspeed.runtime.zero.stage_1_and_2",
+                                               "state_dict": lambda self: {}})()
+    wrapped = type("AcceleratedOptimizer", (), {"optimizer": zero})()
+    with pytest.raises(ResumeError, match="checkpointing_steps=0"):
+        optimizer_state(wrapped)
     model, res = tiny()
-    sd = {"state": {0: {"step": 3, "q": {"state1": torch.arange(6, dtype=torch.uint8), "absmax1": torch.ones(2)}},
-                    1: {"exp_avg": torch.randn(2)}},
-          "param_groups": res.optimizer.state_dict()["param_groups"]}
-    tensors, rest = _split_optimizer(sd)
-    json.dumps(rest)  # the rest is plain JSON
-    names = save_sharded(tensors, tmp_path, "optimizer")
-    back = _join_optimizer(json.loads(json.dumps(rest)), load_sharded(tmp_path, names), res.optimizer)
-    assert back["state"][0]["step"] == 3 and torch.equal(back["state"][0]["q"]["state1"], sd["state"][0]["q"]["state1"])
-    assert torch.equal(back["state"][1]["exp_avg"], sd["state"][1]["exp_avg"])
-    assert back["param_groups"][0]["betas"] == (0.9, 0.999)
+    with pytest.raises(ResumeError, match="not supported"):
+        Checkpoints(tmp_path / "ckpts").save(1, Resumable(res.params, wrapped, res.lr_scheduler), {})
+    assert not (tmp_path / "ckpts").exists()  # refused before anything was written
+    assert optimizer_state(res.optimizer) == res.optimizer.state_dict()
+
+
+def test_format_1_checkpoints_still_restore(tmp_path):
+    """Checkpoints written before format 2 kept {"state", "param_groups"} with {"tensor": name} leaves."""
+    model, res = tiny()
+    step(model, res)
+    path = Checkpoints(tmp_path).save(1, res, {})
+    info = json.loads((path / INFO).read_text())
+    sd = res.optimizer.state_dict()
+    info["format"] = 1
+    info["optimizer"] = {"state": {str(i): {k: {"tensor": f"state/{i}/{k}"} for k in s} for i, s in sd["state"].items()},
+                         "param_groups": json.loads(json.dumps(sd["param_groups"]))}
+    save_tensors({f"state/{i}/{k}": v for i, s in sd["state"].items() for k, v in s.items()},
+                 path / info["optimizer_files"][0])
+    info["files"] = {p.name: p.stat().st_size for p in path.iterdir() if p.name != INFO}
+    (path / INFO).write_text(json.dumps(info))
+    model2, res2 = tiny(seed=1)
+    restore(path, res2)
+    assert_same_state(res2.optimizer.state_dict(), sd)
+
+
+# --- any optimizer: torch AdamW, the optimizer in backward, bitsandbytes' 8-bit AdamW ------------------------------
+
+def make_opt(kind, params):
+    import bitsandbytes as bnb
+
+    one = (lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-2)) if kind.endswith("8bit") else (
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2))
+    return InBackwardOptimizer(params, one) if kind.startswith("in_backward") else one(list(params))
+
+
+def assert_same_state(a, b, where="state dict"):
+    """The same structure and types, every tensor equal in dtype and values."""
+    assert type(a) is type(b), (where, type(a), type(b))
+    if torch.is_tensor(a):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert list(a) == list(b), (where, list(a), list(b))
+        for k in a:
+            assert_same_state(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{where}/{i}")
+    else:
+        assert a == b, (where, a, b)
+
+
+def tensors_of(x):
+    if torch.is_tensor(x):
+        return [x]
+    items = x.values() if isinstance(x, dict) else x if isinstance(x, (list, tuple)) else []
+    return [t for v in items for t in tensors_of(v)]
+
+
+@pytest.mark.parametrize("kind", ["adamw", "in_backward", "adamw8bit", "in_backward_8bit"])
+def test_every_optimizer_state_survives_save_and_restore(tmp_path, kind):
+    def run(seed):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(80, 64), torch.nn.Linear(64, 2))  # 5120 weights: 8-bit state
+        opt = make_opt(kind, model.parameters())
+        sched = get_scheduler("cosine", opt, num_warmup_steps=1, num_training_steps=10)
+        return model, Resumable(dict(model.named_parameters()), opt, sched)
+
+    def train_step(model, res, x=None):
+        model(torch.randn(8, 80) if x is None else x).pow(2).mean().backward()  # in backward: the hooks step here
+        res.optimizer.step()
+        res.lr_scheduler.step()
+        res.optimizer.zero_grad()
+
+    model, res = run(0)
+    for _ in range(2):
+        train_step(model, res)
+    saved = res.optimizer.state_dict()
+    if kind.endswith("8bit"):  # the 8-bit moments and their quantization maps are really in there
+        dtypes = {t.dtype for t in tensors_of(saved)}
+        assert torch.uint8 in dtypes and torch.float32 in dtypes, dtypes
+    path = Checkpoints(tmp_path).save(2, res, {})
+    model2, res2 = run(1)  # a fresh process: other weights, a fresh optimizer, other RNG state
+    restore(path, res2)
+    assert_same_state(res2.optimizer.state_dict(), saved)
+    x = torch.randn(8, 80)
+    train_step(model, res, x)
+    train_step(model2, res2, x)
+    for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert_same_state(res2.optimizer.state_dict(), res.optimizer.state_dict())
+
+
+def test_optimizer_in_backward_run_resumes_to_the_same_weights(cfg, tmp_path):
+    """The 8gb preset's optimizer (in backward) through a checkpoint: the run continued from it ends bit for bit
+    where the run never stopped ends."""
+    c = cfg.replace(optimizer_in_backward=True, max_grad_norm=0.0, max_train_steps=3, checkpointing_steps=1,
+                    checkpoints_total_limit=None, output_dir=str(tmp_path / "whole"))
+    whole = train(c, load_parts("offline"), progress=False)
+    assert whole.info["optimizer_in_backward"]
+    first = Path(c.output_dir) / "checkpoints" / "step_000001"
+    assert is_complete(first)
+    resumed = train(c.replace(output_dir=str(tmp_path / "resumed"), resume=str(first)), load_parts("offline"),
+                    progress=False)
+    assert resumed.info["resumed_from"] == first and resumed.info["optimizer_in_backward"]
+    assert resumed.losses == whole.losses
+    assert_same(unet_file(resumed.output_dir), unet_file(whole.output_dir), atol=0)
 
 
 def test_changed_settings_are_refused_before_the_model_loads(cfg, tmp_path):

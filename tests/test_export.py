@@ -1,5 +1,11 @@
 """nbkit.export: every format reloads through diffusers and gives what the in-memory model gives."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -7,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from _images import assert_same_picture, draw
-from nbkit import TrainConfig, export, generate, load_parts, pipeline, train
+from nbkit import TrainConfig, export, generate, load_parts, pipeline, safeio, train
 from nbkit.offline import SAMPLE_INSTANCE_DIR
 from nbkit.takehome import pixel_difference
 
@@ -64,12 +70,19 @@ def ti_image(ti_run):
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
-def test_diffusers_folder_honours_dtype_and_reloads(tmp_path, parts, dtype):
+def test_diffusers_folder_honours_dtype_and_reloads(tmp_path, parts, dtype, monkeypatch):
     weights = {k: v.clone() for k, v in parts.unet.state_dict().items()}
+    merged = []
+    real = safeio._stream_cast
+    monkeypatch.setattr(safeio, "_stream_cast", lambda src, *a: merged.append(len(src)) or real(src, *a))
+    monkeypatch.setattr(export, "SHARD", "1MB")  # the 6.8 MB UNet is written in shards, then streamed into one file
     out = export.diffusers_folder(parts, tmp_path / "model", dtype=dtype)
+    assert max(merged) >= 5
     want = torch.float16 if dtype == "fp16" else torch.float32
     for sub in ("unet", "vae", "text_encoder"):
-        sd = load_file(next((out / sub).glob("*.safetensors")))
+        files = sorted(p.name for p in (out / sub).iterdir() if "safetensors" in p.name)
+        assert len(files) == 1 and not files[0].startswith("."), files  # one file per part, no index, no leftovers
+        sd = load_file(out / sub / files[0])
         assert {v.dtype for v in sd.values() if v.is_floating_point()} == {want}, sub
     # the in-memory model is untouched: same precision, same values (no fp16 round trip)
     assert all(torch.equal(v, weights[k]) for k, v in parts.unet.state_dict().items())
@@ -81,6 +94,21 @@ def test_diffusers_folder_honours_dtype_and_reloads(tmp_path, parts, dtype):
     tolerance = dict(mean=1e-3, largest=1) if dtype == "fp32" else dict(mean=1.0)  # fp16: weight rounding only
     assert_same_picture(pipeline(parts), pipe, prompt="a star", seed=3, **tolerance)
     assert not any(p.suffix in (".bin", ".pt", ".ckpt") for p in out.rglob("*"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="measures RssAnon in /proc (Linux)")
+@pytest.mark.parametrize("mode", ["diffusers", "single_file"])
+def test_fp16_export_needs_no_second_copy_of_the_model(tmp_path, offline_dir, mode):
+    """The fp16 export of a ~170 MB model (in a fresh process) adds far less host memory than a copy of it: the
+    file is streamed tensor by tensor (the old export held the fp32 file read back, its fp16 copy and the bytes)."""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, str(root / "tests" / "_export_memory_worker.py"), mode, str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["model_bytes"] > 150e6  # big enough that a copy of it stands out of the noise
+    assert got["extra_bytes"] < 0.1 * got["model_bytes"], got  # a fp16 copy alone would be 0.5, the old way ~1-2
 
 
 def test_diffusers_folder_refuses_unmerged_lora(lora_run, tmp_path):
@@ -286,6 +314,36 @@ def test_take_home_lora_and_ti_reload_onto_the_base_model(lora_run, ti_run, ti_i
     assert all(e.max_pixel_diff <= 1 and e.note == "the same vectors" for e in ti.values()), ti
 
 
+def test_take_home_reloads_in_fp16_as_on_a_gpu(ti_run, ti_image, parts, tmp_path, monkeypatch):
+    """On a GPU every file is reloaded in fp16 (simulated here on the CPU): the embedding comes back rounded to
+    fp16 and the pictures differ by rounding; both count as the same model."""
+    from nbkit import takehome
+
+    monkeypatch.setattr(takehome, "_reload_dtype", lambda: torch.float16)
+    vec = export.embedding(ti_run, "<zwx>")
+    assert not torch.equal(vec.half().float(), vec)  # fp16 really rounds these vectors: the check has teeth
+    ti = takehome.take_home(ti_run, tmp_path / "ti", prompt=PROMPT, seed=1, steps=2, reference=ti_image)
+    assert all(e.ok and e.note == "the same vectors (up to float16 rounding)" for e in ti.values()), ti
+    db = takehome.take_home(parts, tmp_path / "db", method="dreambooth", name="zwx", prompt=PROMPT, steps=2, size=64)
+    assert all(e.ok for e in db.values()), db
+
+
+def test_vectors_note_allows_the_reload_precision_only():
+    from nbkit.takehome import vectors_note
+
+    torch.manual_seed(0)
+    vec = torch.randn(2, 32) * 0.02
+    assert vectors_note(vec.clone(), vec, torch.float32) == "the same vectors"
+    assert vectors_note(vec.half(), vec, torch.float16) == "the same vectors (up to float16 rounding)"
+    assert vectors_note(vec.bfloat16(), vec, torch.bfloat16) == "the same vectors (up to bfloat16 rounding)"
+    assert vectors_note(vec.bfloat16(), vec, torch.float16).startswith("the vectors DIFFER")  # more than fp16 rounds
+    assert vectors_note(vec.half().float(), vec, torch.float32).startswith("the vectors DIFFER")  # fp32: exact
+    moved = vec.clone()
+    moved[1, 3] += 1e-3
+    assert vectors_note(moved.half(), vec, torch.float16) == "the vectors DIFFER (largest difference 0.001)"
+    assert "shape (1, 32)" in vectors_note(vec[:1], vec, torch.float32)
+
+
 def test_take_home_says_what_is_wrong(parts, tmp_path, monkeypatch):
     from nbkit import takehome
 
@@ -294,6 +352,11 @@ def test_take_home_says_what_is_wrong(parts, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="token="):
         takehome.take_home(parts, tmp_path, ["ti_diffusers"], check=False)
     monkeypatch.setattr(takehome.shutil, "disk_usage", lambda p: type("U", (), {"free": 10**6})())
+    with pytest.raises(OSError, match="free some space"):
+        takehome.take_home(parts, tmp_path, method="dreambooth")
+    # the fp16 folder is first written in fp32, then cast part by part: twice the fp16 size is not enough
+    n = sum(p.numel() for m in (parts.unet, parts.text_encoder, parts.vae) for p in m.parameters())
+    monkeypatch.setattr(takehome.shutil, "disk_usage", lambda p: type("U", (), {"free": n * 2 * 2 * 1.1})())
     with pytest.raises(OSError, match="free some space"):
         takehome.take_home(parts, tmp_path, method="dreambooth")
 

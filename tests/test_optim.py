@@ -114,3 +114,72 @@ def test_make_optimizer_on_cpu_is_torch_adamw(cfg, capsys):
     opt = make_optimizer(p, cfg.replace(use_8bit_adam=True), "cpu")
     assert isinstance(opt, torch.optim.AdamW) and "needs a CUDA GPU" in capsys.readouterr().out
     assert isinstance(make_optimizer(p, cfg, "cpu", in_backward=True), InBackwardOptimizer)
+
+
+def _net_and_reference(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    ref = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    ref.load_state_dict(model.state_dict())
+    return model, ref
+
+
+def test_a_second_optimizer_for_the_same_parameters_takes_them_over(capsys):
+    """The first optimizer's hooks on these parameters go (said so): each parameter is updated once per backward."""
+    model, ref = _net_and_reference()
+    make = lambda ps: torch.optim.SGD(ps, lr=0.1)  # noqa: E731
+    first = InBackwardOptimizer(model.parameters(), make)
+    assert capsys.readouterr().out == ""
+    second = InBackwardOptimizer(model.parameters(), make)
+    said = capsys.readouterr().out
+    assert "4 of these parameters were still hooked" in said and ".close()" in said
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    x = torch.randn(3, 4)
+    model(x).pow(2).sum().backward()
+    second.step()
+    ref(x).pow(2).sum().backward()
+    ref_opt.step()
+    assert first.steps_in_backward == 0 and second.steps_in_backward == 4
+    for a, b in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(a, b)  # one SGD step, not two
+    first.remove_hooks()  # it has none left on these parameters: nothing changes
+    model(x).pow(2).sum().backward()
+    assert second.steps_in_backward == 8 and all(p.grad is None for p in model.parameters())
+
+
+def test_taking_over_some_parameters_leaves_the_old_optimizer_the_rest(capsys):
+    model, _ = _net_and_reference()
+    params = list(model.parameters())
+    make = lambda ps: torch.optim.SGD(ps, lr=0.1)  # noqa: E731
+    first = InBackwardOptimizer(params, make)
+    second = InBackwardOptimizer(params[:2], make)  # the first layer only
+    assert "2 of these parameters" in capsys.readouterr().out
+    model(torch.randn(3, 4)).pow(2).sum().backward()
+    assert (first.steps_in_backward, second.steps_in_backward) == (2, 2)
+    second.close()
+    third = InBackwardOptimizer(params[:2], make)  # closed ones hold nothing: no note
+    assert capsys.readouterr().out == ""
+    model(torch.randn(3, 4)).pow(2).sum().backward()
+    assert (first.steps_in_backward, second.steps_in_backward, third.steps_in_backward) == (4, 2, 2)
+
+
+def test_close_removes_the_hooks_and_frees_the_state_idempotently():
+    model, _ = _net_and_reference()
+    opt = InBackwardOptimizer(model.parameters(), lambda ps: torch.optim.AdamW(ps, lr=1e-2))
+    model(torch.randn(3, 4)).pow(2).sum().backward()
+    assert all(len(o.state) == 1 for o in opt.optimizers)  # AdamW's moments, one parameter each
+    opt.close()
+    opt.close()  # again, as a `finally` after an earlier close may
+    opt.remove_hooks()
+    assert all(len(o.state) == 0 for o in opt.optimizers)
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.randn(3, 4)).pow(2).sum().backward()
+    assert opt.steps_in_backward == 4 and all(p.grad is not None for p in model.parameters())  # no hook stepped
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    with pytest.raises(RuntimeError, match="was closed"):
+        opt.state_dict()
+    keep = InBackwardOptimizer(model.parameters(), lambda ps: torch.optim.AdamW(ps, lr=1e-2))
+    model.zero_grad(set_to_none=True)
+    model(torch.randn(3, 4)).pow(2).sum().backward()
+    keep.close(drop_state=False)  # hooks off, state kept: it can still be saved
+    assert len(keep.state_dict()["optimizers"]) == 4 and keep.optimizers[0].state

@@ -97,3 +97,36 @@ def test_optimizer_and_ema_state_round_trip_through_safetensors(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(back["ema"]["shadow_params"], ema.shadow_params))
     with pytest.raises(TypeError):
         save_tree({"f": object()}, tmp_path / "bad.safetensors")
+
+
+def test_save_tree_files_of_the_earlier_layout_still_load(tmp_path):
+    """Before split_tree, every dict was {"__dict__": pairs} and tensors were named t0, t1, ..."""
+    from nbkit.safeio import load_tree, save_tensors
+
+    skeleton = {"__dict__": [["step", 7], [0, {"__dict__": [["exp_avg", {"__tensor__": "t0"}]]}],
+                             ["betas", {"__tuple__": [0.9, 0.99]}]]}
+    save_tensors({"t0": torch.ones(2)}, tmp_path / "old.safetensors", metadata={"nbkit_tree": json.dumps(skeleton)})
+    back = load_tree(tmp_path / "old.safetensors")
+    assert back["step"] == 7 and back["betas"] == (0.9, 0.99) and torch.equal(back[0]["exp_avg"], torch.ones(2))
+
+
+def test_save_streaming_writes_a_safetensors_file_tensor_by_tensor(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from nbkit.safeio import save_streaming
+
+    tensors = {"w": torch.randn(3, 5), "ids": torch.arange(7), "h": torch.randn(2).half(), "mask": torch.tensor([True, False]),
+               "empty": torch.zeros(0, 4), "scalar": torch.tensor(3.5, dtype=torch.bfloat16), "q": torch.arange(5, dtype=torch.uint8)}
+    asked = []
+    path = save_streaming(tmp_path / "x.safetensors", {k: (v.dtype, v.shape) for k, v in tensors.items()},
+                          lambda k: asked.append(k) or tensors[k], {"format": "pt"})
+    assert sorted(asked) == sorted(tensors)  # each asked for once
+    back = load_file(path)
+    assert back.keys() == tensors.keys()
+    assert all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in tensors.items())
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    with pytest.raises(ValueError, match="w: got a torch.float32 tensor of shape \\(3, 5\\), the header says torch.float16"):
+        save_streaming(tmp_path / "bad.safetensors", {"w": (torch.float16, (3, 5))}, lambda k: tensors[k])
+    assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]  # no half-written file left behind

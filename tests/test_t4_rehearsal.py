@@ -68,5 +68,6 @@ def test_the_checks_fail_on_the_fp32_cpu_path(workdir, instance, monkeypatch):
 
 def test_fp16_exports_reload_to_the_same_picture(ti_run, rehearsal, workdir, instance):
     lora = t4_path.run("lora", workdir / "export", instance)
-    for facts in (lora, ti_run):
+    dreambooth = t4_path.run("dreambooth", workdir / "export", instance)  # a diffusers folder and a single file
+    for facts in (dreambooth, lora, ti_run):
         assert t4_path.check_export(facts, workdir / "home" / facts.case) == []
