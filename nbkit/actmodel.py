@@ -120,8 +120,9 @@ class Run:
 
 
 def activations(cal: dict, run: Run, scale: float = 1.0) -> tuple[int, int, list[str], Step]:
-    """For calibration `cal` (scaled by `scale` when it is another architecture's): (the activations row: peak bytes the step holds beyond weights, optimizer state and gradients; the
-    step's activation volume, which the caching allocator mostly cannot reuse; notes; the Step)."""
+    """For calibration `cal` (times `scale` when it is another architecture's): (the activations row: the peak
+    bytes the step holds beyond weights, optimizer state and gradients; the step's activation volume, which the
+    caching allocator mostly cannot reuse; notes; the Step, for the DDP row)."""
     notes = []
     key = config_key(run.kind, run.checkpointing, run.in_backward, run.half)
     fp32_from_half = False

@@ -8,10 +8,15 @@ tensor by tensor, before the CUDA caching allocator rounds it up. `simulate_step
 kit trains (method, text encoder, gradient checkpointing, optimizer-in-backward, mixed precision), and is what
 `nbkit.planner` calibrates its activation model on.
 
-Caveats, stated: CPU autocast in bf16 stands in for CUDA autocast in fp16 (same 2 bytes; the two autocast
-op lists differ a little); attention runs through `scaled_dot_product_attention`'s flash kernel as it does on a
-GPU (memory linear in tokens); allocator rounding, fragmentation and cuBLAS/cuDNN workspaces are not counted
-(the planner adds them separately).
+`grads_held=True` simulates DDP's backward (every gradient allocated before the step, in its bucket);
+`calibrate` turns the simulations into the planner's calibration (`python -m nbkit calibrate`).
+
+Caveats, stated: CPU autocast in bf16 stands in for CUDA autocast in fp16 (same 2 bytes), except that CUDA's
+runs group_norm / layer_norm in fp32: `cuda_norm_factor` measures what that adds to the saved activations
+(saved-tensor hooks, CUDA's policy emulated) and the planner applies it (nbkit.actmodel.CUDA_NORM_FACTOR);
+the other op lists differ a little. Attention runs through `scaled_dot_product_attention`'s flash kernel as
+it does on a GPU (memory linear in tokens); allocator rounding, fragmentation and cuBLAS/cuDNN workspaces are
+not counted (the planner adds them separately).
 """
 
 from __future__ import annotations
