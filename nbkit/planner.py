@@ -9,40 +9,40 @@ half-precision copies of fp32 weights. Weights and optimizer state come from par
 part comes from an activation model calibrated on `nbkit.memtrace`, which counts every tensor a step of the
 same architecture allocates (SD 1.5 at 512 px simulated on a CPU with fake tensors). Per sample, activations
 grow linearly with the latent's pixels (attention runs through SDPA's flash / memory-efficient kernels, which
-keep no attention matrix), so the model is `fixed + samples x per_sample x (pixels / reference pixels)`.
+keep no attention matrix), so the model is `fixed + samples x per_sample x (pixels / reference pixels)`
+(`nbkit.actmodel`, which also adds what the CPU cannot show: CUDA autocast's fp32 norms, DDP's buckets).
 
 On a GPU, `torch.cuda.max_memory_allocated` should match the prediction; `memory_reserved` adds the caching
 allocator's slack, and the CUDA context (~0.4 GiB, outside PyTorch) comes on top: `fits` accounts for both.
 The benchmark (`benchmarks/bench_memory.py`) checks the prediction against measured peaks on a real GPU.
 
 Recalibrate after changing the training loop: `python -m nbkit calibrate --spec sd15` (minutes) and
-`--spec offline --real` (a few minutes); the figures are stored in `data/memory-calibration.json`.
+`--spec offline --real` (a few minutes; `nbkit.memtrace.calibrate`); stored in `data/memory-calibration.json`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import actmodel
+from .actmodel import CALIBRATION_FILE, calibration_for
 from .config import TrainConfig
 from .optim import in_backward_active
 
 GiB = 2**30
 MiB = 2**20
-CALIBRATION_FILE = Path(__file__).resolve().parent.parent / "data" / "memory-calibration.json"
-REFERENCE = {"sd15": 64, "offline": 16}  # latent side each shipped calibration was measured at (offline: 64 px / 4)
 # Terms the CPU simulation cannot see, from the published anchors (diffusers PR #2039: 11,124 MiB; the T4 table
 # of the DreamBooth 16 GB recipe: 9.92 GB, ...) until benchmarks/RESULTS.md has measured them:
 CUDA_CONTEXT = int(0.45 * GiB)  # the CUDA context and kernels: outside torch's allocator, inside the GPU's memory
 CUDA_WORKSPACE = int(0.5 * GiB)  # cuDNN / cuBLAS workspaces (allocated through torch's allocator)
 ALLOCATOR_ROUNDING = 0.03  # reserved / allocated - 1 from block rounding
 # plus, in reserved: freed activation blocks that gradients and later steps cannot reuse, as a multiple of one
-# step's activation volume (2.0 fits the published T4 table within 3%: 9.92 / 10.4 / 11.17 / 13.67 GB)
+# step's calibrated (CPU) activation volume (2.0 fits the published T4 table within 3%: 9.92 / 10.4 / 11.17 /
+# 13.67 GB; those are CUDA runs, fp32 norms included, so the volume is taken before actmodel's norm factor)
 ALLOCATOR_FRAGMENTATION = 2.0
 BNB_MIN_8BIT = 4096  # bitsandbytes keeps fp32 state for tensors smaller than this
 SD15_IDS = ("stable-diffusion-v1-5", "stable-diffusion-v1-4", "runwayml/stable-diffusion-v1-5", "CompVis/stable-diffusion")
@@ -66,15 +66,6 @@ class Arch:
     vae_factor: int  # image side / latent side
     calibration: dict = field(default_factory=dict, compare=False)
     calibration_source: str = "none"
-
-
-def _fingerprint(unet_cfg: dict, te_cfg: dict) -> str:
-    """Architecture identity for the activation calibration (weights, vocabulary size and names excluded)."""
-    keep_te = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-               "max_position_embeddings", "hidden_act")
-    u = {k: v for k, v in sorted(unet_cfg.items()) if not k.startswith("_")}
-    t = {k: te_cfg.get(k) for k in keep_te}
-    return hashlib.sha256(json.dumps([u, t], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _lora_per_rank(module, targets: list[str]) -> int:
@@ -102,7 +93,7 @@ def arch_from_parts(parts, name: str | None = None) -> Arch:
 
     unet_cfg = dict(parts.unet.config)
     te_cfg = parts.text_encoder.config.to_dict()
-    fp = _fingerprint(unet_cfg, te_cfg)
+    fp = actmodel.fingerprint(unet_cfg, te_cfg)
     vae_blocks = parts.vae.config.block_out_channels if parts.vae is not None and hasattr(parts.vae, "config") else None
     cal, source = calibration_for(fp, count(parts.unet))
     return Arch(
@@ -153,90 +144,7 @@ def arch_of(model) -> Arch:
 
 
 def _guess_name(fp: str) -> str:
-    data = _load_calibrations()
-    return data.get(fp, {}).get("name", f"model-{fp[:6]}")
-
-
-# ------------------------------------------------------------------------------------------------ calibration
-def _load_calibrations() -> dict:
-    data = {}
-    for f in (CALIBRATION_FILE, _cache_file()):
-        if f.exists():
-            data.update(json.loads(f.read_text()))
-    return data
-
-
-def _cache_file() -> Path:
-    from .offline import cache_dir
-
-    return cache_dir() / "memory-calibration.json"
-
-
-def calibration_for(fingerprint: str, unet_params: int | None = None) -> tuple[dict, str]:
-    """(calibration, where it came from) for an architecture; ({}, 'none') when it was never calibrated.
-
-    A model whose configs differ only in details (a hub config listing keys the spec leaves to defaults) is
-    matched by its UNet's exact parameter count."""
-    data = _load_calibrations()
-    if fingerprint in data:
-        return data[fingerprint], "calibrated (nbkit.memtrace)"
-    for entry in data.values():
-        if unet_params and entry.get("unet_params") == unet_params:
-            return entry, f"calibrated for {entry['name']} (same UNet parameter count)"
-    return {}, "none"
-
-
-def config_key(kind: str, checkpointing: bool, in_backward: bool, half: bool) -> str:
-    return f"{kind}|ckpt={int(checkpointing)}|ib={int(in_backward)}|{'half' if half else 'fp32'}"
-
-
-def calibrate(spec, *, name: str, latent: int, fake: bool = True, half_only: bool = False, kinds=None,
-              progress=print) -> dict:
-    """Measure the activation model of the architecture in `spec` with nbkit.memtrace (see the module doc)."""
-    from . import memtrace
-    from .sd15 import build_parts
-
-    parts = build_parts("meta", spec=spec)
-    fp = _fingerprint(dict(parts.unet.config), parts.text_encoder.config.to_dict())
-    out = {"name": name, "reference_latent": latent, "configs": {},
-           "unet_params": sum(p.numel() for p in parts.unet.parameters())}
-    combos = [(k, ck, False) for k in memtrace.KINDS for ck in (False, True)]
-    combos += [(k, ck, True) for k in ("unet", "unet_te") for ck in (False, True)]
-    if kinds:
-        combos = [c for c in combos if f"{c[0]}|ib={int(c[2])}" in kinds or c[0] in kinds]
-    for half in ((True,) if half_only else (True, False)):
-        for kind, ck, ib in combos:
-            one = memtrace.simulate_step(spec, kind, batch=1, latent=latent, checkpointing=ck, half=half,
-                                         in_backward=ib, fake=fake)
-            two = memtrace.simulate_step(spec, kind, batch=2, latent=latent, checkpointing=ck, half=half,
-                                         in_backward=ib, fake=fake)
-            row = {"F0": 2 * one.forward_peak - two.forward_peak, "Fs": two.forward_peak - one.forward_peak,
-                   "B0": 2 * one.backward_peak - two.backward_peak, "Bs": two.backward_peak - one.backward_peak,
-                   "G": one.after}
-            out["configs"][config_key(kind, ck, ib, half)] = row
-            progress(f"{config_key(kind, ck, ib, half)}: {json.dumps(row)}")
-    if kinds and "vae" not in kinds:
-        return {fp: out}
-    out["vae_encode_per_image"] = memtrace.simulate_vae_encode(spec, batch=1, size=latent * _vae_factor(parts),
-                                                              half=True, fake=fake)
-    return {fp: out}
-
-
-def _vae_factor(parts) -> int:
-    return 2 ** (len(parts.vae.config.block_out_channels) - 1)
-
-
-def save_calibration(entry: dict, path: Path = CALIBRATION_FILE) -> None:
-    """Merge an architecture's calibration into `path` (configurations measured before are kept)."""
-    data = json.loads(path.read_text()) if path.exists() else {}
-    for fp, e in entry.items():
-        old = data.get(fp, {})
-        if old.get("reference_latent", e["reference_latent"]) != e["reference_latent"]:
-            old = {}
-        merged = {**old, **{k: v for k, v in e.items() if k != "configs"}}
-        merged["configs"] = {**old.get("configs", {}), **e["configs"]}
-        data[fp] = merged
-    path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    return actmodel.load_calibrations().get(fp, {}).get("name", f"model-{fp[:6]}")
 
 
 # ------------------------------------------------------------------------------------------------------- plan
@@ -349,78 +257,33 @@ def resolve_precision(cfg: TrainConfig, device: str, bf16: bool) -> str:
 
 
 def plan(cfg: TrainConfig, model=None, *, gpu_gb: float | None = None, device: str = "cuda", bf16: bool = False,
-         num_processes: int = 1) -> Plan:
+         num_processes: int = 1, gradient_as_bucket_view: bool = True) -> Plan:
     """Predict the peak GPU memory of training `cfg` on `model` (default: cfg.model) on a GPU of gpu_gb GiB.
 
     device/bf16 say what the GPU can do (for mixed_precision='auto'); gpu_gb None: no capacity check.
+    num_processes > 1: one process of a DDP run (gradient_as_bucket_view as the training loop sets it: True).
     """
     arch = arch_of(model if model is not None else cfg.model)
     precision = resolve_precision(cfg, device, bf16)
     half = precision in ("fp16", "bf16")
-    hb = 2 if half else 4  # bytes of a frozen weight / activation element
     kind = kind_of(cfg)
     ib, why_not = in_backward_active(cfg, num_processes)
     ds = bool(cfg.deepspeed_config)
     eight_bit = cfg.use_8bit_adam and device == "cuda" and not ds
-    notes: list[str] = []
-    if why_not:
-        notes.append(f"optimizer in backward falls back to the normal optimizer: {why_not}.")
-
-    # --- weights on the GPU
-    rows: list[tuple[str, int]] = []
-    lora_rank_params = {"unet": arch.lora_per_rank_unet * cfg.lora_rank,
-                        "text_encoder": arch.lora_per_rank_te * cfg.lora_rank if cfg.lora_text_encoder else 0}
-    if kind in ("unet", "unet_te"):
-        trained = {"unet": arch.unet, "text_encoder": arch.text_encoder if kind == "unet_te" else 0}
-    elif kind in ("lora", "lora_te"):
-        trained = lora_rank_params
-    else:
-        trained = {"unet": 0, "text_encoder": arch.token_embedding}
-    full = {"unet": kind in ("unet", "unet_te"), "text_encoder": kind in ("unet_te", "ti")}
-    for part, label in (("unet", "UNet"), ("text_encoder", "text encoder")):
-        n = getattr(arch, part)
-        if full[part]:
-            b = n * (2 if ds else 4)
-            what = f"{label} weights ({'fp16, DeepSpeed' if ds else 'fp32, trained'})"
-        else:
-            b = n * hb + trained[part] * 4
-            what = f"{label} weights ({precision if half else 'fp32'}, frozen" + (" + fp32 LoRA)" if trained[part] else ")")
-        rows.append((what, b))
-    if not cfg.cache_latents:
-        rows.append((f"VAE weights ({precision if half else 'fp32'}; latents not cached)", arch.vae * hb))
-
-    # --- optimizer state
-    n_trained = sum(trained.values())
-    if ds:
-        opt = 0
-        opt_what = "optimizer state (offloaded to CPU by DeepSpeed)"
-    elif eight_bit:
-        small = sum(min(arch.small[p], trained[p]) for p in trained if full[p] or kind.startswith("lora"))
-        small = min(small, n_trained) if kind != "ti" else 0
-        opt = int((n_trained - small) * (2 + 8 / 256) + small * 8)
-        opt_what = "optimizer state (8-bit AdamW)"
-    else:
-        opt = n_trained * 8
-        opt_what = "optimizer state (AdamW, fp32)"
-    rows.append((opt_what, opt))
-
-    # --- gradients and activations: the step
-    if ib:
-        grads = 4 * max(arch.largest[p] for p in trained if trained[p]) if n_trained else 0
-        grad_what = "gradients (optimizer in backward: one parameter at a time)"
-    elif ds:
-        bucket = _deepspeed_bucket(cfg.deepspeed_config)
-        grads = min(n_trained * 2, 2 * bucket * 2)
-        grad_what = "gradients (fp16 buckets, DeepSpeed)"
-    else:
-        grads = n_trained * 4
-        grad_what = "gradients (fp32)"
-    act, volume, act_notes = _activations(arch, kind, cfg, half, ib, ds)
-    notes += act_notes
-    rows.append((grad_what, grads))
-    ckpt = "checkpointed" if cfg.gradient_checkpointing else "not checkpointed"
+    notes = [f"optimizer in backward falls back to the normal optimizer: {why_not}."] if why_not else []
+    trained, full = _trained(arch, cfg, kind)
+    rows = _weight_rows(arch, cfg, trained, full, precision if half else "fp32", ds)
+    rows.append(_optimizer_row(arch, trained, full, kind, ds, eight_bit))
+    rows.append(_gradient_row(arch, cfg, trained, ib, ds))
     n_samples = cfg.train_batch_size * (2 if cfg.with_prior_preservation else 1)
+    run = actmodel.Run(kind, n_samples, cfg.resolution // arch.vae_factor, cfg.gradient_checkpointing, ib, half,
+                       cfg.gradient_accumulation_steps > 1, ds, cfg.cache_latents, device == "cuda")
+    act, volume, step, act_notes = _activations(arch, run)
+    notes += act_notes
+    ckpt = "checkpointed" if cfg.gradient_checkpointing else "not checkpointed"
     rows.append((f"activations & temporaries ({ckpt}, {n_samples} x {cfg.resolution} px)", act))
+    if num_processes > 1 and not ds:
+        rows.append(_ddp_row(step, rows[-2][1], gradient_as_bucket_view, num_processes, notes))
     if device == "cuda":
         rows.append(("cuDNN / cuBLAS workspaces (estimate)", CUDA_WORKSPACE))
     allocated = sum(b for _, b in rows)
@@ -429,28 +292,79 @@ def plan(cfg: TrainConfig, model=None, *, gpu_gb: float | None = None, device: s
     settings = dict(method=cfg.method, train_text_encoder=cfg.train_text_encoder, precision=precision,
                     use_8bit_adam=eight_bit, gradient_checkpointing=cfg.gradient_checkpointing, optimizer_in_backward=ib,
                     deepspeed=ds, train_batch_size=cfg.train_batch_size, prior=cfg.with_prior_preservation,
-                    resolution=cfg.resolution, cache_latents=cfg.cache_latents, model=arch.name)
+                    resolution=cfg.resolution, cache_latents=cfg.cache_latents, model=arch.name,
+                    num_processes=num_processes)
     return Plan(rows, allocated, capacity, settings, notes, slack, CUDA_CONTEXT if device == "cuda" else 0)
 
 
-def _deepspeed_bucket(path: str) -> int:
-    try:
-        z = json.loads(Path(path).read_text()).get("zero_optimization", {})
-        return int(float(z.get("reduce_bucket_size", 5e8)))
-    except (OSError, ValueError):
-        return int(5e8)
+def _trained(arch: Arch, cfg: TrainConfig, kind: str) -> tuple[dict, dict]:
+    """(part -> trained parameters, part -> whether all of it trains)."""
+    if kind in ("unet", "unet_te"):
+        trained = {"unet": arch.unet, "text_encoder": arch.text_encoder if kind == "unet_te" else 0}
+    elif kind in ("lora", "lora_te"):
+        trained = {"unet": arch.lora_per_rank_unet * cfg.lora_rank,
+                   "text_encoder": arch.lora_per_rank_te * cfg.lora_rank if cfg.lora_text_encoder else 0}
+    else:
+        trained = {"unet": 0, "text_encoder": arch.token_embedding}
+    return trained, {"unet": kind in ("unet", "unet_te"), "text_encoder": kind in ("unet_te", "ti")}
 
 
-def _activations(arch: Arch, kind: str, cfg: TrainConfig, half: bool, ib: bool,
-                 ds: bool) -> tuple[int, int, list[str]]:
-    """(peak bytes the step holds beyond weights, optimizer state and the gradients row; the step's activation
-    volume, which the caching allocator mostly cannot reuse for gradients; notes)."""
-    notes = []
-    cal = arch.calibration
-    latent = cfg.resolution // arch.vae_factor
-    n = cfg.train_batch_size * (2 if cfg.with_prior_preservation else 1)
-    ckpt = cfg.gradient_checkpointing
-    scale = 1.0
+def _weight_rows(arch: Arch, cfg: TrainConfig, trained: dict, full: dict, precision: str,
+                 ds: bool) -> list[tuple[str, int]]:
+    hb = 2 if precision != "fp32" else 4  # bytes of a frozen weight
+    rows = []
+    for part, label in (("unet", "UNet"), ("text_encoder", "text encoder")):
+        n = getattr(arch, part)
+        if full[part]:
+            rows.append((f"{label} weights ({'fp16, DeepSpeed' if ds else 'fp32, trained'})", n * (2 if ds else 4)))
+        else:
+            lora = " + fp32 LoRA)" if trained[part] else ")"
+            rows.append((f"{label} weights ({precision}, frozen" + lora, n * hb + trained[part] * 4))
+    if not cfg.cache_latents:
+        rows.append((f"VAE weights ({precision}; latents not cached)", arch.vae * hb))
+    return rows
+
+
+def _optimizer_row(arch: Arch, trained: dict, full: dict, kind: str, ds: bool, eight_bit: bool) -> tuple[str, int]:
+    n_trained = sum(trained.values())
+    if ds:
+        return "optimizer state (offloaded to CPU by DeepSpeed)", 0
+    if eight_bit:
+        small = sum(min(arch.small[p], trained[p]) for p in trained if full[p] or kind.startswith("lora"))
+        small = min(small, n_trained) if kind != "ti" else 0
+        return "optimizer state (8-bit AdamW)", int((n_trained - small) * (2 + 8 / 256) + small * 8)
+    return "optimizer state (AdamW, fp32)", n_trained * 8
+
+
+def _gradient_row(arch: Arch, cfg: TrainConfig, trained: dict, ib: bool, ds: bool) -> tuple[str, int]:
+    n_trained = sum(trained.values())
+    if ib:
+        grads = 4 * max(arch.largest[p] for p in trained if trained[p]) if n_trained else 0
+        return "gradients (optimizer in backward: one parameter at a time)", grads
+    if ds:
+        return "gradients (fp16 buckets, DeepSpeed)", min(n_trained * 2, 4 * actmodel.deepspeed_bucket(cfg.deepspeed_config))
+    return "gradients (fp32)", n_trained * 4
+
+
+def _ddp_row(step, grads: int, bucket_view: bool, procs: int, notes: list) -> tuple[str, int]:
+    """DDP's buckets (actmodel.ddp_buckets), with a note saying what they cost."""
+    b = actmodel.ddp_buckets(step, grads, bucket_view)
+    if bucket_view:
+        what = "DDP buckets (= the gradients, held through the forward pass too)"
+        notes.append(f"DDP over {procs} processes, gradient_as_bucket_view=True: the gradients are views of DDP's "
+                     "buckets (no second copy; bucket_cap_mb only groups them), but the buckets are allocated once "
+                     "and zero_grad frees nothing, so the forward pass and the start of backward run with every "
+                     f"gradient held: +{b / GiB:.2f} GiB. NCCL's buffers are outside torch's allocator, not counted.")
+    else:
+        what = "DDP buckets (a second copy of the gradients)"
+        notes.append(f"DDP over {procs} processes, gradient_as_bucket_view=False: its buckets are a second copy of "
+                     f"every gradient, held for the whole run: +{b / GiB:.2f} GiB.")
+    return what, b
+
+
+def _activations(arch: Arch, run) -> tuple[int, int, object, list[str]]:
+    """actmodel.activations for `arch` (an uncalibrated one: SD 1.5's calibration, scaled; rough)."""
+    cal, scale, notes = arch.calibration, 1.0, []
     if not cal:
         sd = _arch_of_spec(str(_sd15_spec()))
         cal = sd.calibration
@@ -460,32 +374,8 @@ def _activations(arch: Arch, kind: str, cfg: TrainConfig, half: bool, ib: bool,
         scale = (arch.unet / sd.unet) ** 0.5  # crude: activations grow about with the square root of width^2
         notes.append(f"no activation calibration for {arch.name}: scaled from SD 1.5's (rough). "
                      "Run `python -m nbkit calibrate --spec <folder>` to measure it.")
-    key = config_key(kind, ckpt, ib, half)
-    fp32_from_half = False
-    if key not in cal.get("configs", {}):
-        key = config_key(kind, ckpt, ib, True)
-        fp32_from_half = not half
-    if key not in cal.get("configs", {}):
-        key = config_key(kind, ckpt, False, True)
-        notes.append("optimizer-in-backward activations not calibrated for this method: assumed as without.")
-    row = cal["configs"][key]
-    ref_px = cal["reference_latent"] ** 2
-    ratio = (latent * latent) / ref_px
-    forward = row["F0"] + n * row["Fs"] * ratio
-    backward = row["B0"] + n * row["Bs"] * ratio
-    if cfg.gradient_accumulation_steps > 1 and not ib:
-        forward += row["G"]  # the next micro-step runs forward while the summed gradients are held
-    step = max(forward, backward) - row["G"]
-    if ds:  # DeepSpeed keeps the model in fp16: no autocast copies, gradients in its own buckets
-        step = n * max(row["Fs"], row["Bs"]) * ratio
-        notes.append("DeepSpeed activations estimated from the per-sample part of the calibration (not measured).")
-    if fp32_from_half:
-        step *= 2
-        notes.append("fp32 activations estimated as twice the calibrated half-precision ones.")
-    if not cfg.cache_latents:
-        step = max(step, cal.get("vae_encode_per_image", 0) * n * ratio)
-    volume = n * row["Fs"] * ratio * (2 if fp32_from_half else 1)
-    return int(max(step, 0) * scale), int(volume * scale), notes
+    act, volume, more, step = actmodel.activations(cal, run, scale)
+    return act, volume, step, notes + more
 
 
 # ------------------------------------------------------------------------------------------------- what to do
@@ -545,27 +435,10 @@ def advise(cfg: TrainConfig, model=None, **plan_kw) -> list[tuple[Change, Plan]]
 
 # ------------------------------------------------------------------------------------------------------- CLI
 def _main(argv=None) -> None:
-    import argparse
+    """`python -m nbkit calibrate ...` (nbkit.memtrace.main)."""
+    from .memtrace import main
 
-    ap = argparse.ArgumentParser(prog="python -m nbkit", description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("calibrate", help="measure an architecture's activation model with nbkit.memtrace")
-    c.add_argument("--spec", default="sd15", help="'sd15', 'offline' or a diffusers folder (configs are enough)")
-    c.add_argument("--latent", type=int, default=None, help="reference latent side (default 64 for sd15, 32 offline)")
-    c.add_argument("--real", action="store_true", help="run real tensors (small models) instead of fake ones")
-    c.add_argument("--half-only", action="store_true", help="skip the fp32 configurations")
-    c.add_argument("--kinds", default=None, help="comma list: only these (e.g. lora,ti,unet|ib=1,vae)")
-    c.add_argument("--out", default=str(CALIBRATION_FILE))
-    args = ap.parse_args(argv)
-    from .offline import OFFLINE_SPEC
-
-    spec = {"sd15": _sd15_spec(), "offline": OFFLINE_SPEC}.get(args.spec, Path(args.spec))
-    name = args.spec if args.spec in REFERENCE else Path(args.spec).name
-    latent = args.latent or REFERENCE.get(args.spec, 64)
-    entry = calibrate(spec, name=name, latent=latent, fake=not args.real, half_only=args.half_only,
-                      kinds=args.kinds.split(",") if args.kinds else None)
-    save_calibration(entry, Path(args.out))
-    print(f"wrote {args.out}")
+    main(argv)
 
 
 if __name__ == "__main__":

@@ -194,10 +194,11 @@ GPUS = {
 def preview(cfg: TrainConfig, gpu: str = "T4", model: str = "sd15", resolution: int = 512,
             preset: str = "auto") -> Tuned:
     """The same run with `model` (default SD 1.5, planned from its configs: no download) at `resolution` on a
-    GPU of GPUS: what a CPU-only session would meet on Colab."""
+    GPU of GPUS: what a CPU-only session would meet on Colab (on "2xT4": one DDP process per GPU)."""
     if gpu not in GPUS:
         raise ValueError(f"gpu={gpu!r}: choose one of {', '.join(GPUS)}.")
-    return tune(dataclasses.replace(cfg, model=model, resolution=resolution), preset, GPUS[gpu])
+    rt = GPUS[gpu]
+    return tune(dataclasses.replace(cfg, model=model, resolution=resolution), preset, rt, num_processes=rt.gpu_count)
 
 
 def describe(rt: Runtime | None = None) -> str:

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from nbkit import TrainConfig, load_parts, memtrace, planner, sd15, train
+from nbkit import TrainConfig, actmodel, load_parts, memtrace, planner, sd15, train
 from nbkit.offline import OFFLINE_SPEC
 
 GiB = 2**30
@@ -160,3 +160,132 @@ def test_advice_lists_savers_with_their_effect():
     eight, base = advice[0][1], planner.plan(sd(train_text_encoder=True), gpu_gb=7.8)
     assert eight.allocated < base.allocated - 4 * GiB  # AdamW fp32 -> 8-bit on 0.98 B parameters
     assert any(not c.automatic for c, _ in advice)  # LoRA / DeepSpeed / resolution: suggested, never automatic
+
+
+# ------------------------------------------------------------------------------ CUDA autocast's fp32 norms
+def test_cuda_autocast_norms_run_group_and_layer_norm_as_cuda_does():
+    import torch.nn.functional as F
+
+    gn, ln, lin = torch.nn.GroupNorm(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 8)
+    x, h = torch.randn(2, 8, 4, 4).bfloat16(), torch.randn(2, 8).bfloat16()
+    original = F.group_norm
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert gn(x).dtype == ln(h).dtype == torch.bfloat16  # CPU autocast: 16 bits (what the calibration saw)
+        with memtrace.cuda_autocast_norms():
+            assert gn(x).dtype == ln(h).dtype == torch.float32  # CUDA autocast's fp32 list
+            assert lin(ln(h)).dtype == torch.bfloat16  # the op after casts back down: a second saved tensor
+    assert F.group_norm is original
+
+
+@pytest.mark.parametrize("which", ["sd15", "tiny"])
+def test_cuda_norm_factor_is_what_a_trace_of_saved_tensors_measures(which):
+    """The planner's constant against the saved tensors of a UNet's forward (torch's saved-tensor hooks) under
+    CPU autocast, with the norms as CPU autocast runs them and as CUDA's does: SD 1.5 itself (fake tensors,
+    512 px; what the constant was derived from), and a 1/10-width UNet of SD 1.5's layout (real tensors)."""
+    config = sd15.configs()["unet"]
+    if which == "tiny":
+        config = dict(config, block_out_channels=(32, 64, 128, 128), cross_attention_dim=32)
+    latent, fake, tolerance = (64, True, 0.005) if which == "sd15" else (32, False, 0.03)
+    m = memtrace.cuda_norm_factor(config, latent, fake=fake)
+    assert abs(m["factor"] - actmodel.CUDA_NORM_FACTOR) < tolerance, m
+    assert 0.12 < m["norm_inputs"] < 0.22 and 0.12 < m["norm_outputs"] < 0.22, m  # ~17 % each (the comment)
+
+
+def test_cuda_plans_count_the_fp32_norms():
+    """Per sample, the CUDA plan's activations are the CPU-calibrated ones times CUDA_NORM_FACTOR."""
+    def act(device, n, **changes):
+        p = planner.plan(sd(method="lora", mixed_precision="bf16", train_batch_size=n, **changes), device=device,
+                         bf16=True)
+        return row(p, "activations"), p
+
+    for changes in ({}, {"gradient_checkpointing": True}):  # checkpointed: the recomputing backward's part
+        (c1, _), (c2, cpu) = act("cpu", 1, **changes), act("cpu", 2, **changes)
+        (g1, _), (g2, gpu) = act("cuda", 1, **changes), act("cuda", 2, **changes)
+        assert g2 - g1 == pytest.approx(actmodel.CUDA_NORM_FACTOR * (c2 - c1), rel=1e-6)
+        assert any("CUDA_NORM_FACTOR" in n for n in gpu.notes) and not any("CUDA_NORM_FACTOR" in n for n in cpu.notes)
+    fp32 = planner.plan(sd(mixed_precision="no"), device="cuda")  # no autocast: norms are fp32 as calibrated x2
+    assert not any("CUDA_NORM_FACTOR" in n for n in fp32.notes)
+
+
+# ----------------------------------------------------------------------------------------------------- DDP
+T4_TE_PRIOR = dict(train_text_encoder=True, with_prior_preservation=True, class_prompt="a dog", class_dir="c",
+                   use_8bit_adam=True)
+
+
+@pytest.mark.parametrize("changes", [dict(T4_TE_PRIOR, gradient_checkpointing=True), dict(T4_TE_PRIOR),
+                                     dict(use_8bit_adam=True, gradient_accumulation_steps=2), dict(method="lora")],
+                         ids=["te-prior-ckpt", "te-prior", "accumulating", "lora"])
+def test_ddp_adds_one_row_for_its_buckets(changes):
+    one = planner.plan(sd(**changes), gpu_gb=14.75)
+    two = planner.plan(sd(**changes), gpu_gb=14.75, num_processes=2)
+    ddp = row(two, "DDP buckets")
+    assert two.allocated - one.allocated == ddp and [r for r in two.rows if r[0] != two.rows[-2][0]] == one.rows
+    assert any("gradient_as_bucket_view=True" in n for n in two.notes) and two.settings["num_processes"] == 2
+    # the documented term: the step's peak with every gradient held from the start (memtrace's grads_held:
+    # the calibration's H rows), minus what one process holds beyond its gradients (the activations row)
+    cal, n = planner.arch_of("sd15").calibration, 2 if "with_prior_preservation" in changes else 1
+    r = cal["configs"][actmodel.config_key(planner.kind_of(sd(**changes)), "gradient_checkpointing" in changes,
+                                           False, True)]
+    k, kf = actmodel.CUDA_NORM_FACTOR, 1 if "gradient_checkpointing" in changes else actmodel.CUDA_NORM_FACTOR
+    held = max(r["F0"] + n * r["Fs"] * kf, r["H0"] + n * r["Hs"] * k)
+    assert ddp == pytest.approx(held - row(one, "activations"), abs=2)
+    grads = row(two, "gradients (fp32)")
+    if changes.get("method") == "lora":
+        assert ddp <= grads  # LoRA: the adapters' gradients are a few MB
+    if "gradient_accumulation_steps" in changes:  # one process holds the summed gradients through forward too
+        assert ddp < 0.1 * grads
+    copy = planner.plan(sd(**changes), gpu_gb=14.75, num_processes=2, gradient_as_bucket_view=False)
+    assert row(copy, "DDP buckets") == grads  # a second copy of every gradient
+    assert copy.allocated - one.allocated == grads
+
+
+def _measured_step(width: int, batch: int, ddp: bool | None = None, held: bool = False) -> dict:
+    """Peaks of a small model's third training step, every tensor counted by memtrace.LiveBytes (weights not):
+    plain (gradients freed by zero_grad), held (every gradient allocated before, as memtrace's grads_held), or
+    wrapped in DDP (gradient_as_bucket_view=ddp)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.GELU(), torch.nn.Linear(width, width),
+                                torch.nn.ReLU(), torch.nn.Linear(width, width))
+    x = torch.randn(batch, width)
+    if held:
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+    tracker = memtrace.LiveBytes()
+    with tracker:
+        net = model if ddp is None else torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=ddp)
+        for _ in range(3):
+            tracker.mark("forward")
+            loss = net(x).square().mean()
+            tracker.mark("backward")
+            loss.backward()
+            del loss
+            for p in model.parameters():
+                p.grad.zero_() if held else setattr(p, "grad", None)
+    return {**tracker.phase_peaks, "peak": max(tracker.phase_peaks["forward"], tracker.phase_peaks["backward"])}
+
+
+def test_ddp_memory_is_what_the_planner_counts(tmp_path):
+    """A real DDP (gloo, one process) on a small model: its buckets hold the gradients through the whole step
+    (zero_grad frees nothing), and its peak is the planner's gradients + activations + DDP rows, with the
+    activations measured as the calibration measures them (memtrace's grads_held for DDP's backward)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this session")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        for width, batch in ((512, 8), (128, 512)):  # weights-heavy (one process peaks at the end of backward),
+            grads = 3 * (width * width + width) * 4  # and activation-heavy (it peaks early in backward)
+            plain, held = _measured_step(width, batch), _measured_step(width, batch, held=True)
+            single = max(plain["forward"] - grads, plain["backward"] - grads)  # the planner's activations row
+            step = actmodel.Step(plain["forward"], plain["backward"] - grads, held["backward"], 1.0, 0.0, single)
+            assert plain["peak"] == grads + single
+            for view in (True, False):
+                measured = _measured_step(width, batch, ddp=view)
+                planned = grads + single + actmodel.ddp_buckets(step, grads, view)
+                assert abs(measured["peak"] - planned) <= 0.01 * measured["peak"], (width, view, measured, planned)
+            view, copy = _measured_step(width, batch, ddp=True), _measured_step(width, batch, ddp=False)
+            if width == 512:  # the bucket view saves the second copy where gradients dominate
+                assert copy["peak"] - view["peak"] > 0.5 * grads
+    finally:
+        dist.destroy_process_group()

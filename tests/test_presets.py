@@ -70,6 +70,23 @@ def test_auto_on_a_t4_fits_dreambooth_with_text_encoder_and_prior():
     assert t.plan.needed < 11.5 * 2**30
 
 
+def test_auto_on_t4s_keeps_checkpointing_only_where_the_plan_needs_it():
+    """DreamBooth (UNet) + prior at 512 px: on one T4 it fits without checkpointing (planned ~13.7 of 14.75 GiB,
+    the fp32 norms of CUDA autocast counted); on 2 x T4 DDP's buckets hold every gradient through the forward
+    pass and it does not (~17 GiB), so checkpointing stays on. With the text encoder it stays on for both."""
+    prior = TrainConfig(model="sd15", with_prior_preservation=True, class_prompt="a photo of a dog", class_dir="c",
+                        instance_prompt="a photo of zwx dog")
+    one = presets.tune(prior, "auto", T4)
+    assert not one.config.gradient_checkpointing and one.plan.fits and one.plan.headroom >= 0.05
+    assert any("gradient checkpointing off" in c for c in one.changes)
+    two = presets.tune(prior, "auto", KAGGLE_2xT4, num_processes=2)
+    assert two.config.gradient_checkpointing and two.plan.fits
+    assert any(what.startswith("DDP buckets") for what, _ in two.plan.rows)
+    assert not any(what.startswith("DDP buckets") for what, _ in one.plan.rows)
+    for rt, n in ((T4, 1), (KAGGLE_2xT4, 2)):
+        assert presets.tune(SD15_TE_PRIOR, "auto", rt, num_processes=n).config.gradient_checkpointing
+
+
 def test_auto_on_an_8gb_card_uses_the_optimizer_in_backward():
     t = presets.tune(SD15_TE_PRIOR, "auto", CARD_8GB)
     assert t.preset == "8gb" and t.config.optimizer_in_backward and t.config.max_grad_norm == 0
@@ -147,5 +164,8 @@ def test_preview_plans_sd15_on_a_named_gpu_from_a_cpu_session(cfg):
     t = presets.preview(cfg, "T4")  # the offline notebook's config, as SD 1.5 at 512 px on a Colab T4
     assert t.preset == "16gb" and t.config.model == "sd15" and t.config.resolution == 512 and t.plan.fits
     assert t.config.instance_dir == cfg.instance_dir and t.plan.capacity == int(14.75 * 2**30)
+    assert not any(what.startswith("DDP") for what, _ in t.plan.rows)
+    kaggle = presets.preview(cfg, "2xT4")  # one DDP process per T4
+    assert kaggle.plan.settings["num_processes"] == 2 and any(w.startswith("DDP") for w, _ in kaggle.plan.rows)
     with pytest.raises(ValueError, match="gpu='H200'"):
         presets.preview(cfg, "H200")
