@@ -90,6 +90,7 @@ class _Live:
             self.optimizer.close()
         if self.parts is not None and self.device is not None:
             self.parts.vae.to(self.device)
+        self.parts, self.params, self.optimizer = None, [], None  # the error's frames must not keep them alive
 
 
 @torch.no_grad()
