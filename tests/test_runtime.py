@@ -39,3 +39,52 @@ def test_precision_and_memory_settings_fit_the_gpu():
 def test_detect_on_this_machine():
     rt = runtime.detect()
     assert rt.platform in ("local", "colab", "kaggle") and rt.device in ("cpu", "cuda", "mps")
+
+
+def _fake_gpu(monkeypatch, name, major, minor, initialised=True, smi=None):
+    """torch.cuda as a GPU machine would answer; is_bf16_supported() says yes as it does on a T4 once CUDA is up."""
+    import subprocess
+    from types import SimpleNamespace
+
+    import torch
+
+    monkeypatch.delenv(runtime.REHEARSAL_ENV, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: initialised)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(
+        name=name, major=major, minor=minor, total_memory=int(14.75 * 2**30)))
+
+    def run(cmd, **kw):
+        if smi is None:
+            raise FileNotFoundError("nvidia-smi")
+        return SimpleNamespace(stdout=smi + "\n")
+
+    monkeypatch.setattr(subprocess, "run", run)
+
+
+def test_a_t4_is_fp16_even_when_torch_says_bf16(monkeypatch):
+    _fake_gpu(monkeypatch, "Tesla T4", 7, 5)
+    rt = runtime.detect()
+    assert rt.device == "cuda" and not rt.bf16 and rt.default_precision() == "fp16"
+    _fake_gpu(monkeypatch, "NVIDIA A100-SXM4-40GB", 8, 0)
+    assert runtime.detect().default_precision() == "bf16"
+
+
+def test_nvidia_smi_compute_capability_decides_bf16(monkeypatch):
+    _fake_gpu(monkeypatch, "Tesla T4", 7, 5, initialised=False, smi="Tesla T4, 15360, 7.5")
+    rt = runtime.detect()
+    assert (rt.gpu_name, rt.bf16) == ("Tesla T4", False)
+    _fake_gpu(monkeypatch, "Tesla P100", 6, 0, initialised=False, smi="Tesla P100-PCIE-16GB, 16384, 6.0")
+    assert not runtime.detect().bf16
+    _fake_gpu(monkeypatch, "NVIDIA L4", 8, 9, initialised=False, smi="NVIDIA L4, 23034, 8.9")
+    assert runtime.detect().bf16
+
+
+def test_the_rehearsal_is_a_t4_on_the_cpu(monkeypatch):
+    monkeypatch.setenv(runtime.REHEARSAL_ENV, "1")
+    rt = runtime.detect()
+    assert rt.rehearsal and rt.gpu_path and rt.device == "cpu" and rt.default_precision() == "fp16"
+    monkeypatch.setenv(runtime.REHEARSAL_ENV, "0")
+    assert not runtime.detect().rehearsal
