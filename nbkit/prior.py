@@ -58,8 +58,9 @@ def ensure_class_images(parts: SDParts, prompt: str, folder: str | Path, count: 
         if dtype is None:
             dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(rt.default_precision(), torch.float32)
     moved = {n: next(getattr(parts, n).parameters()).device for n in ("unet", "vae", "text_encoder")}
+    modes = {n: getattr(parts, n).training for n in moved}
     for n in moved:
-        getattr(parts, n).to(device)
+        getattr(parts, n).to(device).eval()  # no dropout in the pictures, whatever the parts were doing before
     pipe = pipeline(parts, scheduler)
     missing = [i for i in range(count) if not (folder / f"class_{i:05d}.png").exists()]
     try:
@@ -74,7 +75,7 @@ def ensure_class_images(parts: SDParts, prompt: str, folder: str | Path, count: 
                     os.replace(tmp, folder / f"class_{i:05d}.png")
     finally:
         for n, d in moved.items():
-            getattr(parts, n).to(d)
+            getattr(parts, n).to(d).train(modes[n])
     have, _ = data.scan(folder, "class")
     if verbose:
         print(f"class images for {prompt!r}: {len(missing)} generated, {count - len(missing)} reused, in {folder}")

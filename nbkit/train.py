@@ -82,6 +82,7 @@ class _Live:
     params: list = field(default_factory=list)
     optimizer: object = None
     device: torch.device | None = None
+    modes: dict = field(default_factory=dict)  # module name -> training flag before the run (eval after loading)
 
     def clean_up(self) -> None:
         for p in self.params:
@@ -90,7 +91,20 @@ class _Live:
             self.optimizer.close()
         if self.parts is not None and self.device is not None:
             self.parts.vae.to(self.device)
+        for name, training in self.modes.items():  # train mode would leave dropout on in the next samples
+            setattr(self.parts, name, _unprepare(getattr(self.parts, name)))
+            getattr(self.parts, name).train(training)
         self.parts, self.params, self.optimizer = None, [], None  # the error's frames must not keep them alive
+
+
+def _unprepare(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module again, as accelerator.prepare found it: out of DDP, without the autocast forward that
+    returns fp32 outputs, not marked prepared (a prepared mark would make the next run skip preparing it)."""
+    from accelerate.utils import extract_model_from_parallel
+
+    model = extract_model_from_parallel(model, keep_fp32_wrapper=False)
+    model.__dict__.pop("_is_accelerate_prepared", None)
+    return model
 
 
 @torch.no_grad()
@@ -166,6 +180,7 @@ def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifes
     parts = parts or load_parts(cfg.model)
     method = methods.setup(cfg, parts)
     live.parts, live.params, live.device = parts, method.params, device
+    live.modes = {n: getattr(parts, n).training for n in ("unet", "text_encoder", "vae")}
     for name in ("unet", "text_encoder", "vae"):
         _place(getattr(parts, name), device, torch.float32 if name in method.full_precision else weight_dtype)
     if cfg.gradient_checkpointing:
@@ -376,10 +391,10 @@ def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifes
     # --- save
     for m in (parts.unet, parts.text_encoder):
         m.eval()
-    parts.unet = accelerator.unwrap_model(unet)
+    parts.unet = _unprepare(unet)
     if cfg.deepspeed_config:
         _deepspeed_master_weights(parts.unet)
-    parts.text_encoder = accelerator.unwrap_model(text_encoder)
+    parts.text_encoder = _unprepare(text_encoder)
     parts.vae.to(device)
     saved = method.save(parts, out / "model") if accelerator.is_main_process else out / "model"
     (out / "losses.json").write_text(json.dumps(state.log))
