@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, data, guards, launch, manifest, methods, optim, runtime, tracking
+from . import checkpoint, data, guards, launch, manifest, methods, optim, placement, runtime, tracking
 from .config import TrainConfig
 from .models import SDParts, load_parts, pipeline
 from .optim import make_optimizer  # noqa: F401 - its home is nbkit.optim; kept importable from here
@@ -65,60 +65,6 @@ def _precision(cfg: TrainConfig, rt: runtime.Runtime) -> str:
     return p
 
 
-def _rehearse_t4(accelerator) -> None:
-    """The T4 rehearsal (runtime.REHEARSAL_ENV): accelerate takes fp16 on a CPU but neither autocasts nor scales
-    there; give it what it does on a GPU, fp16 autocast and a real GradScaler, so every line after is a T4's."""
-    accelerator.native_amp = True  # accelerator.autocast() -> torch.autocast("cpu", torch.float16)
-    accelerator.scaler = torch.amp.GradScaler("cpu")
-
-
-@dataclass
-class _Live:
-    """What a run leaves on the parts while it trains, put right however it ends (an error, out of memory,
-    a KeyboardInterrupt): gradients freed, the in-backward optimizer's hooks removed, the VAE back on the device.
-    Training again with the same parts then starts clean."""
-
-    parts: SDParts | None = None
-    params: list = field(default_factory=list)
-    optimizer: object = None
-    device: torch.device | None = None
-    modes: dict = field(default_factory=dict)  # module name -> training flag before the run (eval after loading)
-
-    def clean_up(self) -> None:
-        for p in self.params:
-            p.grad = None
-        if hasattr(self.optimizer, "close"):  # the in-backward optimizer: its hooks off the parameters, state freed
-            self.optimizer.close()
-        if self.parts is not None and self.device is not None:
-            self.parts.vae.to(self.device)
-        for name, training in self.modes.items():  # train mode would leave dropout on in the next samples
-            setattr(self.parts, name, _unprepare(getattr(self.parts, name)))
-            getattr(self.parts, name).train(training)
-        self.parts, self.params, self.optimizer = None, [], None  # the error's frames must not keep them alive
-
-
-def _unprepare(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain module again, as accelerator.prepare found it: out of DDP, without the autocast forward that
-    returns fp32 outputs, not marked prepared (a prepared mark would make the next run skip preparing it)."""
-    from accelerate.utils import extract_model_from_parallel
-
-    model = extract_model_from_parallel(model, keep_fp32_wrapper=False)
-    model.__dict__.pop("_is_accelerate_prepared", None)
-    return model
-
-
-@torch.no_grad()
-def _place(module: torch.nn.Module, device, frozen_dtype: torch.dtype) -> None:
-    """Move to the device: what trains in fp32 (DreamBooth's UNet, LoRA's adapters, TI's embedding table),
-    what is frozen in `frozen_dtype` (fp16 on a T4). Tensor by tensor, so no full fp32 copy of a frozen model
-    lands on the GPU first, and a trained weight is never rounded through fp16 on its way."""
-    for p in module.parameters():
-        want = torch.float32 if p.requires_grad else frozen_dtype
-        if p.device != device or (p.is_floating_point() and p.dtype != want):
-            p.data = p.data.to(device, want if p.is_floating_point() else p.dtype)
-    module.to(device)  # the buffers
-
-
 def _encode_prompts(parts: SDParts, prompts: list[str], device) -> torch.Tensor:
     ids = parts.tokenizer(prompts, padding="max_length", truncation=True, max_length=parts.tokenizer.model_max_length,
                           return_tensors="pt").input_ids.to(device)
@@ -132,7 +78,7 @@ def train(cfg: TrainConfig, parts: SDParts | None = None, progress: bool = True)
     it, to the same weights as if it had never stopped. However the run ends, run_manifest.json says how; when
     the GPU runs out of memory, the memory the run held is freed before the error reaches you.
     """
-    run, live = manifest.Run(), _Live()
+    run, live = manifest.Run(), placement.Live()
     try:
         return _train(cfg, parts, progress, run, live)
     except BaseException as err:
@@ -144,7 +90,7 @@ def train(cfg: TrainConfig, parts: SDParts | None = None, progress: bool = True)
         raise
 
 
-def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifest.Run, live: _Live) -> TrainResult:
+def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifest.Run, live: placement.Live) -> TrainResult:
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import compute_snr  # imports bitsandbytes: not at `import nbkit`
@@ -164,7 +110,7 @@ def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifes
         AcceleratorState._reset_state()  # accelerate's singleton refuses a second mixed_precision otherwise
     accelerator = launch.make_accelerator(cfg, precision, cpu=rt.device == "cpu")
     if rt.rehearsal and precision == "fp16":
-        _rehearse_t4(accelerator)
+        placement.rehearse_t4(accelerator)
     device = accelerator.device
     weight_dtype = DTYPES[precision]
     set_seed(cfg.seed)  # the global RNGs too: LoRA's initial adapters, for one, are drawn from them
@@ -182,7 +128,7 @@ def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifes
     live.parts, live.params, live.device = parts, method.params, device
     live.modes = {n: getattr(parts, n).training for n in ("unet", "text_encoder", "vae")}
     for name in ("unet", "text_encoder", "vae"):
-        _place(getattr(parts, name), device, torch.float32 if name in method.full_precision else weight_dtype)
+        placement.place(getattr(parts, name), device, torch.float32 if name in method.full_precision else weight_dtype)
     if cfg.gradient_checkpointing:
         # the UNet's activations dominate even when it is frozen (TI: gradients flow through it to the embedding)
         parts.unet.enable_gradient_checkpointing()
@@ -391,10 +337,10 @@ def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifes
     # --- save
     for m in (parts.unet, parts.text_encoder):
         m.eval()
-    parts.unet = _unprepare(unet)
+    parts.unet = placement.unprepare(unet)
     if cfg.deepspeed_config:
-        _deepspeed_master_weights(parts.unet)
-    parts.text_encoder = _unprepare(text_encoder)
+        placement.deepspeed_master_weights(parts.unet)
+    parts.text_encoder = placement.unprepare(text_encoder)
     parts.vae.to(device)
     saved = method.save(parts, out / "model") if accelerator.is_main_process else out / "model"
     (out / "losses.json").write_text(json.dumps(state.log))
@@ -413,18 +359,6 @@ def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifes
     losses = [row["loss"] for row in state.log]
     return TrainResult(out, saved, losses, state.validation, time.perf_counter() - t0, parts, method, cfg, info,
                        tracker.rows if tracker else [], tracker.best if tracker else None)
-
-
-@torch.no_grad()
-def _deepspeed_master_weights(model: torch.nn.Module) -> None:
-    """DeepSpeed trains fp16 weights against fp32 master copies kept in its optimizer: put the masters back in
-    the model before it is saved, so that an fp32 save holds fp32 weights, not fp16-rounded ones labelled fp32."""
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    for p in model.parameters():
-        full = safe_get_full_fp32_param(p)
-        if full is not None:
-            p.data = full.detach().to(p.device).reshape(p.shape)
 
 
 @contextlib.contextmanager
