@@ -196,6 +196,10 @@ class TrainConfig:
             e.append("deepspeed_config with method='textual_inversion': ZeRO steps its own fp32 copy of the embeddings "
                      "and writes it back, undoing TI's restore of every row but the new token's. TI's memory is tiny, "
                      "it fits 8 GB without DeepSpeed: leave deepspeed_config empty (PRESET='8gb').")
+        if self.checkpointing_steps:
+            e.append(f"deepspeed_config with checkpointing_steps={self.checkpointing_steps}: DeepSpeed's optimizer state "
+                     "can only be saved as a pickle, which the kit never writes, so such a run cannot be resumed. Set "
+                     "checkpointing_steps=0 (the 8gb-deepspeed preset does), or use PRESET='8gb' (resumable).")
         if self.gradient_accumulation_steps != 1:
             e.append(f"deepspeed_config with gradient_accumulation_steps={self.gradient_accumulation_steps}: use 1 "
                      "(DeepSpeed would scale the loss a second time); raise train_batch_size instead.")

@@ -85,7 +85,7 @@ def settings(name: str, rt: Runtime, cfg: TrainConfig | None = None) -> dict:
             s.update(optimizer_in_backward=True, max_grad_norm=0.0, gradient_accumulation_steps=1)
     elif name == "8gb-deepspeed":
         s.update(gradient_checkpointing=True, deepspeed_config=str(deepspeed_config_path()),
-                 gradient_accumulation_steps=1)
+                 gradient_accumulation_steps=1, checkpointing_steps=0)  # ZeRO's state pickles: no resumable checkpoints
     elif name == "12gb":
         s.update(use_8bit_adam=True, gradient_checkpointing=full)
     elif name == "16gb":

@@ -40,11 +40,16 @@ def test_deepspeed_refuses_what_it_cannot_train_before_asking_for_deepspeed(cfg)
             c.validate()
         with pytest.raises(ConfigError, match=says):  # the settings error, not "DeepSpeed is not installed"
             launch.deepspeed_plugin(c)
-    for fine in (dataclasses.replace(lora_te, lora_text_encoder=False), dataclasses.replace(ti, deepspeed_config=""),
+    for fine in (dataclasses.replace(lora_te, lora_text_encoder=False, checkpointing_steps=0),
+                 dataclasses.replace(ti, deepspeed_config=""),
                  dataclasses.replace(lora_te, deepspeed_config="")):
         fine.validate()
     with pytest.raises(ConfigError, match="train_text_encoder=True: DeepSpeed here trains the UNet only"):
         dataclasses.replace(cfg, train_text_encoder=True, deepspeed_config=ds).validate()
+    # ZeRO's optimizer state only pickles: refused up front, not at the first checkpoint 200 steps in
+    with pytest.raises(ConfigError, match="checkpointing_steps=200: DeepSpeed's optimizer state"):
+        dataclasses.replace(cfg, deepspeed_config=ds, checkpointing_steps=200).validate()
+    assert presets.settings("8gb-deepspeed", presets.GPUS["RTX3070-8GB"])["checkpointing_steps"] == 0
 
 
 def test_a_failed_launch_says_why_with_its_last_lines(capsys):

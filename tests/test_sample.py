@@ -58,3 +58,26 @@ def test_ancestral_noise_comes_from_the_seed(parts):
     torch.manual_seed(123)  # the global RNG must not matter
     b = generate(pipe, ["a star", "a circle"], seeds=[4], steps=3, batch_size=1)
     assert all(np.abs(np.asarray(x, dtype=int) - np.asarray(y, dtype=int)).max() <= 2 for x, y in zip(a, b))
+
+
+def test_a_freshly_loaded_fp32_model_samples_in_the_gpus_half_precision(parts, monkeypatch):
+    """'before' pictures: an all-fp32 pipeline on a T4 samples under fp16 autocast (pure fp32 is ~4x slower there);
+    on a plain CPU it stays fp32; after training, LoRA's fp32 adapters in an fp16 UNet count as mixed."""
+    import torch
+
+    from nbkit import runtime, sample
+    from nbkit.models import pipeline as make_pipe
+
+    pipe = make_pipe(parts, device=None)
+    cpu = torch.device("cpu")
+    monkeypatch.delenv(runtime.REHEARSAL_ENV, raising=False)
+    assert not isinstance(sample._autocast(pipe, cpu), torch.autocast)
+    monkeypatch.setenv(runtime.REHEARSAL_ENV, "1")  # a T4's decisions, on this CPU
+    ctx = sample._autocast(pipe, cpu)
+    assert isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.float16
+    monkeypatch.delenv(runtime.REHEARSAL_ENV)
+    for m in (parts.unet, parts.text_encoder, parts.vae):
+        m.to(torch.float16)  # every module's .dtype (its first parameter) says fp16 ...
+    parts.unet.conv_out.weight.data = parts.unet.conv_out.weight.data.float()  # ... but one weight is fp32, as LoRA's
+    ctx = sample._autocast(pipe, cpu)
+    assert isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.float16
