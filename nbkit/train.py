@@ -1,13 +1,16 @@
 """The one training loop. Every method (DreamBooth, +text encoder, LoRA, TI) and prior preservation go through it.
 
-Read top to bottom: settings and folders (checked first: writable, enough disk) -> accelerator -> model ->
-method -> scorer (eval_steps) -> data (latents and prompt embeddings cached once) -> optimizer -> resume from a
-checkpoint -> steps (each guarded: out of memory, non-finite loss) -> validation samples -> scores, best model
-and overfit warning (nbkit.tracking) -> checkpoints -> save.
+`_train` reads top to bottom as the run's stages, each a function of at most a screen: `_setup` (settings and
+folders checked first: writable, the checkpoint to resume from; precision; the accelerator) -> `_model` (which
+parameters train, frozen weights in half precision, the loss terms) -> the scorer (eval_steps) -> the data
+(nbkit.batches: latents and prompt embeddings cached once) -> `_optimizer` -> `_resume` -> `_steps` (each step an
+`_update` guarded against out of memory and non-finite losses, built from `_loss`; then `_after_step`: validation
+pictures, scores and the best model (nbkit.tracking), checkpoints) -> `_save`.
 
 A step is a pure function of (seed, step): the batch, the noise and the timesteps are drawn from generators
 seeded by the step, so runs are repeatable, and a run resumed from a checkpoint (nbkit.checkpoint) ends with
-the same weights as one never stopped. run_manifest.json (nbkit.manifest) records how each run was made.
+the same weights as one never stopped. run_manifest.json (nbkit.manifest) records how each run was made; however
+a run ends, nbkit.placement puts the parts back as it found them.
 """
 
 from __future__ import annotations
@@ -20,14 +23,12 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, data, guards, launch, manifest, methods, optim, placement, runtime, tracking
+from . import batches, checkpoint, guards, launch, manifest, methods, optim, placement, runtime, tracking
 from .config import TrainConfig
 from .models import SDParts, load_parts, pipeline
-from .optim import make_optimizer  # noqa: F401 - its home is nbkit.optim; kept importable from here
 from .sample import generate, grid
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
@@ -65,12 +66,6 @@ def _precision(cfg: TrainConfig, rt: runtime.Runtime) -> str:
     return p
 
 
-def _encode_prompts(parts: SDParts, prompts: list[str], device) -> torch.Tensor:
-    ids = parts.tokenizer(prompts, padding="max_length", truncation=True, max_length=parts.tokenizer.model_max_length,
-                          return_tensors="pt").input_ids.to(device)
-    return parts.text_encoder(ids)[0]
-
-
 def train(cfg: TrainConfig, parts: SDParts | None = None, progress: bool = True) -> TrainResult:
     """Fine-tune with `cfg`; return the result (also written to cfg.output_dir).
 
@@ -91,12 +86,46 @@ def train(cfg: TrainConfig, parts: SDParts | None = None, progress: bool = True)
 
 
 def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifest.Run, live: placement.Live) -> TrainResult:
-    from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import compute_snr  # imports bitsandbytes: not at `import nbkit`
-    from tqdm.auto import tqdm
+    """The stages of a run, in order; each is a function below."""
+    s = _setup(cfg, run)  # settings, folders, the checkpoint to resume from, precision, accelerator
+    parts, method, obj = _model(cfg, parts, s, live)  # which parameters train, where the parts sit, the loss terms
+    s.tracker = (tracking.Tracker.for_training(cfg, parts, method, s.out)  # its models load now: fail early
+                 if cfg.eval_steps and s.accelerator.is_main_process else None)
+    b = batches.prepare(cfg, parts, method, s.accelerator, s.weight_dtype)  # latents and embeddings, cached once
+    o = _optimizer(cfg, parts, method, s, live)  # optimizer, LR schedule, accelerate's wrapping
+    state = _resume(cfg, parts, method, s, b, o, run)  # weights, moments, schedule, scaler, RNGs: as they were
+    _steps(cfg, parts, method, s, b, o, obj, state, run, progress)
+    return _save(cfg, parts, method, s, o, obj, state, run)
 
-    # --- settings, folders and the checkpoint to resume from: checked before anything is loaded
+
+@dataclass
+class _Setup:
+    """What a run is, decided before anything is loaded."""
+
+    t0: float
+    rt: runtime.Runtime
+    precision: str
+    weight_dtype: torch.dtype  # frozen weights (fp16 on a T4); trained ones stay fp32
+    accelerator: object
+    in_backward: bool
+    ckpts: checkpoint.Checkpoints
+    out: Path
+    resume_from: Path | None
+    tracker: object = None  # nbkit.tracking.Tracker with eval_steps (main process)
+    resumable: checkpoint.Resumable | None = None  # what a checkpoint saves and restores
+    fingerprint: dict | None = None  # the pictures and prompts a resumed run must find again
+    scales: list = field(default_factory=list)  # fp16: the loss scale after each step
+    skipped: list = field(default_factory=list)  # fp16: steps whose gradients overflowed (not applied)
+    step_seconds: list = field(default_factory=list)
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+
+def _setup(cfg: TrainConfig, run: manifest.Run) -> _Setup:
+    from accelerate.utils import set_seed
+
     cfg.validate()
     t0 = time.perf_counter()
     ckpts = checkpoint.Checkpoints(checkpoint.folder(cfg), cfg.checkpoints_total_limit)
@@ -111,175 +140,132 @@ def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifes
     accelerator = launch.make_accelerator(cfg, precision, cpu=rt.device == "cpu")
     if rt.rehearsal and precision == "fp16":
         placement.rehearse_t4(accelerator)
-    device = accelerator.device
-    weight_dtype = DTYPES[precision]
     set_seed(cfg.seed)  # the global RNGs too: LoRA's initial adapters, for one, are drawn from them
-    run.start(out, cfg.to_dict(), {"runtime": rt.describe(), "device": str(device), "precision": precision})
-    procs, rank = accelerator.num_processes, accelerator.process_index
+    run.start(out, cfg.to_dict(), {"runtime": rt.describe(), "device": str(accelerator.device), "precision": precision})
+    procs = accelerator.num_processes
     in_backward, why_not = optim.in_backward_active(cfg, procs)
     if cfg.optimizer_in_backward and not in_backward:
         print(f"optimizer_in_backward: using the normal optimizer instead, because of {why_not}.")
     if accelerator.is_main_process:
         print(launch.effective_batch(cfg, procs)[1])
+    return _Setup(t0, rt, precision, DTYPES[precision], accelerator, in_backward, ckpts, out, resume_from)
 
-    # --- model and method: which parameters train
+
+@dataclass
+class _Objective:
+    """What a step's loss is made of, as the model was pretrained ("auto" settings; SD 1.5: neither extra)."""
+
+    prediction: str  # "epsilon" or "v_prediction"
+    noise_offset: float
+    snr_gamma: float
+
+
+def _model(cfg: TrainConfig, parts: SDParts | None, s: _Setup, live: placement.Live):
     parts = parts or load_parts(cfg.model)
     method = methods.setup(cfg, parts)
-    live.parts, live.params, live.device = parts, method.params, device
+    live.parts, live.params, live.device = parts, method.params, s.device
     live.modes = {n: getattr(parts, n).training for n in ("unet", "text_encoder", "vae")}
     for name in ("unet", "text_encoder", "vae"):
-        placement.place(getattr(parts, name), device, torch.float32 if name in method.full_precision else weight_dtype)
+        placement.place(getattr(parts, name), s.device,
+                        torch.float32 if name in method.full_precision else s.weight_dtype)
     if cfg.gradient_checkpointing:
         # the UNet's activations dominate even when it is frozen (TI: gradients flow through it to the embedding)
         parts.unet.enable_gradient_checkpointing()
         if method.trains_text_encoder:
             parts.text_encoder.gradient_checkpointing_enable()
-    prediction = parts.prediction_type if cfg.prediction_type == "auto" else cfg.prediction_type
-    # "auto": fine-tune with the noise and loss weighting the model was pretrained with (SD 1.5: neither)
-    pretrained = parts.pretraining
-    noise_offset = pretrained.get("offset_noise", 0.0) if cfg.noise_offset == "auto" else cfg.noise_offset
-    snr_gamma = pretrained.get("snr_gamma", 0.0) if cfg.snr_gamma == "auto" else cfg.snr_gamma
-    guards.check_disk(guards.run_disk_needs(cfg, parts, method, len(ckpts.complete()),  # before any class image
-                                            checkpoint.step_of(resume_from) if resume_from else 0,
-                                            cfg.use_8bit_adam and rt.gpu_path))
+    pre = parts.pretraining
+    obj = _Objective(parts.prediction_type if cfg.prediction_type == "auto" else cfg.prediction_type,
+                     pre.get("offset_noise", 0.0) if cfg.noise_offset == "auto" else cfg.noise_offset,
+                     pre.get("snr_gamma", 0.0) if cfg.snr_gamma == "auto" else cfg.snr_gamma)
+    start = checkpoint.step_of(s.resume_from) if s.resume_from else 0
+    guards.check_disk(guards.run_disk_needs(cfg, parts, method, len(s.ckpts.complete()), start,  # before class images
+                                            cfg.use_8bit_adam and s.rt.gpu_path))
+    return parts, method, obj
 
-    # --- scores during training (main process only): its models load now, so a missing one stops the run at once
-    tracker = (tracking.Tracker.for_training(cfg, parts, method, out)
-               if cfg.eval_steps and accelerator.is_main_process else None)
 
-    # --- data: images -> latents (once), prompts -> embeddings (once, when the text encoder is frozen)
-    expand = (lambda s: s.replace(cfg.placeholder_token, " ".join(methods.ti_tokens(cfg)))) \
-        if cfg.method == "textual_inversion" else (lambda s: s)
-    instance = data.load_folder(cfg.instance_dir, cfg.resolution, "instance")
-    inst_prompts = [expand(e.caption or cfg.instance_prompt) for e in instance]
-    class_ex, class_prompts = [], []
-    if cfg.with_prior_preservation:
-        from .prior import ensure_class_images
+@dataclass
+class _Opt:
+    """The optimizer, its LR schedule, and the trained modules as accelerate wrapped them."""
 
-        with accelerator.main_process_first():  # one process generates, the others then find them cached
-            ensure_class_images(parts, cfg.class_prompt, cfg.class_dir, cfg.num_class_images, cfg.resolution,
-                                seed=cfg.seed, batch_size=cfg.class_batch_size, steps=cfg.sample_steps,
-                                guidance=cfg.guidance_scale, scheduler=cfg.sample_scheduler,
-                                device=device, dtype=weight_dtype)
-        class_ex = data.load_folder(cfg.class_dir, cfg.resolution, "class")[: cfg.num_class_images]
-        class_prompts = [cfg.class_prompt] * len(class_ex)
-    flips = (False, True) if cfg.random_flip else (False,)
-    crop_rng = np.random.default_rng(cfg.seed)
+    optimizer: object
+    lr_sched: object
+    wrapped: dict[str, torch.nn.Module]
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    unet_input: torch.dtype  # DeepSpeed keeps the UNet itself in half precision (no autocast): inputs must match
 
-    def pixels(examples):  # [n, flips, 3, H, W]
-        return torch.stack([torch.stack([data.to_tensor(e.image, cfg.resolution, cfg.center_crop, f, crop_rng)
-                                         for f in flips]) for e in examples])
 
-    scaling = parts.vae.config.scaling_factor
+def _optimizer(cfg: TrainConfig, parts: SDParts, method, s: _Setup, live: placement.Live) -> _Opt:
+    from diffusers.optimization import get_scheduler
 
-    @torch.no_grad()
-    def encode(px: torch.Tensor) -> torch.Tensor:  # 8 pictures at a time on the device, the rest stay on the CPU
-        flat, gen = px.flatten(0, 1), torch.Generator().manual_seed(cfg.seed)
-        lat = torch.cat([parts.vae.encode(flat[i:i + 8].to(device, weight_dtype)).latent_dist.sample(generator=gen)
-                         .float().cpu() for i in range(0, len(flat), 8)])
-        return (lat * scaling).unflatten(0, px.shape[:2])
-
-    inst_px, class_px = pixels(instance), pixels(class_ex) if class_ex else None
-    if cfg.cache_latents:
-        inst_src = encode(inst_px).cpu()
-        class_src = encode(class_px).cpu() if class_px is not None else None
-        parts.vae.to("cpu")  # not needed again until validation: frees its memory for training
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    else:
-        inst_src, class_src = inst_px, class_px
-
-    cached_emb = None
-    if not method.trains_text_encoder:
-        with torch.no_grad():
-            uniq = sorted(set(inst_prompts + class_prompts))
-            embs = _encode_prompts(parts, uniq, device).float().cpu()
-            cached_emb = dict(zip(uniq, embs))
-
-    # --- optimizer, LR schedule, accelerator
     # the rehearsal makes the optimizer a T4 would get (8-bit AdamW runs on a CPU too)
-    optimizer = optim.make_optimizer(method.params, cfg, "cuda" if rt.gpu_path else rt.device, in_backward=in_backward,
-                                     scaler=accelerator.scaler, offloaded=bool(cfg.deepspeed_config))
+    optimizer = optim.make_optimizer(method.params, cfg, "cuda" if s.rt.gpu_path else s.rt.device,
+                                     in_backward=s.in_backward, scaler=s.accelerator.scaler,
+                                     offloaded=bool(cfg.deepspeed_config))
     live.optimizer = optimizer
     lr_sched = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                              num_training_steps=cfg.max_train_steps)
     trainable = method.trainable_modules(parts)
     # the in-backward optimizer steps inside backward: accelerate must not wrap it (nothing to step after)
-    prepared = accelerator.prepare(*trainable.values(), *([] if in_backward else [optimizer]))
+    prepared = s.accelerator.prepare(*trainable.values(), *([] if s.in_backward else [optimizer]))
     prepared = prepared if isinstance(prepared, (tuple, list)) else (prepared,)
     wrapped = dict(zip(trainable, prepared))
-    optimizer = optimizer if in_backward else prepared[-1]
-    # DeepSpeed keeps the UNet itself in half precision (no autocast): its inputs must match
-    unet_input = weight_dtype if cfg.deepspeed_config else torch.float32
-    unet = wrapped.get("unet", parts.unet)
-    text_encoder = wrapped.get("text_encoder", parts.text_encoder)
     for m in wrapped.values():
         m.train()
+    return _Opt(optimizer if s.in_backward else prepared[-1], lr_sched, wrapped, wrapped.get("unet", parts.unet),
+                wrapped.get("text_encoder", parts.text_encoder),
+                s.weight_dtype if cfg.deepspeed_config else torch.float32)
 
-    sched = parts.noise_scheduler
-    n_inst, bs = len(instance), cfg.train_batch_size
 
-    def latents_of(src, idx, gen) -> torch.Tensor:
-        f = torch.randint(0, len(flips), (len(idx),), generator=gen)
-        x = src[idx, f]
-        if cfg.cache_latents:
-            return x.to(device)
-        with torch.no_grad():
-            return parts.vae.encode(x.to(device, weight_dtype)).latent_dist.sample().float() * scaling
+def _loss(cfg: TrainConfig, parts: SDParts, s: _Setup, b: batches.Batches, o: _Opt, obj: _Objective,
+          micro: int, te_trains: bool) -> tuple[torch.Tensor, dict]:
+    """The loss of one micro-step: noise a batch at random timesteps, predict the noise (or velocity) from the
+    prompts, mean squared error; with prior preservation the class pictures' error is a second, weighted term."""
+    from diffusers.training_utils import compute_snr  # imports bitsandbytes: not at `import nbkit`
 
-    def step_loss(micro: int, te_trains: bool) -> tuple[torch.Tensor, dict]:
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + micro)
-        idx = data.batch_indices(n_inst, bs, micro, cfg.seed)
-        lat, prm = [latents_of(inst_src, idx, gen)], [inst_prompts[i] for i in idx]
-        if class_src is not None:
-            cidx = data.batch_indices(len(class_ex), bs, micro, cfg.seed + 1)
-            lat.append(latents_of(class_src, cidx, gen))
-            prm += [class_prompts[i] for i in cidx]
-        latents = torch.cat(lat)
-        noise = torch.randn(latents.shape, generator=gen).to(device)
-        t = torch.randint(0, sched.config.num_train_timesteps, (len(latents),), generator=gen).to(device)
-        if noise_offset:  # a per-image, per-channel shift: lets the model change a picture's mean colour
-            noise = noise + noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=gen).to(device)
-        noisy = sched.add_noise(latents, noise, t)
-        if cached_emb is not None:
-            emb = torch.stack([cached_emb[p] for p in prm]).to(device)
-        else:
-            ids = parts.tokenizer(prm, padding="max_length", truncation=True,
-                                  max_length=parts.tokenizer.model_max_length, return_tensors="pt").input_ids.to(device)
-            with contextlib.nullcontext() if te_trains else torch.no_grad():
-                emb = text_encoder(ids)[0]
-        target = noise if prediction == "epsilon" else sched.get_velocity(latents, noise, t)
-        with accelerator.autocast():
-            pred = unet(noisy.to(unet_input), t, emb.to(unet_input)).sample.float()
-        per_image = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
-        if snr_gamma:  # min-SNR weighting (Hang et al. 2023), as diffusers' examples do it
-            snr = compute_snr(sched, t)
-            weight = torch.clamp(snr, max=snr_gamma) / (snr if prediction == "epsilon" else snr + 1)
-            per_image = per_image * weight
-        if class_src is not None:
-            inst_loss, prior_loss = (part.mean() for part in per_image.chunk(2))
-            return inst_loss + cfg.prior_loss_weight * prior_loss, {"instance": inst_loss.item(), "prior": prior_loss.item()}
-        return per_image.mean(), {}
+    device, sched = s.device, parts.noise_scheduler
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + micro)
+    latents, prompts = b.draw(micro, gen)
+    noise = torch.randn(latents.shape, generator=gen).to(device)
+    t = torch.randint(0, sched.config.num_train_timesteps, (len(latents),), generator=gen).to(device)
+    if obj.noise_offset:  # a per-image, per-channel shift: lets the model change a picture's mean colour
+        noise = noise + obj.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=gen).to(device)
+    noisy = sched.add_noise(latents, noise, t)
+    emb = b.embeddings(prompts, o.text_encoder, te_trains)
+    target = noise if obj.prediction == "epsilon" else sched.get_velocity(latents, noise, t)
+    with s.accelerator.autocast():
+        pred = o.unet(noisy.to(o.unet_input), t, emb.to(o.unet_input)).sample.float()
+    per_image = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
+    if obj.snr_gamma:  # min-SNR weighting (Hang et al. 2023), as diffusers' examples do it
+        snr = compute_snr(sched, t)
+        per_image = per_image * torch.clamp(snr, max=obj.snr_gamma) / (snr if obj.prediction == "epsilon" else snr + 1)
+    if b.prior:
+        inst_loss, prior_loss = (part.mean() for part in per_image.chunk(2))
+        return inst_loss + cfg.prior_loss_weight * prior_loss, {"instance": inst_loss.item(), "prior": prior_loss.item()}
+    return per_image.mean(), {}
 
-    # --- resume: weights, optimizer moments, LR schedule, GradScaler and RNGs as they were at the checkpoint
-    resumable = checkpoint.Resumable(checkpoint.trainable_params(parts, method), optimizer, lr_sched, accelerator.scaler)
-    fingerprint = checkpoint.data_fingerprint({"instance": [(e.path, p) for e, p in zip(instance, inst_prompts)],
-                                               "class": [(e.path, p) for e, p in zip(class_ex, class_prompts)]})
+
+def _resume(cfg, parts, method, s: _Setup, b: batches.Batches, o: _Opt, run: manifest.Run) -> checkpoint.Progress:
+    s.resumable = checkpoint.Resumable(checkpoint.trainable_params(parts, method), o.optimizer, o.lr_sched,
+                                       s.accelerator.scaler)
+    s.fingerprint = b.fingerprint()
     state = checkpoint.Progress()
-    if resume_from:
-        state = checkpoint.resume(resume_from, resumable, cfg, fingerprint, out)
-        run.update(resumed_from=str(resume_from), resumed_at_step=state.step, steps_done=state.step)
-    if tracker:
-        tracker.restore(state.metrics, state.best, fresh=not resume_from)
-        if not resume_from:  # the untrained model: the baseline of every curve
-            with _sampling(cfg, parts, device, precision, weight_dtype) as pipe:
-                tracker.update(0, pipe)
+    if s.resume_from:
+        state = checkpoint.resume(s.resume_from, s.resumable, cfg, s.fingerprint, s.out)
+        run.update(resumed_from=str(s.resume_from), resumed_at_step=state.step, steps_done=state.step)
+    if s.tracker:
+        s.tracker.restore(state.metrics, state.best, fresh=not s.resume_from)
+        if not s.resume_from:  # the untrained model: the baseline of every curve
+            with _sampling(cfg, parts, s.device, s.precision, s.weight_dtype) as pipe:
+                s.tracker.update(0, pipe)
+    return state
 
-    # --- the loop
-    acc = cfg.gradient_accumulation_steps
-    advice = guards.training_advice(cfg, rt)
-    step_seconds: list[float] = []
-    scaler, scales, skipped = accelerator.scaler, [], []  # fp16: the loss scale after each step, steps skipped
+
+def _steps(cfg, parts, method, s: _Setup, b, o: _Opt, obj, state, run: manifest.Run, progress: bool) -> None:
+    """The loop: one optimizer update per step (accumulated over micro-steps), then what is due after it."""
+    from tqdm.auto import tqdm
+
+    advice = guards.training_advice(cfg, s.rt)
     bar = tqdm(range(state.step, cfg.max_train_steps), initial=state.step, total=cfg.max_train_steps,
                desc=f"{method.name}", disable=not progress)
     for step in bar:
@@ -288,77 +274,91 @@ def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifes
         if method.trains_text_encoder and not te_trains:
             parts.text_encoder.requires_grad_(False)  # AdamW skips parameters without gradients
         with guards.out_of_memory("the training step", advice):
-            total = 0.0
-            for k in range(acc):
-                sync = k == acc - 1
-                ctx = contextlib.ExitStack()
-                if not sync:
-                    for m in wrapped.values():
-                        ctx.enter_context(accelerator.no_sync(m))
-                with ctx:
-                    # each process draws its own samples (with one process: micro-step step * acc + k)
-                    loss, terms = step_loss((step * acc + k) * procs + rank, te_trains)
-                    accelerator.backward(loss / acc)
-                total += loss.item() / acc
-            if not math.isfinite(total):  # stop before the update: the last checkpoint stays the last good one
-                raise guards.non_finite_loss(total, step, ckpts.latest(), precision)
-            if cfg.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(method.params, cfg.max_grad_norm)
-            overflowed = getattr(optimizer, "skipped", 0)  # the in-backward optimizer counts its own
-            optimizer.step()
-            if scaler is not None:  # a step whose gradients overflowed was skipped, not applied; the scale halved
-                scales.append(scaler.get_scale())
-                if accelerator.optimizer_step_was_skipped or getattr(optimizer, "skipped", 0) > overflowed:
-                    skipped.append(step + 1)
-            lr_sched.step()
-            optimizer.zero_grad(set_to_none=True)
-            method.after_step()
-        step_seconds.append(time.perf_counter() - t_step)
-        state.log.append({"step": step + 1, "loss": total, "lr": lr_sched.get_last_lr()[0], **terms})
+            total, terms = _update(cfg, parts, method, s, b, o, obj, step, te_trains)
+        s.step_seconds.append(time.perf_counter() - t_step)
+        state.log.append({"step": step + 1, "loss": total, "lr": o.lr_sched.get_last_lr()[0], **terms})
         bar.set_postfix(loss=f"{total:.4f}")
-        done = run.steps_done = step + 1
-        if (accelerator.is_main_process and cfg.validation_prompts and cfg.validation_steps
-                and (done % cfg.validation_steps == 0 or done == cfg.max_train_steps)):
-            state.validation[done] = _validate(cfg, parts, out, done, device, precision, weight_dtype)
-        if tracker and (done % cfg.eval_steps == 0 or done == cfg.max_train_steps):
-            with _sampling(cfg, parts, device, precision, weight_dtype) as pipe:
-                tracker.update(done, pipe)  # metrics.json, best/, the overfit warning
-        if accelerator.is_main_process and cfg.checkpointing_steps and done % cfg.checkpointing_steps == 0:
-            saved_at = ckpts.save(done, resumable, {
-                "method": method.name, "config": cfg.to_dict(), "data": fingerprint, "log": state.log,
-                "validation": {s: p.relative_to(out).as_posix() for s, p in state.validation.items()},
-                **(tracker.state() if tracker else {})})
-            (out / "losses.json").write_text(json.dumps(state.log))
-            run.update(steps_done=done, last_checkpoint=str(saved_at))
+        run.steps_done = step + 1
+        _after_step(cfg, parts, method, s, state, run, step + 1)
     bar.close()
-    if in_backward:
-        optimizer.close()  # the parts outlive this run: no stale optimizer may step them later
+    if s.in_backward:
+        o.optimizer.close()  # the parts outlive this run: no stale optimizer may step them later
 
-    # --- save
+
+def _update(cfg, parts, method, s: _Setup, b, o: _Opt, obj, step: int, te_trains: bool) -> tuple[float, dict]:
+    """One optimizer update: forward and backward over the accumulated micro-steps, then the step itself."""
+    acc, acc_ = cfg.gradient_accumulation_steps, s.accelerator
+    procs, rank = acc_.num_processes, acc_.process_index
+    total = 0.0
+    for k in range(acc):
+        with contextlib.ExitStack() as ctx:
+            if k != acc - 1:  # no gradient sync between processes before the last micro-step
+                for m in o.wrapped.values():
+                    ctx.enter_context(acc_.no_sync(m))
+            # each process draws its own samples (with one process: micro-step step * acc + k)
+            loss, terms = _loss(cfg, parts, s, b, o, obj, (step * acc + k) * procs + rank, te_trains)
+            acc_.backward(loss / acc)
+        total += loss.item() / acc
+    if not math.isfinite(total):  # stop before the update: the last checkpoint stays the last good one
+        raise guards.non_finite_loss(total, step, s.ckpts.latest(), s.precision)
+    if cfg.max_grad_norm > 0:
+        acc_.clip_grad_norm_(method.params, cfg.max_grad_norm)
+    overflowed = getattr(o.optimizer, "skipped", 0)  # the in-backward optimizer counts its own
+    o.optimizer.step()
+    if acc_.scaler is not None:  # a step whose gradients overflowed was skipped, not applied; the scale halved
+        s.scales.append(acc_.scaler.get_scale())
+        if acc_.optimizer_step_was_skipped or getattr(o.optimizer, "skipped", 0) > overflowed:
+            s.skipped.append(step + 1)
+    o.lr_sched.step()
+    o.optimizer.zero_grad(set_to_none=True)
+    method.after_step()
+    return total, terms
+
+
+def _after_step(cfg, parts, method, s: _Setup, state, run: manifest.Run, done: int) -> None:
+    """What is due after step `done`: validation pictures, scores (best model, overfit warning), a checkpoint."""
+    main, last = s.accelerator.is_main_process, done == cfg.max_train_steps
+    if main and cfg.validation_prompts and cfg.validation_steps and (done % cfg.validation_steps == 0 or last):
+        state.validation[done] = _validate(cfg, parts, s.out, done, s.device, s.precision, s.weight_dtype)
+    if s.tracker and (done % cfg.eval_steps == 0 or last):
+        with _sampling(cfg, parts, s.device, s.precision, s.weight_dtype) as pipe:
+            s.tracker.update(done, pipe)  # metrics.json, best/, the overfit warning
+    if main and cfg.checkpointing_steps and done % cfg.checkpointing_steps == 0:
+        saved_at = s.ckpts.save(done, s.resumable, {
+            "method": method.name, "config": cfg.to_dict(), "data": s.fingerprint, "log": state.log,
+            "validation": {k: p.relative_to(s.out).as_posix() for k, p in state.validation.items()},
+            **(s.tracker.state() if s.tracker else {})})
+        (s.out / "losses.json").write_text(json.dumps(state.log))
+        run.update(steps_done=done, last_checkpoint=str(saved_at))
+
+
+def _save(cfg, parts, method, s: _Setup, o: _Opt, obj: _Objective, state, run: manifest.Run) -> TrainResult:
+    """The trained parts as plain modules again, the result written, the manifest finished, the run's facts."""
     for m in (parts.unet, parts.text_encoder):
         m.eval()
-    parts.unet = placement.unprepare(unet)
+    parts.unet = placement.unprepare(o.unet)
     if cfg.deepspeed_config:
         placement.deepspeed_master_weights(parts.unet)
-    parts.text_encoder = placement.unprepare(text_encoder)
-    parts.vae.to(device)
-    saved = method.save(parts, out / "model") if accelerator.is_main_process else out / "model"
+    parts.text_encoder = placement.unprepare(o.text_encoder)
+    parts.vae.to(s.device)
+    out, procs = s.out, s.accelerator.num_processes
+    saved = method.save(parts, out / "model") if s.accelerator.is_main_process else out / "model"
     (out / "losses.json").write_text(json.dumps(state.log))
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     run.finish("finished", steps_done=cfg.max_train_steps, saved=str(saved))
-    if tracker:
-        print(tracker.summary())
-    info = {"precision": precision, "device": str(device), "prediction_type": prediction, "noise_offset": noise_offset,
-            "snr_gamma": snr_gamma, "runtime": rt.describe(),
+    if s.tracker:
+        print(s.tracker.summary())
+    opt = o.optimizer
+    info = {"precision": s.precision, "device": str(s.device), "prediction_type": obj.prediction,
+            "noise_offset": obj.noise_offset, "snr_gamma": obj.snr_gamma, "runtime": s.rt.describe(),
             "resumed_from": state.resumed_from, "manifest": run.path,
-            "optimizer": getattr(optimizer, "name", None) or type(getattr(optimizer, "optimizer", optimizer)).__name__,
-            "optimizer_in_backward": in_backward,
-            "processes": procs, "effective_batch": launch.effective_batch(cfg, procs)[0],
-            "step_seconds": step_seconds, "grad_scales": scales, "skipped_steps": skipped,
-            "cuda_peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
-    losses = [row["loss"] for row in state.log]
-    return TrainResult(out, saved, losses, state.validation, time.perf_counter() - t0, parts, method, cfg, info,
-                       tracker.rows if tracker else [], tracker.best if tracker else None)
+            "optimizer": getattr(opt, "name", None) or type(getattr(opt, "optimizer", opt)).__name__,
+            "optimizer_in_backward": s.in_backward, "processes": procs,
+            "effective_batch": launch.effective_batch(cfg, procs)[0], "step_seconds": s.step_seconds,
+            "grad_scales": s.scales, "skipped_steps": s.skipped,
+            "cuda_peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if s.device.type == "cuda" else None}
+    return TrainResult(out, saved, [row["loss"] for row in state.log], state.validation, time.perf_counter() - s.t0,
+                       parts, method, cfg, info, s.tracker.rows if s.tracker else [], s.tracker.best if s.tracker else None)
 
 
 @contextlib.contextmanager
