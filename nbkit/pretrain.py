@@ -194,11 +194,9 @@ def encode_scenes(cfg: PretrainConfig, vae, work: Path) -> tuple[torch.Tensor, l
 
 
 # ---------------------------------------------------------------- stage 3: UNet + text encoder
-def train_unet(cfg: PretrainConfig, vae, latents: torch.Tensor, scenes: list, work: Path):
-    """Train UNet and text encoder jointly (checkpointed); return both with their EMA weights copied in."""
+def _unet_parts(cfg: PretrainConfig):
+    """Tokenizer, UNet, text encoder and noise schedule, the models initialised from the seed."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
-    from diffusers.training_utils import EMAModel, compute_snr
-    from safetensors.torch import load_file, save_file
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     tok = CLIPTokenizer.from_pretrained(OFFLINE_SPEC / "tokenizer")
@@ -206,18 +204,75 @@ def train_unet(cfg: PretrainConfig, vae, latents: torch.Tensor, scenes: list, wo
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(OFFLINE_SPEC / "unet"))
     te = CLIPTextModel(CLIPTextConfig.from_pretrained(OFFLINE_SPEC / "text_encoder"))
     noise_sched = DDPMScheduler.from_config(DDPMScheduler.load_config(OFFLINE_SPEC / "scheduler"))
+    return tok, unet, te, noise_sched
+
+
+def _resume_unet(unet, te, opt, ema, ckpt: Path, weights: Path) -> int:
+    """Load the last UNet-stage checkpoint into the parts, if there is one; return the step to start at."""
+    from safetensors.torch import load_file
+
+    if (state := _load_state(ckpt)) is None or not weights.exists():
+        return 0
+    sd = load_file(weights)
+    unet.load_state_dict({k[5:]: v for k, v in sd.items() if k.startswith("unet.")})
+    te.load_state_dict({k[3:]: v for k, v in sd.items() if k.startswith("te.")})
+    opt.load_state_dict(state["opt"])
+    ema.load_state_dict(state["ema"])
+    start = state["step"]
+    print(f"resuming UNet + text encoder at step {start}", flush=True)
+    return start
+
+
+def _save_unet(unet, te, opt, ema, ckpt: Path, weights: Path, step: int) -> None:
+    """The UNet stage's checkpoint: weights (written aside, then moved in place), then optimizer and EMA state."""
+    from safetensors.torch import save_file
+
+    sd = {f"unet.{k}": v for k, v in unet.state_dict().items()}
+    sd |= {f"te.{k}": v for k, v in te.state_dict().items()}
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(weights.with_suffix(".tmp")))
+    weights.with_suffix(".tmp").replace(weights)
+    _save_state(ckpt, {"opt": opt.state_dict(), "ema": ema.state_dict(), "step": step})
+
+
+def _unet_loss(cfg: PretrainConfig, parts, latents: torch.Tensor, scenes: list, scaling: float, step: int):
+    """One step's batch (every draw seeded by the step) and its noise-prediction loss."""
+    from diffusers.training_utils import compute_snr
+
+    tok, unet, te, noise_sched = parts
+    g = _gen(cfg.seed, 3, step)
+    rng = random.Random(cfg.seed * 104_729 + step)
+    idx = torch.randint(0, len(scenes), (cfg.batch,), generator=g)
+    mean, std = latents[idx, 0], latents[idx, 1]
+    lat = (mean + std * torch.randn(mean.shape, generator=g)) * scaling
+    flip = torch.rand(cfg.batch, generator=g) < 0.5  # mirror images are scenes of the world too
+    lat = torch.where(flip[:, None, None, None], lat.flip(-1), lat)
+    captions = ["" if rng.random() < cfg.caption_dropout else toyworld.pretraining_caption(scenes[i], rng, cfg.named_share)
+                for i in idx.tolist()]
+    ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids
+    noise = torch.randn(lat.shape, generator=g)
+    t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.batch,), generator=g)
+    if cfg.offset_noise:
+        noise = noise + cfg.offset_noise * torch.randn((cfg.batch, lat.shape[1], 1, 1), generator=g)
+    pred = unet(noise_sched.add_noise(lat, noise, t), t, te(ids)[0]).sample
+    per = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+    if cfg.snr_gamma > 0:
+        snr = compute_snr(noise_sched, t)
+        per = per * torch.clamp(snr, max=cfg.snr_gamma) / snr
+    return per.mean()
+
+
+def train_unet(cfg: PretrainConfig, vae, latents: torch.Tensor, scenes: list, work: Path):
+    """Train UNet and text encoder jointly (checkpointed); return both with their EMA weights copied in."""
+    from diffusers.training_utils import EMAModel
+
+    parts = _unet_parts(cfg)
+    tok, unet, te, _ = parts
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
     ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True, power=2 / 3)
-    ckpt, weights, start = work / "unet_state.safetensors", work / "unet_ckpt.safetensors", 0
-    if (state := _load_state(ckpt)) is not None and weights.exists():
-        sd = load_file(weights)
-        unet.load_state_dict({k[5:]: v for k, v in sd.items() if k.startswith("unet.")})
-        te.load_state_dict({k[3:]: v for k, v in sd.items() if k.startswith("te.")})
-        opt.load_state_dict(state["opt"])
-        ema.load_state_dict(state["ema"])
-        start = state["step"]
-        print(f"resuming UNet + text encoder at step {start}", flush=True)
+    ckpt, weights = work / "unet_state.safetensors", work / "unet_ckpt.safetensors"
+    start = _resume_unet(unet, te, opt, ema, ckpt, weights)
 
     scaling = vae.config.scaling_factor
     unet.train()
@@ -226,27 +281,7 @@ def train_unet(cfg: PretrainConfig, vae, latents: torch.Tensor, scenes: list, wo
     for step in range(start, cfg.steps):
         for group in opt.param_groups:
             group["lr"] = cfg.lr * _warmup_stable_decay(step, cfg.warmup, cfg.steps, cfg.cooldown)
-        g = _gen(cfg.seed, 3, step)
-        rng = random.Random(cfg.seed * 104_729 + step)
-        idx = torch.randint(0, len(scenes), (cfg.batch,), generator=g)
-        mean, std = latents[idx, 0], latents[idx, 1]
-        lat = (mean + std * torch.randn(mean.shape, generator=g)) * scaling
-        flip = torch.rand(cfg.batch, generator=g) < 0.5  # mirror images are scenes of the world too
-        lat = torch.where(flip[:, None, None, None], lat.flip(-1), lat)
-        captions = ["" if rng.random() < cfg.caption_dropout else toyworld.pretraining_caption(scenes[i], rng, cfg.named_share)
-                    for i in idx.tolist()]
-        ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids
-        noise = torch.randn(lat.shape, generator=g)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.batch,), generator=g)
-        if cfg.offset_noise:
-            noise = noise + cfg.offset_noise * torch.randn((cfg.batch, lat.shape[1], 1, 1), generator=g)
-        pred = unet(noise_sched.add_noise(lat, noise, t), t, te(ids)[0]).sample
-        per = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
-        if cfg.snr_gamma > 0:
-            snr = compute_snr(noise_sched, t)
-            per = per * torch.clamp(snr, max=cfg.snr_gamma) / snr
-        loss = per.mean()
+        loss = _unet_loss(cfg, parts, latents, scenes, scaling, step)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -258,11 +293,7 @@ def train_unet(cfg: PretrainConfig, vae, latents: torch.Tensor, scenes: list, wo
                         "lr": round(opt.param_groups[0]["lr"], 7), "s": round(time.perf_counter() - t0, 1)})
             run = []
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            sd = {f"unet.{k}": v for k, v in unet.state_dict().items()}
-            sd |= {f"te.{k}": v for k, v in te.state_dict().items()}
-            save_file({k: v.contiguous() for k, v in sd.items()}, str(weights.with_suffix(".tmp")))
-            weights.with_suffix(".tmp").replace(weights)
-            _save_state(ckpt, {"opt": opt.state_dict(), "ema": ema.state_dict(), "step": step + 1})
+            _save_unet(unet, te, opt, ema, ckpt, weights, step + 1)
     ema.copy_to(params)
     unet.eval()
     te.eval()
