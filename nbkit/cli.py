@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         print(presets.describe())
         return 0
     from . import runtime
-    from .launch import world_size
+    from .accel import world_size
 
     cfg, preset, given = build_config(args)
     rt = runtime.detect()

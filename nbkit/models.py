@@ -99,7 +99,7 @@ def pipeline(parts: SDParts, scheduler: str = "ddim", dtype: torch.dtype | None 
     """
     from diffusers import StableDiffusionPipeline
 
-    from .sample import make_scheduler
+    from .schedulers import make_scheduler
 
     pipe = StableDiffusionPipeline(
         vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,

@@ -1,7 +1,4 @@
-"""Sampling: schedulers by name, images from fixed seeds, grids.
-
-Swapping the scheduler never reloads the model: `Scheduler.from_config(pipe.scheduler.config)`.
-"""
+"""Sampling: images from fixed seeds, grids (the schedulers by name are nbkit.schedulers')."""
 
 from __future__ import annotations
 
@@ -10,41 +7,10 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    LMSDiscreteScheduler,
-    PNDMScheduler,
-)
 from diffusers.utils import make_image_grid
 
 from . import guards, runtime
-
-SCHEDULERS = {
-    "pndm": (PNDMScheduler, {}),  # SD's original default
-    "ddim": (DDIMScheduler, {}),  # the course's pick for overfit models
-    "lms": (LMSDiscreteScheduler, {}),
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler_a": (EulerAncestralDiscreteScheduler, {}),
-    "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-}
-
-
-def make_scheduler(name: str, config):
-    """A sampling scheduler of the named kind, built from a model's scheduler config."""
-    key = name.lower().replace("-", "_").replace("++", "pp").replace(" ", "_")
-    if key not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
-    cls, extra = SCHEDULERS[key]
-    return cls.from_config(config, **extra)
-
-
-def set_scheduler(pipe, name: str):
-    """Swap the pipeline's scheduler in place (no reload); returns the pipeline."""
-    pipe.scheduler = make_scheduler(name, pipe.scheduler.config)
-    return pipe
+from .schedulers import SCHEDULERS, make_scheduler, set_scheduler  # noqa: F401 - nbkit.sample's names too
 
 
 @torch.no_grad()

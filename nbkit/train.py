@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import batches, checkpoint, guards, launch, manifest, methods, optim, placement, runtime, tracking
+from . import accel, batches, checkpoint, guards, manifest, methods, optim, placement, runtime, tracking
 from .config import TrainConfig
 from .models import SDParts, load_parts, pipeline
 from .sample import generate, grid
@@ -133,11 +133,11 @@ def _setup(cfg: TrainConfig, run: manifest.Run) -> _Setup:
     resume_from = ckpts.resume_point(cfg)  # None, or the complete checkpoint to continue (same settings)
     rt = runtime.detect()
     precision = _precision(cfg, rt)
-    if launch.world_size() == 1:  # one process: a kernel that trained in one precision may train in another
+    if accel.world_size() == 1:  # one process: a kernel that trained in one precision may train in another
         from accelerate.state import AcceleratorState
 
         AcceleratorState._reset_state()  # accelerate's singleton refuses a second mixed_precision otherwise
-    accelerator = launch.make_accelerator(cfg, precision, cpu=rt.device == "cpu")
+    accelerator = accel.make_accelerator(cfg, precision, cpu=rt.device == "cpu")
     if rt.rehearsal and precision == "fp16":
         placement.rehearse_t4(accelerator)
     set_seed(cfg.seed)  # the global RNGs too: LoRA's initial adapters, for one, are drawn from them
@@ -147,7 +147,7 @@ def _setup(cfg: TrainConfig, run: manifest.Run) -> _Setup:
     if cfg.optimizer_in_backward and not in_backward:
         print(f"optimizer_in_backward: using the normal optimizer instead, because of {why_not}.")
     if accelerator.is_main_process:
-        print(launch.effective_batch(cfg, procs)[1])
+        print(accel.effective_batch(cfg, procs)[1])
     return _Setup(t0, rt, precision, DTYPES[precision], accelerator, in_backward, ckpts, out, resume_from)
 
 
@@ -354,7 +354,7 @@ def _save(cfg, parts, method, s: _Setup, o: _Opt, obj: _Objective, state, run: m
             "resumed_from": state.resumed_from, "manifest": run.path,
             "optimizer": getattr(opt, "name", None) or type(getattr(opt, "optimizer", opt)).__name__,
             "optimizer_in_backward": s.in_backward, "processes": procs,
-            "effective_batch": launch.effective_batch(cfg, procs)[0], "step_seconds": s.step_seconds,
+            "effective_batch": accel.effective_batch(cfg, procs)[0], "step_seconds": s.step_seconds,
             "grad_scales": s.scales, "skipped_steps": s.skipped,
             "cuda_peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if s.device.type == "cuda" else None}
     return TrainResult(out, saved, [row["loss"] for row in state.log], state.validation, time.perf_counter() - s.t0,

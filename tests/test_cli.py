@@ -10,7 +10,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from nbkit import ConfigError, cli, launch
+from nbkit import ConfigError, accel, cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,7 +41,7 @@ def test_bad_config_file_names_the_problem(tmp_path):
 
 
 def test_effective_batch_counts_processes_and_accumulation(cfg):
-    n, text = launch.effective_batch(cfg.replace(train_batch_size=2, gradient_accumulation_steps=3), 2)
+    n, text = accel.effective_batch(cfg.replace(train_batch_size=2, gradient_accumulation_steps=3), 2)
     assert n == 12 and "2 per step x 3 accumulation x 2 processes" in text
 
 
