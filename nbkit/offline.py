@@ -157,10 +157,21 @@ def write_spec(dest: Path = OFFLINE_SPEC) -> None:
         (dest / rel).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
+    """`python -m nbkit offline` (or `python -m nbkit.offline`): remake the shipped spec and sample pictures."""
+    import argparse
+
     from . import toyworld
 
+    argparse.ArgumentParser(prog="python -m nbkit offline", description="Remake the offline model's spec "
+                            f"({OFFLINE_SPEC}: configs + tokenizer) and the sample instance images "
+                            f"({SAMPLE_INSTANCE_DIR}).").parse_args(argv)
     write_spec()
     toyworld.write_subject_images(SAMPLE_INSTANCE_DIR, "zwx", n=5, size=OFFLINE_RESOLUTION, seed=0,
                                   backgrounds=SAMPLE_BACKGROUNDS)
     print(f"wrote {OFFLINE_SPEC} and {SAMPLE_INSTANCE_DIR}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
