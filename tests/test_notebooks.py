@@ -200,3 +200,49 @@ def test_notebook_runs_in_smoke_mode(path, tmp_path):
         check_take_home(out, text)
     if path.stem in CHECKS:
         CHECKS[path.stem](out)
+
+
+def _curated_api_problems(source: str, allowed: set[str]) -> list[str]:
+    """What in one code cell goes around `import nbkit as nb` + `nb.<name in __all__>`, or calls a private name."""
+    problems = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "nbkit":
+            problems.append(f"`{ast.unparse(node)}`: use `import nbkit as nb` and nb.<name>")
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.split(".")[0] == "nbkit" and (a.name, a.asname) != ("nbkit", "nb"):
+                    problems.append(f"`{ast.unparse(node)}`: use `import nbkit as nb`")
+        elif isinstance(node, ast.Attribute):
+            if isinstance(node.value, ast.Name) and node.value.id in ("nb", "nbkit") and node.attr not in allowed:
+                problems.append(f"`{node.value.id}.{node.attr}` is not in nbkit.__all__")
+            if node.attr.startswith("_") and not (node.attr.startswith("__") and node.attr.endswith("__")):
+                problems.append(f"`.{node.attr}` is private")
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id.startswith("_"):
+            problems.append(f"`{node.func.id}()` is private")
+    return problems
+
+
+def test_curated_api_check_catches_what_it_should():
+    allowed = {"train"}
+    assert _curated_api_problems("import nbkit as nb\nnb.train(cfg)", allowed) == []
+    bad = ["from nbkit import colab", "from nbkit.widgets import upload_box", "import nbkit", "import nbkit.export",
+           "nbkit.data.load_folder(x)", "nb.export.human_size(p)", "nb.hidden()", "x._repr_markdown_()", "_helper()"]
+    for src in bad:
+        assert _curated_api_problems(src, allowed), src
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_uses_only_the_curated_api(path):
+    """Notebooks survive a package restructure: `import nbkit as nb`, then only names of nbkit.__all__, and nothing
+    private; the first code cell after the parameters is a short nb.setup(...) cell."""
+    import nbkit
+
+    allowed = set(nbkit.__all__)
+    nb = load(path)
+    problems = [f"cell {i}: {p}" for i, c in enumerate(nb.cells) if c.cell_type == "code"
+                for p in _curated_api_problems(c.source, allowed)]
+    assert not problems, "\n".join(problems)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    derived = code[code.index(params_cell(nb)) + 1].source
+    assert "import nbkit as nb" in derived and "nb.setup(" in derived, "the derived-settings cell calls nb.setup"
+    assert "offline_model_dir" not in derived and "OFFLINE_RESOLUTION" not in derived, "setup decides what is small"
