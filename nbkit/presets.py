@@ -33,9 +33,9 @@ from pathlib import Path
 
 from . import planner
 from .config import TrainConfig
+from .paths import CONFIGS_DIR
 from .runtime import Runtime
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 NAMES = ("cpu", "8gb", "8gb-deepspeed", "12gb", "16gb", "24gb", "40gb")
 HOST_RAM_DEEPSPEED_GB = 25  # what the diffusers DreamBooth README measured for ZeRO-2 + CPU offload at 8 GB
 

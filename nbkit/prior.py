@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from . import data, runtime
 from .models import SDParts, pipeline
-from .offline import cache_dir
+from .paths import cache_dir
 from .sample import generate
 
 META = ".nbkit_class.json"

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from .models import SDParts
-from .offline import DATA_DIR, OFFLINE_SPEC
+from .offline import OFFLINE_SPEC
+from .paths import DATA_DIR
 
 SPEC = DATA_DIR / "sd15-arch"
 # Parameter counts of the published SD 1.5 weights (what the configs above must reproduce).
