@@ -18,6 +18,7 @@ import torch
 
 from . import runtime
 from .config import TrainConfig
+from .units import format_bytes
 
 
 class NotWritable(PermissionError):
@@ -70,7 +71,8 @@ def _existing(path: Path) -> Path:
 
 
 def gb(n: float) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+    """Bytes for the disk-space messages (2 decimals: 'needed' and 'free' must differ where they do)."""
+    return format_bytes(n, 2)
 
 
 def check_disk(needs: list[tuple[Path, int, str]], margin: int = 100 << 20) -> None:

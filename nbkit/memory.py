@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-GiB = 2**30
+from .units import GiB
+
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps smaller tensors' state in 32 bits
 BNB_BLOCK = 256  # values per fp32 absmax scale in 8-bit blockwise state
 

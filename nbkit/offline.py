@@ -16,7 +16,8 @@ import os
 import shutil
 from pathlib import Path
 
-from .paths import DATA_DIR, cache_dir  # offline.DATA_DIR / offline.cache_dir: their old home, still importable
+# offline.DATA_DIR / offline.cache_dir: their old home, still importable
+from .paths import DATA_DIR, cache_dir
 
 OFFLINE_SPEC = DATA_DIR / "offline-sd"  # configs + tokenizer, no weights
 PRETRAINED_TOY = DATA_DIR / "toy-sd"  # a pretrained toy model with weights, when it exists

@@ -32,9 +32,8 @@ from . import actmodel
 from .actmodel import CALIBRATION_FILE, calibration_for
 from .config import TrainConfig
 from .optim import in_backward_active
+from .units import GiB, MiB
 
-GiB = 2**30
-MiB = 2**20
 # Terms the CPU simulation cannot see, from the published anchors (diffusers PR #2039: 11,124 MiB; the T4 table
 # of the DreamBooth 16 GB recipe: 9.92 GB, ...) until benchmarks/RESULTS.md has measured them:
 CUDA_CONTEXT = int(0.45 * GiB)  # the CUDA context and kernels: outside torch's allocator, inside the GPU's memory
