@@ -28,7 +28,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import actmodel
+from . import actmodel, runtime
 from .actmodel import CALIBRATION_FILE, calibration_for
 from .config import TrainConfig
 from .optim import in_backward_active
@@ -244,15 +244,9 @@ def kind_of(cfg: TrainConfig) -> str:
 
 
 def resolve_precision(cfg: TrainConfig, device: str, bf16: bool) -> str:
-    """The mixed precision a run will use (the same rule as the training loop)."""
-    p = cfg.mixed_precision
-    if p == "auto":
-        p = "no" if device != "cuda" else ("bf16" if bf16 else "fp16")
-    if p == "bf16" and device == "cuda" and not bf16:
-        p = "fp16"
-    if p == "fp16" and device != "cuda":
-        p = "no"
-    return p
+    """The mixed precision a run will use: runtime.resolve_precision's rule (the training loop's), silently."""
+    rt = runtime.Runtime("local", device, None, int(device == "cuda"), 0.0, bf16)
+    return runtime.resolve_precision(cfg.mixed_precision, rt, warn=False)
 
 
 def plan(cfg: TrainConfig, model=None, *, gpu_gb: float | None = None, device: str = "cuda", bf16: bool = False,

@@ -34,7 +34,7 @@ from pathlib import Path
 from . import planner
 from .config import TrainConfig
 from .paths import CONFIGS_DIR
-from .runtime import Runtime
+from .runtime import Runtime, resolve_precision
 
 NAMES = ("cpu", "8gb", "8gb-deepspeed", "12gb", "16gb", "24gb", "40gb")
 HOST_RAM_DEEPSPEED_GB = 25  # what the diffusers DreamBooth README measured for ZeRO-2 + CPU offload at 8 GB
@@ -74,8 +74,7 @@ def settings(name: str, rt: Runtime, cfg: TrainConfig | None = None) -> dict:
     full = cfg.method == "dreambooth"  # every UNet weight trains (LoRA and TI train a few MB)
     te = full and cfg.train_text_encoder
     two = cfg.train_batch_size * (2 if cfg.with_prior_preservation else 1) >= 2
-    precision = "no" if rt.device != "cuda" else ("bf16" if rt.bf16 else "fp16")
-    s = dict(mixed_precision=precision, cache_latents=True, use_8bit_adam=False, gradient_checkpointing=False,
+    s = dict(mixed_precision=resolve_precision("auto", rt), cache_latents=True, use_8bit_adam=False, gradient_checkpointing=False,
              optimizer_in_backward=False, deepspeed_config="")
     if name == "cpu":
         return s
