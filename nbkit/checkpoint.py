@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from .config import TrainConfig
+from .optim import adam_state_bytes
 from .safeio import fsync_write, join_tree, load_sharded, save_sharded, save_tensors, split_tree, swap_folder
 
 INFO = "checkpoint.json"
@@ -106,9 +107,9 @@ def data_fingerprint(groups: dict[str, list[tuple[Path, str]]]) -> dict:
 
 
 def estimate_bytes(params: list[torch.nn.Parameter], eight_bit_adam: bool) -> int:
-    """About how big one checkpoint of these parameters is on disk (fp32 weights + AdamW moments)."""
-    n = sum(p.numel() for p in params)
-    return n * 4 + n * (2 if eight_bit_adam else 8) + (1 << 20)
+    """About how big one checkpoint of these parameters is on disk (fp32 weights + AdamW moments + 1 MiB)."""
+    numels = [p.numel() for p in params]
+    return sum(numels) * 4 + adam_state_bytes(numels, eight_bit_adam) + (1 << 20)
 
 
 # --- listing ----------------------------------------------------------------------------------------------------

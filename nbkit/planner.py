@@ -31,7 +31,7 @@ from pathlib import Path
 from . import actmodel, runtime
 from .actmodel import CALIBRATION_FILE, calibration_for
 from .config import TrainConfig
-from .optim import in_backward_active
+from .optim import BNB_MIN_8BIT_SIZE, adam_state_bytes, in_backward_active
 from .units import GiB, MiB
 
 # Terms the CPU simulation cannot see, from the published anchors (diffusers PR #2039: 11,124 MiB; the T4 table
@@ -43,7 +43,7 @@ ALLOCATOR_ROUNDING = 0.03  # reserved / allocated - 1 from block rounding
 # step's calibrated (CPU) activation volume (2.0 fits the published T4 table within 3%: 9.92 / 10.4 / 11.17 /
 # 13.67 GB; those are CUDA runs, fp32 norms included, so the volume is taken before actmodel's norm factor)
 ALLOCATOR_FRAGMENTATION = 2.0
-BNB_MIN_8BIT = 4096  # bitsandbytes keeps fp32 state for tensors smaller than this
+BNB_MIN_8BIT = BNB_MIN_8BIT_SIZE  # bitsandbytes keeps fp32 state for tensors smaller than this
 SD15_IDS = ("stable-diffusion-v1-5", "stable-diffusion-v1-4", "runwayml/stable-diffusion-v1-5", "CompVis/stable-diffusion")
 
 
@@ -325,8 +325,9 @@ def _optimizer_row(arch: Arch, trained: dict, full: dict, kind: str, ds: bool, e
     if eight_bit:
         small = sum(min(arch.small[p], trained[p]) for p in trained if full[p] or kind.startswith("lora"))
         small = min(small, n_trained) if kind != "ti" else 0
-        return "optimizer state (8-bit AdamW)", int((n_trained - small) * (2 + 8 / 256) + small * 8)
-    return "optimizer state (AdamW, fp32)", n_trained * 8
+        # one formula (optim.adam_state_bytes): the blockwise part as one tensor, the small ones stay fp32
+        return "optimizer state (8-bit AdamW)", adam_state_bytes([n_trained - small], True) + adam_state_bytes([small])
+    return "optimizer state (AdamW, fp32)", adam_state_bytes([n_trained])
 
 
 def _gradient_row(arch: Arch, cfg: TrainConfig, trained: dict, ib: bool, ds: bool) -> tuple[str, int]:
