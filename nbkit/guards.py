@@ -156,8 +156,8 @@ def release(err: BaseException | None = None) -> None:
 
 
 def training_advice(cfg: TrainConfig, rt: runtime.Runtime | None = None) -> list[str]:
-    """The settings that lower training memory, starting with those this run does not use yet."""
-    rt = rt or runtime.detect()
+    """The settings that lower training memory, starting with those this run does not use yet (the same for any
+    runtime `rt`: the preset named is the T4's, runtime.GPUS["T4"])."""
     tips = []
     if not cfg.use_8bit_adam:
         tips.append("use_8bit_adam=True: 8-bit AdamW, optimizer state ~4x smaller (needs bitsandbytes)")
@@ -175,8 +175,7 @@ def training_advice(cfg: TrainConfig, rt: runtime.Runtime | None = None) -> list
         tips.append("train_text_encoder=False, or method='lora' (adapters only)")
     if cfg.with_prior_preservation:
         tips.append("with_prior_preservation doubles the batch: lower train_batch_size first")
-    preset = runtime.memory_settings(runtime.Runtime(rt.platform, "cuda", rt.gpu_name, 1, 15.0, False),
-                                     cfg.train_text_encoder)
+    preset = runtime.memory_settings(runtime.GPUS["T4"], cfg.train_text_encoder)
     tips.append("the 16 GB preset for a T4/P100: " + ", ".join(f"{k}={v!r}" for k, v in preset.items())
                 + " (nbkit.runtime.memory_settings)")
     if cfg.validation_prompts:

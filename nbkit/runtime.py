@@ -69,8 +69,20 @@ def resolve_precision(requested: str, rt: Runtime, warn: bool = True) -> str:
     return p
 
 
+# Well-known GPUs, as torch reports them (GiB; bf16 from Ampere on): for planning a run you are not on yet
+# (presets.preview), and the T4 that advice and the rehearsal mean.
+GPUS = {
+    "T4": Runtime("colab", "cuda", "Tesla T4", 1, 14.75, False),
+    "P100": Runtime("kaggle", "cuda", "Tesla P100-PCIE-16GB", 1, 15.89, False),
+    "2xT4": Runtime("kaggle", "cuda", "Tesla T4", 2, 14.75, False),
+    "L4": Runtime("colab", "cuda", "NVIDIA L4", 1, 22.03, True),
+    "A100-40GB": Runtime("colab", "cuda", "NVIDIA A100-SXM4-40GB", 1, 39.39, True),
+    "RTX3060-12GB": Runtime("local", "cuda", "NVIDIA GeForce RTX 3060", 1, 11.76, True),
+    "RTX3070-8GB": Runtime("local", "cuda", "NVIDIA GeForce RTX 3070", 1, 7.79, True),
+}
+
 # A T4 as the training loop sees it in the rehearsal: same precision decisions, but the tensors stay on the CPU.
-T4_REHEARSAL = Runtime("local", "cpu", "Tesla T4 (rehearsal)", 1, 14.75, False, rehearsal=True)
+T4_REHEARSAL = Runtime("local", "cpu", "Tesla T4 (rehearsal)", 1, GPUS["T4"].gpu_memory_gb, False, rehearsal=True)
 
 
 def platform() -> str:
