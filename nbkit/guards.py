@@ -18,6 +18,7 @@ import torch
 
 from . import runtime
 from .config import TrainConfig
+from .savers import remedies
 from .units import format_bytes
 
 
@@ -158,21 +159,7 @@ def release(err: BaseException | None = None) -> None:
 def training_advice(cfg: TrainConfig, rt: runtime.Runtime | None = None) -> list[str]:
     """The settings that lower training memory, starting with those this run does not use yet (the same for any
     runtime `rt`: the preset named is the T4's, runtime.GPUS["T4"])."""
-    tips = []
-    if not cfg.use_8bit_adam:
-        tips.append("use_8bit_adam=True: 8-bit AdamW, optimizer state ~4x smaller (needs bitsandbytes)")
-    if not cfg.gradient_checkpointing:
-        tips.append("gradient_checkpointing=True: recompute activations in the backward pass (~20% slower)")
-    if cfg.mixed_precision == "no":
-        tips.append("mixed_precision='auto': fp16/bf16 activations (trainable weights stay fp32)")
-    if cfg.train_batch_size > 1:
-        tips.append(f"train_batch_size=1 (now {cfg.train_batch_size}); raise gradient_accumulation_steps instead")
-    if cfg.resolution > 512:
-        tips.append(f"resolution=512 (now {cfg.resolution})")
-    if not cfg.cache_latents:
-        tips.append("cache_latents=True: encode the pictures once, then move the VAE off the GPU")
-    if cfg.train_text_encoder:
-        tips.append("train_text_encoder=False, or method='lora' (adapters only)")
+    tips = [str(change) for change in remedies(cfg)]  # the one list of memory savers (nbkit.savers)
     if cfg.with_prior_preservation:
         tips.append("with_prior_preservation doubles the batch: lower train_batch_size first")
     preset = runtime.memory_settings(runtime.GPUS["T4"], cfg.train_text_encoder)

@@ -32,6 +32,7 @@ from . import actmodel, runtime
 from .actmodel import CALIBRATION_FILE, calibration_for
 from .config import TrainConfig
 from .optim import BNB_MIN_8BIT_SIZE, adam_state_bytes, in_backward_active
+from .savers import Change, remedies  # planner.Change, planner.remedies: old names
 from .units import GiB, MiB
 
 # Terms the CPU simulation cannot see, from the published anchors (diffusers PR #2039: 11,124 MiB; the T4 table
@@ -373,45 +374,6 @@ def _activations(arch: Arch, run) -> tuple[int, int, object, list[str]]:
 
 
 # ------------------------------------------------------------------------------------------------- what to do
-@dataclass
-class Change:
-    settings: dict  # TrainConfig fields to set
-    why: str
-    automatic: bool = True  # False: only suggested (it changes what is trained or needs another setup)
-
-
-def remedies(cfg: TrainConfig) -> list[Change]:
-    """Memory savers not yet in `cfg`, cheapest first (in quality and speed)."""
-    out = []
-    if not cfg.use_8bit_adam and not cfg.deepspeed_config:
-        out.append(Change({"use_8bit_adam": True}, "8-bit AdamW: optimizer state 4x smaller, same results"))
-    if not cfg.gradient_checkpointing:
-        out.append(Change({"gradient_checkpointing": True}, "gradient checkpointing: recompute activations in "
-                                                            "backward (~20-30% slower)"))
-    if not cfg.cache_latents:
-        out.append(Change({"cache_latents": True}, "cache latents: encode the images once, VAE off the GPU"))
-    if cfg.train_batch_size > 1 and not cfg.optimizer_in_backward:
-        out.append(Change({"train_batch_size": 1, "gradient_accumulation_steps":
-                           cfg.gradient_accumulation_steps * cfg.train_batch_size},
-                          f"batch {cfg.train_batch_size} -> 1 x {cfg.train_batch_size} accumulation steps "
-                          "(same effective batch)"))
-    if (cfg.method == "dreambooth" and not cfg.optimizer_in_backward and not cfg.deepspeed_config
-            and cfg.gradient_accumulation_steps == 1):
-        out.append(Change({"optimizer_in_backward": True, "max_grad_norm": 0.0},
-                          "optimizer in backward: no full gradient buffer (no clipping, no accumulation)"))
-    if cfg.method == "dreambooth" and not cfg.train_text_encoder:
-        out.append(Change({"deepspeed_config": "8gb-deepspeed preset"},
-                          "DeepSpeed ZeRO-2 with CPU offload (preset '8gb-deepspeed'; needs ~25 GB of host RAM "
-                          "and `pip install deepspeed`)", automatic=False))
-    if cfg.method == "dreambooth":
-        out.append(Change({"method": "lora"}, "LoRA instead of full DreamBooth (a few MB of trained weights)",
-                          automatic=False))
-    if cfg.resolution > 384:
-        out.append(Change({"resolution": cfg.resolution * 3 // 4 // 8 * 8},
-                          "a lower training resolution (activations shrink with the pixels)", automatic=False))
-    return out
-
-
 def apply_change(cfg: TrainConfig, change: Change) -> TrainConfig:
     s = dict(change.settings)
     if s.get("deepspeed_config") == "8gb-deepspeed preset":
