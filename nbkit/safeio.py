@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 
 SAFE_SUFFIXES = (".safetensors",)
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
 class UnsafeFile(ValueError):
