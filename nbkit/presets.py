@@ -74,8 +74,8 @@ def settings(name: str, rt: Runtime, cfg: TrainConfig | None = None) -> dict:
     full = cfg.method == "dreambooth"  # every UNet weight trains (LoRA and TI train a few MB)
     te = full and cfg.train_text_encoder
     two = cfg.train_batch_size * (2 if cfg.with_prior_preservation else 1) >= 2
-    s = dict(mixed_precision=resolve_precision("auto", rt), cache_latents=True, use_8bit_adam=False, gradient_checkpointing=False,
-             optimizer_in_backward=False, deepspeed_config="")
+    s = dict(mixed_precision=resolve_precision("auto", rt), cache_latents=True, use_8bit_adam=False,
+             gradient_checkpointing=False, optimizer_in_backward=False, deepspeed_config="")
     if name == "cpu":
         return s
     if name == "8gb":
