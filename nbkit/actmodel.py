@@ -11,7 +11,7 @@ simulation cannot see:
 * with several processes, DDP keeps the gradients in its communication buckets, allocated once and held
   through the next forward pass as well: `ddp_buckets()`.
 
-This module imports nothing else from nbkit at import time (the planner imports it).
+This module imports nothing else from nbkit at import time but nbkit.paths (the planner imports it).
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-CALIBRATION_FILE = Path(__file__).resolve().parent.parent / "data" / "memory-calibration.json"
+from .paths import ROOT, cache_dir
+
+CALIBRATION_FILE = ROOT / "data" / "memory-calibration.json"  # the shipped file (not NBKIT_DATA's)
 REFERENCE = {"sd15": 64, "offline": 16}  # latent side each shipped calibration was measured at (offline: 64 px / 4)
 
 # Saved activations under CUDA's autocast / under CPU's (per sample, SD 1.5's UNet at 512 px: 1.325 trained,
@@ -54,8 +56,6 @@ def load_calibrations() -> dict:
 
 
 def _cache_file() -> Path:
-    from .offline import cache_dir
-
     return cache_dir() / "memory-calibration.json"
 
 

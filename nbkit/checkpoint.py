@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from .config import TrainConfig
-from .safeio import fsync_write, join_tree, load_sharded, save_sharded, save_tensors, split_tree
+from .optim import adam_state_bytes
+from .safeio import fsync_write, join_tree, load_sharded, save_sharded, save_tensors, split_tree, swap_folder
 
 INFO = "checkpoint.json"
 FORMAT = 2  # 2: the optimizer state through safeio.split_tree (1: {"state", "param_groups"} only)
@@ -106,9 +107,9 @@ def data_fingerprint(groups: dict[str, list[tuple[Path, str]]]) -> dict:
 
 
 def estimate_bytes(params: list[torch.nn.Parameter], eight_bit_adam: bool) -> int:
-    """About how big one checkpoint of these parameters is on disk (fp32 weights + AdamW moments)."""
-    n = sum(p.numel() for p in params)
-    return n * 4 + n * (2 if eight_bit_adam else 8) + (1 << 20)
+    """About how big one checkpoint of these parameters is on disk (fp32 weights + AdamW moments + 1 MiB)."""
+    numels = [p.numel() for p in params]
+    return sum(numels) * 4 + adam_state_bytes(numels, eight_bit_adam) + (1 << 20)
 
 
 # --- listing ----------------------------------------------------------------------------------------------------
@@ -211,12 +212,8 @@ class Checkpoints:
             "files": {p.name: p.stat().st_size for p in sorted(tmp.iterdir())},
         }
         fsync_write(tmp / INFO, json.dumps(info, indent=1).encode())  # last: its presence marks a whole checkpoint
-        old = self.root / f".old-step_{step:06d}-{os.getpid()}"
-        if final.exists():  # the same step written again (a run resumed from an earlier checkpoint)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        _fsync_dir(self.root)
-        shutil.rmtree(old, ignore_errors=True)
+        # a final that exists: the same step written again (a run resumed from an earlier checkpoint)
+        swap_folder(tmp, final, self.root / f".old-step_{step:06d}-{os.getpid()}")
         for p in self._replace_on_save:
             if p != final:
                 shutil.rmtree(p, ignore_errors=True)
@@ -373,16 +370,3 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], rest: dict) -> None:
 
 def _plain(x):
     return x.item() if hasattr(x, "item") else x
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

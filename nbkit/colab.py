@@ -166,7 +166,7 @@ def describe_settings(settings: dict, rt: runtime.Runtime) -> str:
     words = []
     for key, value in settings.items():
         if key == "mixed_precision":
-            p = rt.default_precision() if value == "auto" else value
+            p = runtime.resolve_precision(value, rt, warn=False)
             words.append("full fp32" if p == "no" else f"{p} mixed precision (trainable weights stay fp32)")
         elif key == "use_8bit_adam":
             words.append("8-bit AdamW" if value else "AdamW")

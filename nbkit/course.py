@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+from .paths import NOTEBOOKS_DIR
+
+NOTEBOOKS = NOTEBOOKS_DIR
 
 
 @dataclass(frozen=True)

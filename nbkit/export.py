@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from .units import format_bytes  # export.format_bytes: its old home, still importable
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
 TI_FILE = "learned_embeds.safetensors"  # the name diffusers' load_textual_inversion looks for
@@ -40,15 +42,6 @@ def size_mb(path: str | Path) -> float:
 def human_size(path: str | Path) -> str:
     """A file's or folder's size for people: '3.1 KB', '3.4 MB', '2.1 GB'."""
     return format_bytes(size_mb(path) * 1e6)
-
-
-def format_bytes(n: float) -> str:
-    """A number of bytes for people: '416 B', '3.1 KB', '3.4 MB', '2.1 GB'."""
-    for unit in ("B", "KB", "MB"):
-        if n < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
 
 
 def _dtype(dtype: str) -> torch.dtype:

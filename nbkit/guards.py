@@ -18,6 +18,8 @@ import torch
 
 from . import runtime
 from .config import TrainConfig
+from .savers import remedies
+from .units import format_bytes
 
 
 class NotWritable(PermissionError):
@@ -70,7 +72,8 @@ def _existing(path: Path) -> Path:
 
 
 def gb(n: float) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+    """Bytes for the disk-space messages (2 decimals: 'needed' and 'free' must differ where they do)."""
+    return format_bytes(n, 2)
 
 
 def check_disk(needs: list[tuple[Path, int, str]], margin: int = 100 << 20) -> None:
@@ -154,27 +157,12 @@ def release(err: BaseException | None = None) -> None:
 
 
 def training_advice(cfg: TrainConfig, rt: runtime.Runtime | None = None) -> list[str]:
-    """The settings that lower training memory, starting with those this run does not use yet."""
-    rt = rt or runtime.detect()
-    tips = []
-    if not cfg.use_8bit_adam:
-        tips.append("use_8bit_adam=True: 8-bit AdamW, optimizer state ~4x smaller (needs bitsandbytes)")
-    if not cfg.gradient_checkpointing:
-        tips.append("gradient_checkpointing=True: recompute activations in the backward pass (~20% slower)")
-    if cfg.mixed_precision == "no":
-        tips.append("mixed_precision='auto': fp16/bf16 activations (trainable weights stay fp32)")
-    if cfg.train_batch_size > 1:
-        tips.append(f"train_batch_size=1 (now {cfg.train_batch_size}); raise gradient_accumulation_steps instead")
-    if cfg.resolution > 512:
-        tips.append(f"resolution=512 (now {cfg.resolution})")
-    if not cfg.cache_latents:
-        tips.append("cache_latents=True: encode the pictures once, then move the VAE off the GPU")
-    if cfg.train_text_encoder:
-        tips.append("train_text_encoder=False, or method='lora' (adapters only)")
+    """The settings that lower training memory, starting with those this run does not use yet (the same for any
+    runtime `rt`: the preset named is the T4's, runtime.GPUS["T4"])."""
+    tips = [str(change) for change in remedies(cfg)]  # the one list of memory savers (nbkit.savers)
     if cfg.with_prior_preservation:
         tips.append("with_prior_preservation doubles the batch: lower train_batch_size first")
-    preset = runtime.memory_settings(runtime.Runtime(rt.platform, "cuda", rt.gpu_name, 1, 15.0, False),
-                                     cfg.train_text_encoder)
+    preset = runtime.memory_settings(runtime.GPUS["T4"], cfg.train_text_encoder)
     tips.append("the 16 GB preset for a T4/P100: " + ", ".join(f"{k}={v!r}" for k, v in preset.items())
                 + " (nbkit.runtime.memory_settings)")
     if cfg.validation_prompts:

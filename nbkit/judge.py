@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
 from . import toyworld
-from .offline import DATA_DIR, NEW_CONTEXTS, OFFLINE_RESOLUTION
+from .offline import NEW_CONTEXTS, OFFLINE_RESOLUTION
+from .paths import DATA_DIR
 
 JUDGE_DIR = DATA_DIR / "judge"
 HEADS = {

@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 from .config import TrainConfig
+from .paths import ROOT
 
 CONFIG_FILE = "launch_config.json"  # what launch.notebook hands the processes, in the output folder
 
@@ -72,7 +73,7 @@ def command(cfg: TrainConfig, num_processes: int, cpu: bool = False) -> tuple[li
     # several processes: torchrun starts them (--multi_gpu; with cpu=True on the CPU, as ACCELERATE_USE_CPU says)
     cmd += ["--multi_gpu"] if num_processes > 1 else ["--cpu"] if cpu else []
     cmd += ["-m", "nbkit", "train", "--config", str(file)]
-    root = str(Path(__file__).resolve().parent.parent)  # the processes import this nbkit
+    root = str(ROOT)  # the processes import this nbkit
     env = dict(os.environ, PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
     if cpu:

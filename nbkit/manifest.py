@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
 import platform
 import sys
 import time
 from pathlib import Path
+
+from .safeio import atomic_write
 
 FILE = "run_manifest.json"
 PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "peft", "safetensors", "bitsandbytes", "numpy",
@@ -95,9 +96,7 @@ class Run:
                     error=f"{type(err).__name__}: {first}"[:500])
 
     def write(self) -> None:
-        tmp = self.path.with_name(f".{FILE}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self.data, indent=1, default=str))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, json.dumps(self.data, indent=1, default=str))
 
 
 def read(output_dir: str | Path) -> dict:

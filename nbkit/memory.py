@@ -8,7 +8,7 @@ Bytes per parameter, as the training loop keeps them:
 - trainable weights stay fp32 even with fp16/bf16 mixed precision (fp16 weights would lose small updates);
 - gradients: fp32, one per trainable weight;
 - AdamW keeps two fp32 moments per trainable weight (8 bytes); bitsandbytes' 8-bit AdamW keeps them as one
-  byte each plus an fp32 scale per block of 256 (tensors under 4096 values stay 32-bit);
+  byte each plus an fp32 scale per block of 256 (tensors under 4096 values stay 32-bit): optim.adam_state_bytes;
 - frozen weights are cast to the mixed-precision type (2 bytes) or stay fp32 (4 bytes);
 - the VAE leaves the GPU once the latents are cached (the default), so it is not counted unless asked.
 """
@@ -19,9 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
-GiB = 2**30
-BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps smaller tensors' state in 32 bits
-BNB_BLOCK = 256  # values per fp32 absmax scale in 8-bit blockwise state
+# memory.adam_state_bytes: its old home, still importable
+from .optim import adam_state_bytes
+from .units import GiB
+
 
 def sd15_on_meta() -> dict[str, torch.nn.Module]:
     """SD 1.5's UNet, text encoder and VAE with no weights (on the `meta` device): shapes only, instant.
@@ -41,17 +42,6 @@ def modules_of(parts) -> dict[str, torch.nn.Module]:
 
 def count_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def adam_state_bytes(numels: list[int], eight_bit: bool = False) -> int:
-    """Bytes of AdamW's two moments for tensors of these sizes (32-bit, or bitsandbytes 8-bit blockwise)."""
-    total = 0
-    for n in numels:
-        if eight_bit and n >= BNB_MIN_8BIT_SIZE:
-            total += 2 * (n + 4 * (-(-n // BNB_BLOCK)))  # uint8 values + fp32 absmax per block, for each moment
-        else:
-            total += 8 * n
-    return total
 
 
 @dataclass

@@ -16,7 +16,9 @@ import os
 import shutil
 from pathlib import Path
 
-DATA_DIR = Path(os.environ.get("NBKIT_DATA", Path(__file__).resolve().parent.parent / "data"))
+# offline.DATA_DIR / offline.cache_dir: their old home, still importable
+from .paths import DATA_DIR, cache_dir
+
 OFFLINE_SPEC = DATA_DIR / "offline-sd"  # configs + tokenizer, no weights
 PRETRAINED_TOY = DATA_DIR / "toy-sd"  # a pretrained toy model with weights, when it exists
 SAMPLE_INSTANCE_DIR = DATA_DIR / "instance" / "zwx_star"
@@ -52,11 +54,6 @@ SCHEDULER = dict(  # SD 1.5's training noise schedule
     num_train_timesteps=1000, prediction_type="epsilon", set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1,
     clip_sample=False,
 )
-
-
-def cache_dir() -> Path:
-    """Where the kit keeps what it builds or generates (override with NBKIT_CACHE)."""
-    return Path(os.environ.get("NBKIT_CACHE", Path.home() / ".cache" / "nbkit"))
 
 
 def offline_model_dir(pretrained: bool = True) -> Path:

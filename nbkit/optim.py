@@ -19,6 +19,9 @@ updated: the price of never holding all gradients. The check costs one GPU sync 
 A parameter is stepped by one in-backward optimizer at a time: making a second one for a parameter still hooked
 by another takes the parameter away from the old one (its hook is removed, with a printed note), so nothing is
 ever updated twice per backward. `close()` (in a `finally`) removes the hooks and frees the per-parameter state.
+
+What the optimizer keeps is counted here too (`adam_state_bytes`: the memory table, the planner and the
+checkpoint size estimate all use it).
 """
 
 from __future__ import annotations
@@ -30,6 +33,22 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .config import TrainConfig
+
+BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps smaller tensors' state in 32 bits
+BNB_BLOCK = 256  # values per fp32 absmax scale in 8-bit blockwise state
+
+
+def adam_state_bytes(numels: Iterable[int], eight_bit: bool = False) -> int:
+    """Bytes of AdamW's two moments for tensors of these sizes: fp32 (8 bytes a value), or bitsandbytes' 8-bit
+    blockwise state (a byte a value + an fp32 absmax per block of BNB_BLOCK, for each moment) for tensors of at
+    least BNB_MIN_8BIT_SIZE values."""
+    total = 0
+    for n in numels:
+        if eight_bit and n >= BNB_MIN_8BIT_SIZE:
+            total += 2 * (n + 4 * (-(-n // BNB_BLOCK)))
+        else:
+            total += 8 * n
+    return total
 
 
 def in_backward_active(cfg: TrainConfig, num_processes: int = 1) -> tuple[bool, str]:

@@ -28,13 +28,13 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import actmodel
+from . import actmodel, runtime
 from .actmodel import CALIBRATION_FILE, calibration_for
 from .config import TrainConfig
-from .optim import in_backward_active
+from .optim import BNB_MIN_8BIT_SIZE, adam_state_bytes, in_backward_active
+from .savers import Change, remedies  # planner.Change, planner.remedies: old names
+from .units import GiB, MiB
 
-GiB = 2**30
-MiB = 2**20
 # Terms the CPU simulation cannot see, from the published anchors (diffusers PR #2039: 11,124 MiB; the T4 table
 # of the DreamBooth 16 GB recipe: 9.92 GB, ...) until benchmarks/RESULTS.md has measured them:
 CUDA_CONTEXT = int(0.45 * GiB)  # the CUDA context and kernels: outside torch's allocator, inside the GPU's memory
@@ -44,7 +44,7 @@ ALLOCATOR_ROUNDING = 0.03  # reserved / allocated - 1 from block rounding
 # step's calibrated (CPU) activation volume (2.0 fits the published T4 table within 3%: 9.92 / 10.4 / 11.17 /
 # 13.67 GB; those are CUDA runs, fp32 norms included, so the volume is taken before actmodel's norm factor)
 ALLOCATOR_FRAGMENTATION = 2.0
-BNB_MIN_8BIT = 4096  # bitsandbytes keeps fp32 state for tensors smaller than this
+BNB_MIN_8BIT = BNB_MIN_8BIT_SIZE  # bitsandbytes keeps fp32 state for tensors smaller than this
 SD15_IDS = ("stable-diffusion-v1-5", "stable-diffusion-v1-4", "runwayml/stable-diffusion-v1-5", "CompVis/stable-diffusion")
 
 
@@ -245,15 +245,9 @@ def kind_of(cfg: TrainConfig) -> str:
 
 
 def resolve_precision(cfg: TrainConfig, device: str, bf16: bool) -> str:
-    """The mixed precision a run will use (the same rule as the training loop)."""
-    p = cfg.mixed_precision
-    if p == "auto":
-        p = "no" if device != "cuda" else ("bf16" if bf16 else "fp16")
-    if p == "bf16" and device == "cuda" and not bf16:
-        p = "fp16"
-    if p == "fp16" and device != "cuda":
-        p = "no"
-    return p
+    """The mixed precision a run will use: runtime.resolve_precision's rule (the training loop's), silently."""
+    rt = runtime.Runtime("local", device, None, int(device == "cuda"), 0.0, bf16)
+    return runtime.resolve_precision(cfg.mixed_precision, rt, warn=False)
 
 
 def plan(cfg: TrainConfig, model=None, *, gpu_gb: float | None = None, device: str = "cuda", bf16: bool = False,
@@ -332,8 +326,9 @@ def _optimizer_row(arch: Arch, trained: dict, full: dict, kind: str, ds: bool, e
     if eight_bit:
         small = sum(min(arch.small[p], trained[p]) for p in trained if full[p] or kind.startswith("lora"))
         small = min(small, n_trained) if kind != "ti" else 0
-        return "optimizer state (8-bit AdamW)", int((n_trained - small) * (2 + 8 / 256) + small * 8)
-    return "optimizer state (AdamW, fp32)", n_trained * 8
+        # one formula (optim.adam_state_bytes): the blockwise part as one tensor, the small ones stay fp32
+        return "optimizer state (8-bit AdamW)", adam_state_bytes([n_trained - small], True) + adam_state_bytes([small])
+    return "optimizer state (AdamW, fp32)", adam_state_bytes([n_trained])
 
 
 def _gradient_row(arch: Arch, cfg: TrainConfig, trained: dict, ib: bool, ds: bool) -> tuple[str, int]:
@@ -379,45 +374,6 @@ def _activations(arch: Arch, run) -> tuple[int, int, object, list[str]]:
 
 
 # ------------------------------------------------------------------------------------------------- what to do
-@dataclass
-class Change:
-    settings: dict  # TrainConfig fields to set
-    why: str
-    automatic: bool = True  # False: only suggested (it changes what is trained or needs another setup)
-
-
-def remedies(cfg: TrainConfig) -> list[Change]:
-    """Memory savers not yet in `cfg`, cheapest first (in quality and speed)."""
-    out = []
-    if not cfg.use_8bit_adam and not cfg.deepspeed_config:
-        out.append(Change({"use_8bit_adam": True}, "8-bit AdamW: optimizer state 4x smaller, same results"))
-    if not cfg.gradient_checkpointing:
-        out.append(Change({"gradient_checkpointing": True}, "gradient checkpointing: recompute activations in "
-                                                            "backward (~20-30% slower)"))
-    if not cfg.cache_latents:
-        out.append(Change({"cache_latents": True}, "cache latents: encode the images once, VAE off the GPU"))
-    if cfg.train_batch_size > 1 and not cfg.optimizer_in_backward:
-        out.append(Change({"train_batch_size": 1, "gradient_accumulation_steps":
-                           cfg.gradient_accumulation_steps * cfg.train_batch_size},
-                          f"batch {cfg.train_batch_size} -> 1 x {cfg.train_batch_size} accumulation steps "
-                          "(same effective batch)"))
-    if (cfg.method == "dreambooth" and not cfg.optimizer_in_backward and not cfg.deepspeed_config
-            and cfg.gradient_accumulation_steps == 1):
-        out.append(Change({"optimizer_in_backward": True, "max_grad_norm": 0.0},
-                          "optimizer in backward: no full gradient buffer (no clipping, no accumulation)"))
-    if cfg.method == "dreambooth" and not cfg.train_text_encoder:
-        out.append(Change({"deepspeed_config": "8gb-deepspeed preset"},
-                          "DeepSpeed ZeRO-2 with CPU offload (preset '8gb-deepspeed'; needs ~25 GB of host RAM "
-                          "and `pip install deepspeed`)", automatic=False))
-    if cfg.method == "dreambooth":
-        out.append(Change({"method": "lora"}, "LoRA instead of full DreamBooth (a few MB of trained weights)",
-                          automatic=False))
-    if cfg.resolution > 384:
-        out.append(Change({"resolution": cfg.resolution * 3 // 4 // 8 * 8},
-                          "a lower training resolution (activations shrink with the pixels)", automatic=False))
-    return out
-
-
 def apply_change(cfg: TrainConfig, change: Change) -> TrainConfig:
     s = dict(change.settings)
     if s.get("deepspeed_config") == "8gb-deepspeed preset":

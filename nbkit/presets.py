@@ -33,9 +33,9 @@ from pathlib import Path
 
 from . import planner
 from .config import TrainConfig
-from .runtime import Runtime
+from .paths import CONFIGS_DIR
+from .runtime import GPUS, Runtime, resolve_precision  # presets.GPUS: its old name
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 NAMES = ("cpu", "8gb", "8gb-deepspeed", "12gb", "16gb", "24gb", "40gb")
 HOST_RAM_DEEPSPEED_GB = 25  # what the diffusers DreamBooth README measured for ZeRO-2 + CPU offload at 8 GB
 
@@ -74,9 +74,8 @@ def settings(name: str, rt: Runtime, cfg: TrainConfig | None = None) -> dict:
     full = cfg.method == "dreambooth"  # every UNet weight trains (LoRA and TI train a few MB)
     te = full and cfg.train_text_encoder
     two = cfg.train_batch_size * (2 if cfg.with_prior_preservation else 1) >= 2
-    precision = "no" if rt.device != "cuda" else ("bf16" if rt.bf16 else "fp16")
-    s = dict(mixed_precision=precision, cache_latents=True, use_8bit_adam=False, gradient_checkpointing=False,
-             optimizer_in_backward=False, deepspeed_config="")
+    s = dict(mixed_precision=resolve_precision("auto", rt), cache_latents=True, use_8bit_adam=False,
+             gradient_checkpointing=False, optimizer_in_backward=False, deepspeed_config="")
     if name == "cpu":
         return s
     if name == "8gb":
@@ -177,18 +176,6 @@ def tune(cfg: TrainConfig, preset: str = "auto", rt: Runtime | None = None, mode
                       f"{HOST_RAM_DEEPSPEED_GB} GB of RAM, `pip install deepspeed`, and runs best with "
                       f"`accelerate launch --config_file {accelerate_config_path()} -m nbkit train ...`.")
     return Tuned(base, name, p, changes, advice)
-
-
-# Well-known GPUs, as torch reports them (GiB; bf16 from Ampere on): for planning a run you are not on yet.
-GPUS = {
-    "T4": Runtime("colab", "cuda", "Tesla T4", 1, 14.75, False),
-    "P100": Runtime("kaggle", "cuda", "Tesla P100-PCIE-16GB", 1, 15.89, False),
-    "2xT4": Runtime("kaggle", "cuda", "Tesla T4", 2, 14.75, False),
-    "L4": Runtime("colab", "cuda", "NVIDIA L4", 1, 22.03, True),
-    "A100-40GB": Runtime("colab", "cuda", "NVIDIA A100-SXM4-40GB", 1, 39.39, True),
-    "RTX3060-12GB": Runtime("local", "cuda", "NVIDIA GeForce RTX 3060", 1, 11.76, True),
-    "RTX3070-8GB": Runtime("local", "cuda", "NVIDIA GeForce RTX 3070", 1, 7.79, True),
-}
 
 
 def preview(cfg: TrainConfig, gpu: str = "T4", model: str = "sd15", resolution: int = 512,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import sys
 from dataclasses import dataclass
@@ -21,7 +20,8 @@ from tqdm.auto import tqdm
 
 from . import data, runtime
 from .models import SDParts, pipeline
-from .offline import cache_dir
+from .paths import cache_dir
+from .safeio import atomic_path
 from .sample import generate
 
 META = ".nbkit_class.json"
@@ -70,9 +70,8 @@ def ensure_class_images(parts: SDParts, prompt: str, folder: str | Path, count: 
                 images = generate(pipe, prompt, seeds=[seed * 10_000 + i for i in idx], steps=steps,
                                   guidance=guidance, size=resolution, batch_size=batch_size)
                 for i, im in zip(idx, images):
-                    tmp = folder / f".class_{i:05d}.png.tmp"
-                    im.save(tmp, format="PNG")
-                    os.replace(tmp, folder / f"class_{i:05d}.png")
+                    with atomic_path(folder / f"class_{i:05d}.png") as tmp:
+                        im.save(tmp, format="PNG")
     finally:
         for n, d in moved.items():
             getattr(parts, n).to(d).train(modes[n])

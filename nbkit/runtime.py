@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import warnings
 from dataclasses import dataclass
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the real default where a GPU and the hub are there
@@ -42,14 +43,46 @@ class Runtime:
         return f"{self.platform}: {gpus}"
 
     def default_precision(self) -> str:
-        """Mixed precision to use when the setting is 'auto'."""
-        if not self.gpu_path:
-            return "no"
-        return "bf16" if self.bf16 else "fp16"
+        """Mixed precision to use when the setting is 'auto' (resolve_precision's rule)."""
+        return resolve_precision("auto", self)
 
+
+def resolve_precision(requested: str, rt: Runtime, warn: bool = True) -> str:
+    """The mixed precision a run on `rt` uses when `requested` ('auto', 'no', 'fp16', 'bf16') is asked for: the one
+    rule of the training loop, the planner and the presets.
+
+    'auto': bf16 on a GPU that computes in it, fp16 on other GPUs (and in the T4 rehearsal: `rt.gpu_path`),
+    'no' (fp32) on a CPU or MPS. bf16 asked on a GPU without it becomes fp16, fp16 asked without a GPU path
+    becomes 'no'; each with a warning unless `warn` is False (plans and descriptions, not runs).
+    """
+    p = requested
+    if p == "auto":
+        p = ("bf16" if rt.bf16 else "fp16") if rt.gpu_path else "no"
+    if p == "bf16" and rt.gpu_path and not rt.bf16:
+        if warn:
+            warnings.warn(f"{rt.gpu_name} has no bf16: using fp16 instead.", stacklevel=2)
+        p = "fp16"
+    if p == "fp16" and not rt.gpu_path:
+        if warn:
+            warnings.warn("fp16 mixed precision needs a CUDA GPU: training in fp32 on this device.", stacklevel=2)
+        p = "no"
+    return p
+
+
+# Well-known GPUs, as torch reports them (GiB; bf16 from Ampere on): for planning a run you are not on yet
+# (presets.preview), and the T4 that advice and the rehearsal mean.
+GPUS = {
+    "T4": Runtime("colab", "cuda", "Tesla T4", 1, 14.75, False),
+    "P100": Runtime("kaggle", "cuda", "Tesla P100-PCIE-16GB", 1, 15.89, False),
+    "2xT4": Runtime("kaggle", "cuda", "Tesla T4", 2, 14.75, False),
+    "L4": Runtime("colab", "cuda", "NVIDIA L4", 1, 22.03, True),
+    "A100-40GB": Runtime("colab", "cuda", "NVIDIA A100-SXM4-40GB", 1, 39.39, True),
+    "RTX3060-12GB": Runtime("local", "cuda", "NVIDIA GeForce RTX 3060", 1, 11.76, True),
+    "RTX3070-8GB": Runtime("local", "cuda", "NVIDIA GeForce RTX 3070", 1, 7.79, True),
+}
 
 # A T4 as the training loop sees it in the rehearsal: same precision decisions, but the tensors stay on the CPU.
-T4_REHEARSAL = Runtime("local", "cpu", "Tesla T4 (rehearsal)", 1, 14.75, False, rehearsal=True)
+T4_REHEARSAL = Runtime("local", "cpu", "Tesla T4 (rehearsal)", 1, GPUS["T4"].gpu_memory_gb, False, rehearsal=True)
 
 
 def platform() -> str:

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from .models import SDParts
-from .offline import DATA_DIR, OFFLINE_SPEC
+from .offline import OFFLINE_SPEC
+from .paths import DATA_DIR
 
 SPEC = DATA_DIR / "sd15-arch"
 # Parameter counts of the published SD 1.5 weights (what the configs above must reproduce).
@@ -90,9 +91,3 @@ def build_parts(device: str | torch.device = "cpu", dtype: torch.dtype = torch.f
                 vae = AutoencoderKL.from_config(cfg["vae"])
     sched = DDPMScheduler.from_config({k: v for k, v in cfg["scheduler"].items() if not k.startswith("_")})
     return SDParts(tok, te, vae, unet, sched, f"sd15-architecture (random weights, {device})")
-
-
-def count_parameters(spec: str | Path = SPEC) -> dict[str, int]:
-    """Parameters of each part, counted on the meta device (instant, no memory)."""
-    parts = build_parts("meta", spec=spec)
-    return {name: sum(p.numel() for p in getattr(parts, name).parameters()) for name in ("unet", "text_encoder", "vae")}

@@ -26,6 +26,7 @@ import torch
 from . import export, singlefile
 from .models import load_parts, pipeline
 from .sample import generate
+from .units import format_bytes
 
 FORMATS = {  # method -> the formats written by default
     "dreambooth": ("diffusers", "single_file"),
@@ -165,8 +166,8 @@ def _size(path: Path) -> str:
     """A file's size; a diffusers folder's without the single files that may sit next to its parts."""
     if path.is_file():
         return export.human_size(path)
-    return export.format_bytes(sum(f.stat().st_size for f in path.rglob("*")
-                                   if f.is_file() and not (f.parent == path and f.suffix == ".safetensors")))
+    return format_bytes(sum(f.stat().st_size for f in path.rglob("*")
+                            if f.is_file() and not (f.parent == path and f.suffix == ".safetensors")))
 
 
 def _write(model, fmt: str, out: Path, dtype: str, token: str | None, ident: str, written: dict) -> Path:
@@ -247,7 +248,7 @@ def _check_disk(model, out: Path, formats, dtype: str) -> None:
     need *= 1.05
     free = shutil.disk_usage(out).free
     if need > free:
-        raise OSError(f"exporting {', '.join(formats)} needs ~{need / 1e9:.1f} GB but {out} has {free / 1e9:.1f} GB "
+        raise OSError(f"exporting {', '.join(formats)} needs ~{format_bytes(need)} but {out} has {format_bytes(free)} "
                       "free: free some space (old outputs, checkpoints) or export fewer formats.")
 
 

@@ -30,6 +30,7 @@ from typing import Callable
 import torch
 
 from . import evaluate
+from .safeio import atomic_write, swap_folder
 
 METRICS_FILE = "metrics.json"
 BEST_DIR = "best"
@@ -102,9 +103,7 @@ def table(rows: list[dict]) -> str:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=1))
 
 
 def read_metrics(out: str | Path) -> list[dict]:
@@ -233,11 +232,7 @@ class Tracker:
             info["path"] = str(final / written.relative_to(tmp)) if written != tmp else str(final)
             info.update(self.about)
             _write_json(tmp / BEST_INFO, info)
-            old = self.out / f".{BEST_DIR}.old{os.getpid()}"
-            if final.exists():
-                os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+            swap_folder(tmp, final, self.out / f".{BEST_DIR}.old{os.getpid()}")
         self.best = info
 
     def state(self) -> dict:

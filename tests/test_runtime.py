@@ -25,6 +25,34 @@ def test_hub_offline_env_is_respected(monkeypatch):
     assert runtime.hub_reachable() is False
 
 
+def test_one_precision_rule_for_runs_plans_and_presets():
+    import warnings
+
+    import pytest
+
+    from nbkit import planner, presets
+    from nbkit.config import TrainConfig
+
+    want = {  # runtime -> what auto, no, fp16, bf16 become
+        T4: ("fp16", "no", "fp16", "fp16"), A100: ("bf16", "no", "fp16", "bf16"), CPU: ("no", "no", "no", "bf16"),  # CPU autocast does bf16
+        runtime.T4_REHEARSAL: ("fp16", "no", "fp16", "fp16"),
+    }
+    for rt, got in want.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert tuple(runtime.resolve_precision(p, rt) for p in ("auto", "no", "fp16", "bf16")) == got
+        assert presets.settings("cpu", rt)["mixed_precision"] == got[0] == rt.default_precision()
+        if not rt.rehearsal:  # the planner knows device and bf16 only
+            assert planner.resolve_precision(TrainConfig(mixed_precision="bf16"), rt.device, rt.bf16) == got[3]
+    with pytest.warns(UserWarning, match="no bf16"):
+        runtime.resolve_precision("bf16", T4)
+    with pytest.warns(UserWarning, match="needs a CUDA GPU"):
+        runtime.resolve_precision("fp16", CPU)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert runtime.resolve_precision("fp16", CPU, warn=False) == "no"
+
+
 def test_precision_and_memory_settings_fit_the_gpu():
     assert T4.default_precision() == "fp16" and A100.default_precision() == "bf16" and CPU.default_precision() == "no"
     t4 = runtime.memory_settings(T4, train_text_encoder=True)
