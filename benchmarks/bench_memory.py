@@ -36,7 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from nbkit import methods, planner, presets, sd15  # noqa: E402
+from nbkit import methods, planner, sd15, tuning  # noqa: E402
 from nbkit.config import TrainConfig  # noqa: E402
 from nbkit.runtime import Runtime  # noqa: E402
 
@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
                                resolution=res, max_train_steps=steps, learning_rate=1e-6, validation_steps=0,
                                class_dir=str(cls), **METHODS[mname])
             try:
-                tuned = presets.tune(base, pname, rt)
+                tuned = tuning.tune(base, pname, rt)
             except ValueError as err:  # e.g. 8gb-deepspeed with the text encoder
                 print(f"skip {mname} / {pname}: {err}")
                 continue

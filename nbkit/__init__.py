@@ -45,7 +45,7 @@ from .memory import compare_settings as memory_budgets
 from .models import ModelNotFound, SDParts, load_parts, pipeline
 from .offline import offline_model_dir
 from .plots import image_rows, loss_curve, loss_terms, metric_curves
-from .presets import preview, tune
+from .tuning import preview, tune
 from .prior import choose_class_images, ensure_class_images
 from .sample import SCHEDULERS, generate, grid, save_images, set_scheduler, timed_generate
 from .setup import Setup, setup

@@ -12,10 +12,10 @@
     python -m nbkit class-images --prompt "a photo of a dog" --out shared/class_images/dog   # prior preservation
     python -m nbkit pretrain --quick                              # (re)pretrain the toy model (nbkit.pretrain)
     python -m nbkit judge                                         # retrain the toy judge (nbkit.judge)
-    python -m nbkit offline                                       # remake the offline spec (nbkit.offline)
+    python -m nbkit offline                                       # remake the offline spec (nbkit.toyspec)
 
 `python -m nbkit <command> --help` shows each command's own options. The older forms still work and run the same
-code: `python -m nbkit.pretrain`, `python -m nbkit.judge`, `python -m nbkit.offline`, `python -m nbkit.sweep`,
+code: `python -m nbkit.pretrain`, `python -m nbkit.judge`, `python -m nbkit.toyspec`, `python -m nbkit.sweep`,
 `python tools/class_images.py`.
 
 The config file (YAML or JSON) holds TrainConfig fields (and optionally `preset`); any field can also be given
@@ -46,7 +46,7 @@ DELEGATED = {
     "class-images": ("nbkit.cli", "class_images", False, "make a class prompt's prior-preservation images"),
     "pretrain": ("nbkit.pretrain", "main", False, "pretrain the toy model (writes data/toy-sd/)"),
     "judge": ("nbkit.judge", "main", False, "train the toy judge again (writes data/judge/)"),
-    "offline": ("nbkit.offline", "main", False, "remake the offline spec and the sample pictures"),
+    "offline": ("nbkit.toyspec", "main", False, "remake the offline spec and the sample pictures"),
 }
 
 
@@ -210,10 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] and argv[0] in DELEGATED:  # python -m nbkit sweep ... = python -m nbkit.sweep ... (its own parser)
         return delegate(argv[0], argv[1:])
     args = _parser().parse_args(argv)
-    from . import presets
+    from . import tuning
 
     if args.command == "presets":
-        print(presets.describe())
+        print(tuning.describe())
         return 0
     from . import runtime
     from .accel import world_size
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "plan" and getattr(args, "gpu_gb", None):
         rt = runtime.Runtime("local", "cuda", f"{args.gpu_gb:g} GiB GPU", 1, args.gpu_gb, bool(getattr(args, "bf16", False)))
     main_process = int(os.environ.get("RANK", "0")) == 0
-    tuned = presets.tune(cfg, preset, rt, num_processes=world_size(), keep=given)
+    tuned = tuning.tune(cfg, preset, rt, num_processes=world_size(), keep=given)
     if main_process:
         print(rt.describe())
         print(tuned)

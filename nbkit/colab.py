@@ -106,7 +106,7 @@ def notebook_files(notebook: str, use_drive: bool, output_dir: str | Path, insta
     printed line.
     `instance_dir="sample"` is the toy subject shipped with the kit.
     """
-    from .offline import SAMPLE_INSTANCE_DIR
+    from .paths import SAMPLE_INSTANCE_DIR
 
     sample = str(instance_dir) == "sample"
     drive = mount_drive(use_drive, mountpoint)
@@ -161,25 +161,10 @@ def _host_ram_gb() -> float:
         return 0.0
 
 
-def describe_settings(settings: dict, rt: runtime.Runtime) -> str:
-    """Memory settings (runtime.memory_settings) in words."""
-    words = []
-    for key, value in settings.items():
-        if key == "mixed_precision":
-            p = runtime.resolve_precision(value, rt, warn=False)
-            words.append("full fp32" if p == "no" else f"{p} mixed precision (trainable weights stay fp32)")
-        elif key == "use_8bit_adam":
-            words.append("8-bit AdamW" if value else "AdamW")
-        elif key == "gradient_checkpointing":
-            words.append("gradient checkpointing" if value else "no gradient checkpointing")
-        else:
-            words.append(f"{key}={value}")
-    return ", ".join(words)
-
-
-def check_runtime(rt: runtime.Runtime | None = None, hub: bool | None = None) -> str:
+def check_runtime(rt: runtime.Runtime | None = None, hub: bool | None = None, preset: str | None = None) -> str:
     """A readable summary of this runtime: where, which GPU and how much memory, the memory preset the notebooks
-    will use, host RAM and disk, whether the model hub answers; and what to do when something is missing."""
+    will use (`preset`, in words: nbkit.presets.describe_settings), host RAM and disk, whether the model hub answers; and
+    what to do when something is missing."""
     rt = rt or runtime.detect()
     hub = runtime.hub_reachable() if hub is None else hub
     where = {"colab": "Google Colab", "kaggle": "Kaggle", "local": "this machine"}[rt.platform]
@@ -189,8 +174,7 @@ def check_runtime(rt: runtime.Runtime | None = None, hub: bool | None = None) ->
     else:
         gpu = f"none ({rt.device})"
     disk = shutil.disk_usage(".").free / 2**30
-    lines = [f"Runtime:       {where}", f"GPU:           {gpu}",
-             f"Preset:        {describe_settings(runtime.memory_settings(rt), rt)}",
+    lines = [f"Runtime:       {where}", f"GPU:           {gpu}"] + ([f"Preset:        {preset}"] if preset else []) + [
              f"Host RAM:      {_host_ram_gb():.1f} GB · free disk here: {disk:.0f} GB",
              f"Model hub:     {'reachable' if hub else 'not reachable: the notebooks use the offline model'}"]
     if rt.device != "cuda" and rt.platform == "colab":

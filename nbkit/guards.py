@@ -7,34 +7,17 @@ is loaded; out-of-memory errors free the GPU memory of the failed step, so the n
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import os
 import shutil
-import traceback
 from pathlib import Path
-
-import torch
 
 from . import runtime
 from .config import TrainConfig
+from .errors import (GENERATION_ADVICE, DiskSpaceError, NotWritable, OutOfMemory, is_oom,  # noqa: F401
+                     out_of_memory, release)
 from .savers import remedies
 from .units import format_bytes
 
-
-class NotWritable(PermissionError):
-    """A folder the run must write to cannot be written; the message says which and what to do."""
-
-
-class DiskSpaceError(OSError):
-    """Not enough free disk for what the run will write; the message has the sums and what to change."""
-
-
-class OutOfMemory(RuntimeError):
-    """The GPU ran out of memory; the message names the settings that use less. GPU memory has been freed."""
-
-
-# --- folders and disk -------------------------------------------------------------------------------------------
 
 def writable_dir(path: str | Path, what: str) -> Path:
     """Create `path` if needed and check a file can be written there; raise NotWritable otherwise."""
@@ -132,72 +115,21 @@ def run_disk_needs(cfg: TrainConfig, parts, method, existing_checkpoints: int, s
 
 # --- out of memory ----------------------------------------------------------------------------------------------
 
-def is_oom(err: BaseException) -> bool:
-    """torch's OutOfMemoryError, or a RuntimeError saying 'out of memory' (older torch, MPS, some kernels)."""
-    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
-    return isinstance(err, oom) or (isinstance(err, RuntimeError) and "out of memory" in str(err).lower())
-
-
-def release(err: BaseException | None = None) -> None:
-    """Drop what a failed call's frames hold (activations, optimizer state), then free GPU memory.
-
-    The tracebacks of `err` and of the exceptions chained to it are cleared and detached: a frame keeps its
-    function and with it every closure variable, so clearing its locals alone would keep the training state
-    alive as long as the notebook keeps the error. Re-raise `err` afterwards: its traceback starts anew there.
-    """
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        traceback.clear_frames(err.__traceback__)
-        err.__traceback__ = None
-        err = err.__cause__ or err.__context__
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def training_advice(cfg: TrainConfig, rt: runtime.Runtime | None = None) -> list[str]:
     """The settings that lower training memory, starting with those this run does not use yet (the same for any
     runtime `rt`: the preset named is the T4's, runtime.GPUS["T4"])."""
     tips = [str(change) for change in remedies(cfg)]  # the one list of memory savers (nbkit.savers)
     if cfg.with_prior_preservation:
         tips.append("with_prior_preservation doubles the batch: lower train_batch_size first")
-    preset = runtime.memory_settings(runtime.GPUS["T4"], cfg.train_text_encoder)
+    from .presets import memory_settings
+
+    preset = memory_settings(runtime.GPUS["T4"], cfg.train_text_encoder)
     tips.append("the 16 GB preset for a T4/P100: " + ", ".join(f"{k}={v!r}" for k, v in preset.items())
-                + " (nbkit.runtime.memory_settings)")
+                + " (nbkit.presets.memory_settings)")
     if cfg.validation_prompts:
         tips.append("fewer validation images (num_validation_images) if it happened while sampling")
     return tips
 
-
-GENERATION_ADVICE = [
-    "fewer images at once (batch_size=1 in nbkit.generate)",
-    "a smaller image size, or load the pipeline in fp16 (torch_dtype=torch.float16)",
-    "pipe.enable_attention_slicing() and pipe.enable_vae_slicing()",
-    "during training: num_validation_images=1, or validation_steps=0",
-]
-
-
-@contextlib.contextmanager
-def out_of_memory(what: str, advice: list[str]):
-    """Turn an out-of-memory error inside the block into OutOfMemory naming `advice`, GPU memory freed."""
-    try:
-        yield
-    except OutOfMemory:
-        raise
-    except RuntimeError as err:
-        if not is_oom(err):
-            raise
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        release(err)
-        raise OutOfMemory(
-            f"Out of GPU memory in {what} ({first[:200]}).\nUse less memory with any of:\n  - " + "\n  - ".join(advice)
-            + "\nThe memory of the failed step was freed: change a setting, re-run the model-loading cell (the "
-            "model in memory may be part-trained), and run again."
-        ) from None
-
-
-# --- non-finite loss --------------------------------------------------------------------------------------------
 
 def non_finite_loss(value: float, step: int, last_checkpoint: Path | None, precision: str) -> FloatingPointError:
     """The error for a loss that became NaN/inf at `step` (0-based): likely causes and what was kept."""

@@ -5,23 +5,22 @@ toy world's words). `offline_model_dir()` turns that into a real diffusers folde
 once, in a cache, so that everything downstream loads it with the same `from_pretrained` code as SD 1.5.
 When a pretrained toy model exists (`data/toy-sd/`, with weights), it is used instead: that is the seam.
 
-Regenerate the shipped files (tokenizer, configs, sample instance images) with `python -m nbkit.offline`.
+Regenerate the shipped files (tokenizer, configs, sample instance images) with `python -m nbkit offline`
+(nbkit.toyspec).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 from pathlib import Path
 
 # offline.DATA_DIR / offline.cache_dir: their old home, still importable
-from .paths import DATA_DIR, cache_dir
+from .paths import DATA_DIR, SAMPLE_INSTANCE_DIR, cache_dir  # noqa: F401
 
 OFFLINE_SPEC = DATA_DIR / "offline-sd"  # configs + tokenizer, no weights
 PRETRAINED_TOY = DATA_DIR / "toy-sd"  # a pretrained toy model with weights, when it exists
-SAMPLE_INSTANCE_DIR = DATA_DIR / "instance" / "zwx_star"
 OFFLINE_RESOLUTION = 64  # image side the offline model works at
 # The toy model learns its subject from 4 of the 5 sample pictures per step; from one at a time it learns the stripes
 # but not the colours (measured: docs/findings.md). SD 1.5 uses 1 (objects) or 2 (faces).
@@ -63,7 +62,7 @@ def offline_model_dir(pretrained: bool = True) -> Path:
         return PRETRAINED_TOY
     if not (OFFLINE_SPEC / "model_index.json").exists():
         raise FileNotFoundError(
-            f"The offline model's spec is missing from {OFFLINE_SPEC}. Run `python -m nbkit.offline` from the kit's "
+            f"The offline model's spec is missing from {OFFLINE_SPEC}. Run `python -m nbkit offline` from the kit's "
             "folder to regenerate it, or set NBKIT_DATA to the kit's data/ folder."
         )
     digest = hashlib.sha256()
@@ -94,81 +93,3 @@ def _materialize(spec: Path, dest: Path, seed: int = 0) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         return
     tmp.rename(dest)  # atomic: a half-built model is never picked up
-
-
-def build_tokenizer(words: list[str], dest: Path):
-    """Train a CLIP-style BPE tokenizer (lower-case, `</w>` word ends, byte alphabet) on `words`; save it."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import CLIPTokenizer
-
-    base = ByteLevel.alphabet()
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(
-        vocab_size=4096, initial_alphabet=base, end_of_word_suffix="</w>", show_progress=False,
-    )
-    bpe.train_from_iterator([" ".join(words)] * 8, trainer)
-    learned = json.loads(bpe.to_str())["model"]
-    merges = [tuple(m) for m in learned["merges"]]
-    # CLIP's layout: the byte alphabet, the same with '</w>', merged tokens in merge order, then the specials.
-    vocab_list = sorted(base) + [c + "</w>" for c in sorted(base)]
-    seen = set(vocab_list)
-    for a, b in merges:
-        if a + b not in seen:
-            vocab_list.append(a + b)
-            seen.add(a + b)
-    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {t: i for i, t in enumerate(vocab_list)}
-    tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
-    dest.mkdir(parents=True, exist_ok=True)
-    tok.save_pretrained(dest)
-    # Also the slow tokenizer's files, so older transformers (Colab's) load it too.
-    (dest / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (dest / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
-    return tok
-
-
-def write_spec(dest: Path = OFFLINE_SPEC) -> None:
-    """Write the offline model's spec: model_index.json, each part's config, the tokenizer."""
-    from . import toyworld
-
-    tok = build_tokenizer(toyworld.vocabulary(), dest / "tokenizer")
-    te = dict(TEXT_ENCODER, vocab_size=len(tok), architectures=["CLIPTextModel"], model_type="clip_text_model",
-              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    configs = {
-        "unet/config.json": dict(UNET, _class_name="UNet2DConditionModel"),
-        "vae/config.json": dict(VAE, _class_name="AutoencoderKL"),
-        "text_encoder/config.json": te,
-        "scheduler/scheduler_config.json": SCHEDULER,
-        "model_index.json": {
-            "_class_name": "StableDiffusionPipeline", "feature_extractor": [None, None],
-            "requires_safety_checker": False, "safety_checker": [None, None],
-            "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
-        },
-    }
-    for rel, cfg in configs.items():
-        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        (dest / rel).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m nbkit offline` (or `python -m nbkit.offline`): remake the shipped spec and sample pictures."""
-    import argparse
-
-    from . import toyworld
-
-    argparse.ArgumentParser(prog="python -m nbkit offline", description="Remake the offline model's spec "
-                            f"({OFFLINE_SPEC}: configs + tokenizer) and the sample instance images "
-                            f"({SAMPLE_INSTANCE_DIR}).").parse_args(argv)
-    write_spec()
-    toyworld.write_subject_images(SAMPLE_INSTANCE_DIR, "zwx", n=5, size=OFFLINE_RESOLUTION, seed=0,
-                                  backgrounds=SAMPLE_BACKGROUNDS)
-    print(f"wrote {OFFLINE_SPEC} and {SAMPLE_INSTANCE_DIR}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

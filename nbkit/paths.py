@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent  # the repository root (the folder
 DATA_DIR = Path(os.environ.get("NBKIT_DATA", ROOT / "data"))  # shipped data (override with NBKIT_DATA)
 CONFIGS_DIR = ROOT / "configs"
 NOTEBOOKS_DIR = ROOT / "notebooks"
+SAMPLE_INSTANCE_DIR = DATA_DIR / "instance" / "zwx_star"  # the toy subject's pictures (INSTANCE_DIR = "sample")
 
 
 def cache_dir() -> Path:

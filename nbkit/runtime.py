@@ -70,7 +70,7 @@ def resolve_precision(requested: str, rt: Runtime, warn: bool = True) -> str:
 
 
 # Well-known GPUs, as torch reports them (GiB; bf16 from Ampere on): for planning a run you are not on yet
-# (presets.preview), and the T4 that advice and the rehearsal mean.
+# (tuning.preview), and the T4 that advice and the rehearsal mean.
 GPUS = {
     "T4": Runtime("colab", "cuda", "Tesla T4", 1, 14.75, False),
     "P100": Runtime("kaggle", "cuda", "Tesla P100-PCIE-16GB", 1, 15.89, False),
@@ -157,18 +157,3 @@ def choose_model(requested: str = "auto", rt: Runtime | None = None) -> tuple[st
         return "offline", ("the model hub cannot be reached, so this run uses the kit's small OFFLINE model. "
                            f"Connect to the internet (or set MODEL to a local folder) to use {SD15}.")
     return SD15, f"GPU and hub available: using {SD15}"
-
-
-def memory_settings(rt: Runtime, train_text_encoder: bool = False, with_prior_preservation: bool = False) -> dict:
-    """TrainConfig memory settings that fit the detected GPU (a 16 GB T4/P100 is the design point): the core of
-    `nbkit.presets` (the one source of truth; `presets.tune()` also plans the run and adjusts it).
-
-    Training the text encoder adds its weights, gradients, optimizer state and activations; prior preservation
-    doubles the images per step (and so the activations): both can turn gradient checkpointing on.
-    """
-    from .config import TrainConfig
-    from .presets import choose, settings
-
-    cfg = TrainConfig(train_text_encoder=train_text_encoder, with_prior_preservation=with_prior_preservation)
-    s = settings(choose(rt), rt, cfg)
-    return {k: s[k] for k in ("mixed_precision", "use_8bit_adam", "gradient_checkpointing")}

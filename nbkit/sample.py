@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 from diffusers.utils import make_image_grid
 
-from . import guards, runtime
+from . import runtime
+from .errors import GENERATION_ADVICE, out_of_memory
 from .schedulers import SCHEDULERS, make_scheduler, set_scheduler  # noqa: F401 - nbkit.sample's names too
 
 
@@ -22,7 +23,7 @@ def generate(pipe, prompts: str | list[str], seeds: list[int] | int = 0, steps: 
 
     A pipeline whose parts have different precisions (after training: fp32 trained UNet, fp16 frozen text
     encoder and VAE) samples under autocast in the lower precision, as the training loop's validation does.
-    Out of GPU memory, raises guards.OutOfMemory naming what to change, with the memory of the failed batch freed.
+    Out of GPU memory, raises nbkit.errors.OutOfMemory naming what to change, with the memory of the failed batch freed.
     """
     if scheduler:
         set_scheduler(pipe, scheduler)
@@ -61,7 +62,7 @@ def _generate_jobs(pipe, jobs, steps, guidance, size, negative_prompt, batch_siz
                         generator=g) for g in gens
         ]).to(device=device, dtype=pipe.unet.dtype)
         # the same generators then draw any noise the scheduler adds on the way (Euler ancestral): still one seed
-        with guards.out_of_memory("generating images", guards.GENERATION_ADVICE):
+        with out_of_memory("generating images", GENERATION_ADVICE):
             out = pipe([p for p, _ in chunk], num_inference_steps=steps, guidance_scale=guidance, height=size,
                        width=size, latents=latents, generator=gens,
                        negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None)

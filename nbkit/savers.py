@@ -1,6 +1,6 @@
 """The memory savers: the one list of settings that lower a training run's GPU memory, cheapest first.
 
-`nbkit.planner` plans each (`advise`), `nbkit.presets.tune` applies the automatic ones until a run fits, and
+`nbkit.planner` plans each (`advise`), `nbkit.tuning.tune` applies the automatic ones until a run fits, and
 `nbkit.guards.training_advice` names them after an out-of-memory error. This module imports nothing from nbkit
 but the config.
 """

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import colab, offline, runtime
+from . import colab, offline, presets, runtime
 
 # Scenes for a subject on SD 1.5: ones its pictures never show, so what is learned is the subject, not a scene.
 SD_SCENES = ("a photo of {s} on the beach", "a photo of {s} in the snow", "a photo of {s} in a forest",
@@ -82,7 +82,7 @@ def setup(notebook: str, *, model: str = "auto", instance_dir: str | Path = "sam
     """
     rt = runtime.detect()
     chosen, why = runtime.choose_model(model, rt)
-    report = colab.check_runtime(rt)
+    report = colab.check_runtime(rt, preset=presets.describe_settings(presets.memory_settings(rt), rt))
     print(report)  # the GPU, its memory and the memory preset the runs use
     print(why)
     files = colab.notebook_files(notebook, use_drive, output_dir or f"outputs/{notebook}", instance_dir)

@@ -19,7 +19,6 @@ import contextlib
 import json
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,17 +52,6 @@ class TrainResult:
     def pipeline(self, scheduler: str = "ddim"):
         """A sampling pipeline over the trained parts."""
         return pipeline(self.parts, scheduler)
-
-
-def _precision(cfg: TrainConfig, rt: runtime.Runtime) -> str:
-    p = rt.default_precision() if cfg.mixed_precision == "auto" else cfg.mixed_precision
-    if p == "bf16" and rt.gpu_path and not rt.bf16:
-        warnings.warn(f"{rt.gpu_name} has no bf16: using fp16 instead.")
-        p = "fp16"
-    if p == "fp16" and not rt.gpu_path:
-        warnings.warn("fp16 mixed precision needs a CUDA GPU: training in fp32 on this device.")
-        p = "no"
-    return p
 
 
 def train(cfg: TrainConfig, parts: SDParts | None = None, progress: bool = True) -> TrainResult:
@@ -132,7 +120,7 @@ def _setup(cfg: TrainConfig, run: manifest.Run) -> _Setup:
     out = guards.writable_folders(cfg, ckpts.root)  # output, checkpoint and class-image folders
     resume_from = ckpts.resume_point(cfg)  # None, or the complete checkpoint to continue (same settings)
     rt = runtime.detect()
-    precision = _precision(cfg, rt)
+    precision = runtime.resolve_precision(cfg.mixed_precision, rt)
     if accel.world_size() == 1:  # one process: a kernel that trained in one precision may train in another
         from accelerate.state import AcceleratorState
 

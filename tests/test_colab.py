@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from nbkit import colab, course
+from nbkit import colab, course, presets
 from nbkit.runtime import Runtime
 
 T4 = Runtime("colab", "cuda", "Tesla T4", 1, 14.7, False)
@@ -14,7 +14,7 @@ CPU = Runtime("local", "cpu", None, 0, 0.0, False)
 
 
 def test_check_runtime_on_a_t4_names_gpu_memory_and_preset():
-    text = colab.check_runtime(T4, hub=True)
+    text = colab.check_runtime(T4, hub=True, preset=presets.describe_settings(presets.memory_settings(T4), T4))
     assert "Google Colab" in text and "Tesla T4, 14.7 GB, fp16 only" in text
     assert "fp16 mixed precision" in text and "8-bit AdamW" in text and "reachable" in text
 
@@ -22,7 +22,8 @@ def test_check_runtime_on_a_t4_names_gpu_memory_and_preset():
 @pytest.mark.parametrize("platform,advice", [("colab", "Change runtime type"), ("kaggle", "Accelerator"),
                                              ("local", "offline model")])
 def test_check_runtime_without_gpu_says_what_to_do(platform, advice):
-    text = colab.check_runtime(replace(CPU, platform=platform), hub=False)
+    cpu = replace(CPU, platform=platform)
+    text = colab.check_runtime(cpu, hub=False, preset=presets.describe_settings(presets.memory_settings(cpu), cpu))
     assert "GPU:           none (cpu)" in text and advice in text and "full fp32" in text
 
 

@@ -1,3 +1,4 @@
+from nbkit import presets
 from nbkit import runtime
 from nbkit.runtime import Runtime
 
@@ -55,12 +56,12 @@ def test_one_precision_rule_for_runs_plans_and_presets():
 
 def test_precision_and_memory_settings_fit_the_gpu():
     assert T4.default_precision() == "fp16" and A100.default_precision() == "bf16" and CPU.default_precision() == "no"
-    t4 = runtime.memory_settings(T4, train_text_encoder=True)
+    t4 = presets.memory_settings(T4, train_text_encoder=True)
     assert t4["use_8bit_adam"] and t4["gradient_checkpointing"]
-    assert not runtime.memory_settings(A100)["use_8bit_adam"]
-    assert not runtime.memory_settings(T4)["gradient_checkpointing"]
-    assert runtime.memory_settings(T4, with_prior_preservation=True)["gradient_checkpointing"]  # twice the images
-    assert runtime.memory_settings(CPU)["mixed_precision"] == "no"
+    assert not presets.memory_settings(A100)["use_8bit_adam"]
+    assert not presets.memory_settings(T4)["gradient_checkpointing"]
+    assert presets.memory_settings(T4, with_prior_preservation=True)["gradient_checkpointing"]  # twice the images
+    assert presets.memory_settings(CPU)["mixed_precision"] == "no"
     assert "fp16 only" in T4.describe() and "no GPU" in CPU.describe()
 
 
