@@ -10,8 +10,8 @@ configs into local folders), best/ in fp32, a checkpoint, the fp16 save and the 
 fp16 diffusers folder and the ~2 GB single file, each reloaded and drawn.
 
 --mode: both set NBKIT_T4_REHEARSAL=1 (the T4's 8-bit AdamW: weights/optimizer as in the planner's T4 plan). fp32
-(default): mixed_precision="no". rehearsal: the T4's whole fp16 path, unusable on CPUs without native fp16 (here
-a 3x3 convolution is ~600x slower in fp16; a 512 px UNet forward took > 7 min against 18 s in fp32).
+(default): mixed_precision="no", sampling without autocast. rehearsal: the T4's whole fp16 path, unusable on CPUs
+without native fp16 (here a 3x3 convolution is ~600x slower in fp16; a 512 px UNet forward > 7 min vs 18 s fp32).
 Per phase: seconds and peak RSS (VmHWM reset via /proc/self/clear_refs; sampled RSS timeline too), then the
 planner's terms against tensors counted at the optimizer step. Tables on stdout, JSON + markdown in --out.
 """
@@ -116,7 +116,6 @@ def build_model(folder: Path, smoke: bool) -> dict:
     from diffusers import StableDiffusionPipeline
 
     from nbkit import load_parts, sd15
-    from nbkit.offline import offline_model_dir
 
     parts = load_parts("offline") if smoke else sd15.build_parts("cpu")
     pipe = StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
@@ -125,8 +124,6 @@ def build_model(folder: Path, smoke: bool) -> dict:
     pipe.save_pretrained(folder, safe_serialization=True)
     pipe.to(torch.float16)  # in place: the fp32 weights are not needed again
     pipe.save_pretrained(folder, safe_serialization=True, variant="fp16")
-    if smoke and (offline_model_dir() / "pretrain_config.json").is_file():  # how the toy model was pretrained
-        shutil.copy(offline_model_dir() / "pretrain_config.json", folder)
     del pipe, parts
     gc.collect()
     return {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*.safetensors"))}
@@ -190,7 +187,6 @@ def _counting_step(opt, parts, counted: dict) -> None:
             counted[f"{name} weights"] = _tensor_bytes(getattr(parts, name).parameters())
         counted["trained weights"] = counted["unet weights"] + counted["text_encoder weights"]
         counted["gradients"] = _tensor_bytes(p.grad for g in opt.param_groups for p in g["params"])
-        counted["rss_before_optimizer_step_gib"] = _status("VmRSS") / GiB
         out = inner(*a, **kw)
         counted["optimizer state"] = _tensor_bytes(v for s in opt.state.values() for v in s.values())
         return out
@@ -206,10 +202,11 @@ def _wrap(stack, owner, name, make):
 
 
 @contextlib.contextmanager
-def instrumented(rec: Recorder, seen: dict):
+def instrumented(rec: Recorder, seen: dict, fp32: bool):
     """Phases inside nbkit.train and take_home, by wrapping the functions they call; what the disk check expected
-    and the tensors counted at the optimizer step land in `seen`."""
-    from nbkit import checkpoint, guards, methods, optim, prior, takehome, tracking
+    and the tensors counted at the optimizer step land in `seen`. fp32: sampling without autocast (for an all-fp32
+    pipeline on the rehearsed T4 sample._autocast picks fp16, unusably slow on this CPU)."""
+    from nbkit import checkpoint, guards, methods, optim, prior, sample, takehome, tracking
 
     def phase(label, after=None):  # label / after: a string, or a function of the call's arguments
         def make(f):
@@ -240,6 +237,8 @@ def instrumented(rec: Recorder, seen: dict):
         return make
 
     with contextlib.ExitStack() as stack:
+        if fp32:
+            _wrap(stack, sample, "_autocast", lambda f: lambda pipe, device: contextlib.nullcontext())
         _wrap(stack, methods, "setup", setup)
         _wrap(stack, optim, "make_optimizer",
               keep("optimizer", lambda opt: _counting_step(opt, seen["parts"], seen.setdefault("counted", {}))))
@@ -366,7 +365,7 @@ def _train_and_export(rec: Recorder, cfg, parts, work: Path, seen: dict) -> list
     from nbkit import evaluate, train
     from nbkit.takehome import take_home
 
-    with instrumented(rec, seen):
+    with instrumented(rec, seen, cfg.mixed_precision == "no"):
         rec.switch("train: place weights, disk check")
         seen["result"] = result = train(cfg, parts, progress=False)
         rec.switch("free the optimizer and the scorers")
