@@ -36,9 +36,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from nbkit import methods, planner, sd15, tuning  # noqa: E402
-from nbkit.config import TrainConfig  # noqa: E402
-from nbkit.runtime import Runtime  # noqa: E402
+from nbkit.training import methods
+from nbkit.memory import planner
+from nbkit.models import sd15
+from nbkit.memory import tuning
+from nbkit.config import TrainConfig
+from nbkit.env.runtime import Runtime
 
 GiB = 2**30
 METHODS = {
@@ -112,7 +115,7 @@ def _peaks() -> tuple[float | None, float | None]:
 
 
 def run_nbkit(cfg: TrainConfig, smoke: bool, device: str, warmup: int) -> dict:
-    from nbkit.train import train
+    from nbkit.training.loop import train
 
     parts = _fresh_parts(smoke, device, cfg)
     _reset_cuda()
@@ -141,8 +144,8 @@ def run_reference(cfg: TrainConfig, smoke: bool, device: str, steps: int, warmup
     the text encoder, then the UNet forward/backward and the optimizer step (same precision/optimizer/ckpt)."""
     import torch.nn.functional as F
 
-    from nbkit import data
-    from nbkit.optim import make_optimizer
+    from nbkit.data import images as data
+    from nbkit.training.optim import make_optimizer
 
     parts = _fresh_parts(smoke, device, cfg)
     dev = torch.device(device)

@@ -5,7 +5,7 @@
 
 For each claim of the seeds (learning rate x steps, prior preservation, schedulers on an overfit model, training
 the text encoder, textual inversion and TI -> DreamBooth, LoRA) this runs the toy experiment that tests it, scores
-the pictures with the toy judge (nbkit.judge) and says whether the claim held. The GPU-only claims (what fits in
+the pictures with the toy judge (nbkit.toy.judge) and says whether the claim held. The GPU-only claims (what fits in
 16 GB) are measured by benchmarks/bench_memory.py and recorded in benchmarks/RESULTS.md.
 
 Scores (share of pictures, fixed seeds): subject fidelity on "a photo of zwx star"; prompt fidelity on the subject
@@ -26,8 +26,10 @@ from pathlib import Path
 
 import torch
 
-from nbkit import export, judge, load_parts
-from nbkit.offline import OFFLINE_BATCH_SIZE, offline_model_dir
+from nbkit import load_parts
+from nbkit.export import formats as export
+from nbkit.toy import judge
+from nbkit.models.offline import OFFLINE_BATCH_SIZE, offline_model_dir
 
 from . import toy_results as tr
 
@@ -204,7 +206,7 @@ def markdown(m: dict, quick: bool) -> str:
               f"{m['base']['prompt_fidelity']:.0%}, class drift {m['base']['class_drift']:.0%}.", "",
               "## Memory (GPU claims)", "",
               "8-bit Adam, fp16, gradient checkpointing and accumulation making DreamBooth + text encoder fit 16 GB, and "
-              "DeepSpeed CPU offload for 8 GB: predicted by `nbkit.planner` and measured by "
+              "DeepSpeed CPU offload for 8 GB: predicted by `nbkit.memory.planner` and measured by "
               "`benchmarks/bench_memory.py`; see [benchmarks/RESULTS.md](../benchmarks/RESULTS.md) (GPU figures are "
               "recorded there when a GPU run has been made).", ""]
     return "\n".join(lines)

@@ -115,7 +115,8 @@ def build_model(folder: Path, smoke: bool) -> dict:
     one folder per part, fp32 files and `*.fp16.safetensors` next to them. Returns the files and their sizes."""
     from diffusers import StableDiffusionPipeline
 
-    from nbkit import load_parts, sd15
+    from nbkit import load_parts
+    from nbkit.models import sd15
 
     parts = load_parts("offline") if smoke else sd15.build_parts("cpu")
     pipe = StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
@@ -134,7 +135,7 @@ def build_scorers(root: Path, smoke: bool, clip: str) -> tuple[Path, Path]:
     from transformers import CLIPConfig, CLIPImageProcessor as CIP, CLIPModel, CLIPProcessor, ViTConfig, ViTModel
     from transformers import ViTImageProcessor
 
-    from nbkit import sd15
+    from nbkit.models import sd15
 
     tok = sd15.tokenizer()  # CLIP's 49,408 entries
     text, vision, proj = (dict(TINY), dict(TINY, patch_size=8), 16) if smoke else CLIPS[clip]
@@ -153,7 +154,7 @@ def build_scorers(root: Path, smoke: bool, clip: str) -> tuple[Path, Path]:
 
 def instance_images(folder: Path, size: int) -> Path:
     """Toy-world stars drawn at full size (the smoke run uses the kit's sample pictures: the toy judge's)."""
-    from nbkit import toyworld
+    from nbkit.toy import world as toyworld
 
     folder.mkdir(parents=True, exist_ok=True)
     for i, bg in enumerate(("black", "white")):
@@ -206,7 +207,14 @@ def instrumented(rec: Recorder, seen: dict, fp32: bool):
     """Phases inside nbkit.train and take_home, by wrapping the functions they call; what the disk check expected
     and the tensors counted at the optimizer step land in `seen`. fp32: sampling without autocast (for an all-fp32
     pipeline on the rehearsed T4 sample._autocast picks fp16, unusably slow on this CPU)."""
-    from nbkit import checkpoint, guards, methods, optim, prior, sample, takehome, tracking
+    from nbkit.training import checkpoint
+    from nbkit.training import guards
+    from nbkit.training import methods
+    from nbkit.training import optim
+    from nbkit.data import class_images as prior
+    from nbkit.sample import sampling as sample
+    from nbkit.export import takehome
+    from nbkit.scores import tracking
 
     def phase(label, after=None):  # label / after: a string, or a function of the call's arguments
         def make(f):
@@ -271,7 +279,7 @@ def _planner_terms(plan) -> dict[str, float]:
 def compare(cfg, model: str, counted: dict, train_peak: float, step_start: float) -> dict:
     """The planner's T4 plan (fp16 mixed precision, 16 GiB, no bf16) and the same plan in this run's precision,
     next to the tensors counted at the optimizer step and the RSS measured during the step."""
-    from nbkit import planner
+    from nbkit.memory import planner
 
     t4 = planner.plan(cfg.replace(mixed_precision="auto"), model, gpu_gb=16, device="cuda", bf16=False)
     same = planner.plan(cfg, model, gpu_gb=16, device="cuda", bf16=False)
@@ -340,7 +348,7 @@ def _versions() -> dict:
 def _prepare(rec: Recorder, args, work: Path) -> tuple:
     """Build and save the model, build the scorers, load the model back with the notebooks' loader."""
     from nbkit import load_parts
-    from nbkit.offline import SAMPLE_INSTANCE_DIR
+    from nbkit.models.offline import SAMPLE_INSTANCE_DIR
 
     rec.switch("build + save (fp32 + fp16 variant)")
     files = build_model(work / "sd15", args.smoke)
@@ -362,8 +370,9 @@ def _prepare(rec: Recorder, args, work: Path) -> tuple:
 
 
 def _train_and_export(rec: Recorder, cfg, parts, work: Path, seen: dict) -> list[dict]:
-    from nbkit import evaluate, train
-    from nbkit.takehome import take_home
+    from nbkit import train
+    from nbkit.scores import evaluate
+    from nbkit.export.takehome import take_home
 
     with instrumented(rec, seen, cfg.mixed_precision == "no"):
         rec.switch("train: place weights, disk check")

@@ -23,11 +23,13 @@ from pathlib import Path
 
 import torch
 
-from nbkit import judge, load_parts, pipeline, toyworld
+from nbkit import load_parts, pipeline
+from nbkit.toy import judge
+from nbkit.toy import world as toyworld
 from nbkit.config import TrainConfig
-from nbkit.offline import NEW_CONTEXTS, OFFLINE_BATCH_SIZE, SAMPLE_INSTANCE_DIR, offline_model_dir
-from nbkit.sample import generate
-from nbkit.train import train
+from nbkit.models.offline import NEW_CONTEXTS, OFFLINE_BATCH_SIZE, SAMPLE_INSTANCE_DIR, offline_model_dir
+from nbkit.sample.sampling import generate
+from nbkit.training.loop import train
 
 ROOT = Path(__file__).resolve().parent.parent
 SUBJECT, CLASS_NOUN = "zwx", "star"

@@ -8,14 +8,14 @@
     python -m nbkit plan --config run.yaml --gpu-gb 15            # predicted peak memory on a 16 GB card
     python -m nbkit presets                                       # what each preset sets
     python -m nbkit calibrate --spec sd15                         # re-measure the planner's activation model
-    python -m nbkit sweep configs/sweeps/toy_lr_steps.yaml        # a notebook over a grid (see nbkit.sweep)
+    python -m nbkit sweep configs/sweeps/toy_lr_steps.yaml        # a notebook over a grid (see nbkit.notebook.sweep)
     python -m nbkit class-images --prompt "a photo of a dog" --out shared/class_images/dog   # prior preservation
-    python -m nbkit pretrain --quick                              # (re)pretrain the toy model (nbkit.pretrain)
-    python -m nbkit judge                                         # retrain the toy judge (nbkit.judge)
-    python -m nbkit offline                                       # remake the offline spec (nbkit.toyspec)
+    python -m nbkit pretrain --quick                              # (re)pretrain the toy model (nbkit.toy.pretrain)
+    python -m nbkit judge                                         # retrain the toy judge (nbkit.toy.judge)
+    python -m nbkit offline                                       # remake the offline spec (nbkit.toy.spec)
 
 `python -m nbkit <command> --help` shows each command's own options. The older forms still work and run the same
-code: `python -m nbkit.pretrain`, `python -m nbkit.judge`, `python -m nbkit.toyspec`, `python -m nbkit.sweep`,
+code: `python -m nbkit.toy.pretrain`, `python -m nbkit.toy.judge`, `python -m nbkit.toy.spec`, `python -m nbkit.notebook.sweep`,
 `python tools/class_images.py`.
 
 The config file (YAML or JSON) holds TrainConfig fields (and optionally `preset`); any field can also be given
@@ -34,19 +34,19 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ConfigError, TrainConfig
+from nbkit.config import ConfigError, TrainConfig
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 # Commands with their own argument parser: `python -m nbkit NAME ARGS...` calls module.function(ARGS...), so that
 # `python -m nbkit NAME --help` is that parser's help. calibrate's parser expects the word "calibrate" itself.
 DELEGATED = {
-    "calibrate": ("nbkit.planner", "_main", True, "re-measure the planner's activation model"),
-    "sweep": ("nbkit.sweep", "main", False, "run a notebook over a grid of parameters (resumable)"),
+    "calibrate": ("nbkit.memory.planner", "_main", True, "re-measure the planner's activation model"),
+    "sweep": ("nbkit.notebook.sweep", "main", False, "run a notebook over a grid of parameters (resumable)"),
     "class-images": ("nbkit.cli", "class_images", False, "make a class prompt's prior-preservation images"),
-    "pretrain": ("nbkit.pretrain", "main", False, "pretrain the toy model (writes data/toy-sd/)"),
-    "judge": ("nbkit.judge", "main", False, "train the toy judge again (writes data/judge/)"),
-    "offline": ("nbkit.toyspec", "main", False, "remake the offline spec and the sample pictures"),
+    "pretrain": ("nbkit.toy.pretrain", "main", False, "pretrain the toy model (writes data/toy-sd/)"),
+    "judge": ("nbkit.toy.judge", "main", False, "train the toy judge again (writes data/judge/)"),
+    "offline": ("nbkit.toy.spec", "main", False, "remake the offline spec and the sample pictures"),
 }
 
 
@@ -107,7 +107,7 @@ def class_images(argv: list[str] | None = None) -> int:
 
     Every student then points class_dir at the same folder: nobody waits for generation, and the folder is reused
     by every notebook and run. Already present images are kept (an interrupted run resumes); a folder made for
-    another prompt is refused. One folder per class prompt (nbkit.prior.ensure_class_images; fp16 on a GPU).
+    another prompt is refused. One folder per class prompt (nbkit.data.class_images.ensure_class_images; fp16 on a GPU).
     """
     ap = argparse.ArgumentParser(prog="python -m nbkit class-images", description=class_images.__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=CLASS_IMAGES_EXAMPLES)
@@ -124,9 +124,10 @@ def class_images(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from . import offline, runtime
-    from .models import load_parts
-    from .prior import ensure_class_images
+    from nbkit.models import offline
+    from nbkit.env import runtime
+    from nbkit.models.parts import load_parts
+    from nbkit.data.class_images import ensure_class_images
 
     rt = runtime.detect()
     model, why = runtime.choose_model(a.model, rt)
@@ -207,16 +208,16 @@ def build_config(args: argparse.Namespace) -> tuple[TrainConfig, str, set[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] and argv[0] in DELEGATED:  # python -m nbkit sweep ... = python -m nbkit.sweep ... (its own parser)
+    if argv[:1] and argv[0] in DELEGATED:  # python -m nbkit sweep ... = python -m nbkit.notebook.sweep ... (its own parser)
         return delegate(argv[0], argv[1:])
     args = _parser().parse_args(argv)
-    from . import tuning
+    from nbkit.memory import tuning
 
     if args.command == "presets":
         print(tuning.describe())
         return 0
-    from . import runtime
-    from .accel import world_size
+    from nbkit.env import runtime
+    from nbkit.training.accel import world_size
 
     cfg, preset, given = build_config(args)
     rt = runtime.detect()
@@ -231,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "plan":
         return 0 if tuned.plan.fits else 1
     tuned.config.validate()
-    from .train import train
+    from nbkit.training.loop import train
 
     result = train(tuned.config, progress=main_process)
     if main_process:

@@ -70,7 +70,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~20% slower
     cache_latents: bool = True  # encode the images once; the VAE then leaves the GPU
     optimizer_in_backward: bool = False  # step each parameter as its gradient is ready (no clipping/accumulation)
-    deepspeed_config: str = ""  # DeepSpeed JSON (ZeRO-2 CPU offload: nbkit.presets "8gb-deepspeed"); "" = none
+    deepspeed_config: str = ""  # DeepSpeed JSON (ZeRO-2 CPU offload: nbkit.training.presets "8gb-deepspeed"); "" = none
     # --- validation and output
     validation_prompts: list[str] = field(default_factory=list)  # sampled every validation_steps (fixed seeds)
     validation_steps: int = 100  # 0: no validation during training
@@ -167,7 +167,7 @@ class TrainConfig:
         if self.deepspeed_config:
             e += self._deepspeed_problems()
             if check_paths and not Path(self.deepspeed_config).is_file():
-                e.append(f"deepspeed_config {self.deepspeed_config!r} does not exist: use nbkit.presets."
+                e.append(f"deepspeed_config {self.deepspeed_config!r} does not exist: use nbkit.training.presets."
                          "deepspeed_config_path() (configs/deepspeed/zero2_offload.json) or leave it empty.")
         if check_paths:
             p = Path(self.instance_dir) if self.instance_dir else None

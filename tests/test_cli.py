@@ -10,7 +10,9 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from nbkit import ConfigError, accel, cli
+from nbkit import ConfigError
+from nbkit.training import accel
+from nbkit import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -114,7 +116,7 @@ def test_new_command_help_is_the_modules_own(name):
 
 
 def test_old_entry_points_still_work():
-    p = _nbkit("-m", "nbkit.pretrain", "--help")
+    p = _nbkit("-m", "nbkit.toy.pretrain", "--help")
     assert p.returncode == 0 and "--quick" in p.stdout, p.stderr[-2000:]
     p = _nbkit(str(ROOT / "tools" / "class_images.py"), "--help")
     assert p.returncode == 0 and "--prompt" in p.stdout and "class-images" in p.stdout, p.stderr[-2000:]

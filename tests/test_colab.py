@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from nbkit import colab, course, presets
-from nbkit.runtime import Runtime
+from nbkit.env import colab
+from nbkit.notebook import course
+from nbkit.training import presets
+from nbkit.env.runtime import Runtime
 
 T4 = Runtime("colab", "cuda", "Tesla T4", 1, 14.7, False)
 CPU = Runtime("local", "cpu", None, 0, 0.0, False)
@@ -72,7 +74,7 @@ def test_course_table_marks_fit_and_missing(tmp_path):
 
 
 def test_notebook_files_off_colab_stay_local(tmp_path, monkeypatch, capsys):
-    from nbkit.offline import SAMPLE_INSTANCE_DIR
+    from nbkit.models.offline import SAMPLE_INSTANCE_DIR
 
     monkeypatch.setattr(colab.runtime, "platform", lambda: "local")
     f = colab.notebook_files("01_dreambooth", False, tmp_path / "out")

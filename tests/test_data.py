@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from nbkit import DataError
-from nbkit.data import batch_indices, load_folder, read_image, scan, to_tensor
+from nbkit.data.images import batch_indices, load_folder, read_image, scan, to_tensor
 
 
 def img(path, mode="RGB", size=(96, 72), colour=(200, 10, 10), **save):

@@ -1,4 +1,4 @@
-"""nbkit.evaluate: the DreamBooth paper's metrics on tiny CLIP/DINO models built here (saved and loaded back with
+"""nbkit.scores.evaluate: the DreamBooth paper's metrics on tiny CLIP/DINO models built here (saved and loaded back with
 the real from_pretrained code), known answers that a wrong metric fails, and the toy judge's path."""
 
 import random
@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nbkit import evaluate, toyworld
-from nbkit.offline import OFFLINE_SPEC, SAMPLE_INSTANCE_DIR
+from nbkit.scores import evaluate
+from nbkit.toy import world as toyworld
+from nbkit.models.offline import OFFLINE_SPEC, SAMPLE_INSTANCE_DIR
 
 
 CAPTIONS = ["a photo of a red star", "a photo of a blue circle", "a photo of a green square",

@@ -1,4 +1,4 @@
-"""nbkit.export: every format reloads through diffusers and gives what the in-memory model gives."""
+"""nbkit.export.formats: every format reloads through diffusers and gives what the in-memory model gives."""
 
 import json
 import os
@@ -13,9 +13,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from _images import assert_same_picture, draw
-from nbkit import TrainConfig, export, generate, load_parts, pipeline, safeio, train
-from nbkit.offline import SAMPLE_INSTANCE_DIR
-from nbkit.takehome import pixel_difference
+from nbkit import TrainConfig, generate, load_parts, pipeline, train
+from nbkit.export import formats as export
+from nbkit import safeio
+from nbkit.models.offline import SAMPLE_INSTANCE_DIR
+from nbkit.export.takehome import pixel_difference
 
 
 PROMPT = "a photo of <zwx> on a green background"
@@ -284,11 +286,11 @@ def test_ti_errors_say_what_to_do(ti_run, parts, tmp_path):
         export.load_embedding(parts, anon)
 
 
-# ---------------------------------------------------------------------------------- take it home (nbkit.takehome)
+# ---------------------------------------------------------------------------------- take it home (nbkit.export.takehome)
 
 
 def test_take_home_dreambooth_writes_fp16_folder_and_single_file(parts, tmp_path, capsys):
-    from nbkit import takehome
+    from nbkit.export import takehome
 
     got = takehome.take_home(parts, tmp_path / "export", method="dreambooth", name="zwx", prompt=PROMPT, steps=2,
                              size=64)
@@ -302,7 +304,7 @@ def test_take_home_dreambooth_writes_fp16_folder_and_single_file(parts, tmp_path
 
 
 def test_take_home_lora_and_ti_reload_onto_the_base_model(lora_run, ti_run, ti_image, tmp_path):
-    from nbkit import takehome
+    from nbkit.export import takehome
 
     lora = takehome.take_home(lora_run, tmp_path / "lora", prompt="a star", seed=2, steps=2, size=64, dtype="fp32",
                               reference=draw(lora_run.pipeline(), "a star", seed=2))
@@ -317,7 +319,7 @@ def test_take_home_lora_and_ti_reload_onto_the_base_model(lora_run, ti_run, ti_i
 def test_take_home_reloads_in_fp16_as_on_a_gpu(ti_run, ti_image, parts, tmp_path, monkeypatch):
     """On a GPU every file is reloaded in fp16 (simulated here on the CPU): the embedding comes back rounded to
     fp16 and the pictures differ by rounding; both count as the same model."""
-    from nbkit import takehome
+    from nbkit.export import takehome
 
     monkeypatch.setattr(takehome, "_reload_dtype", lambda: torch.float16)
     vec = export.embedding(ti_run, "<zwx>")
@@ -329,7 +331,7 @@ def test_take_home_reloads_in_fp16_as_on_a_gpu(ti_run, ti_image, parts, tmp_path
 
 
 def test_vectors_note_allows_the_reload_precision_only():
-    from nbkit.takehome import vectors_note
+    from nbkit.export.takehome import vectors_note
 
     torch.manual_seed(0)
     vec = torch.randn(2, 32) * 0.02
@@ -345,7 +347,7 @@ def test_vectors_note_allows_the_reload_precision_only():
 
 
 def test_take_home_says_what_is_wrong(parts, tmp_path, monkeypatch):
-    from nbkit import takehome
+    from nbkit.export import takehome
 
     with pytest.raises(ValueError, match="unknown format.*single_file"):
         takehome.take_home(parts, tmp_path, ["ckpt"])
@@ -362,7 +364,8 @@ def test_take_home_says_what_is_wrong(parts, tmp_path, monkeypatch):
 
 
 def test_push_explains_when_it_cannot_upload_and_builds_the_card(ti_run, tmp_path, monkeypatch, capsys):
-    from nbkit import hub, takehome
+    from nbkit.export import hub
+    from nbkit.export import takehome
 
     got = takehome.take_home(ti_run, tmp_path / "ti", check=False)
     assert all(e.ok is None for e in got.values()) and "not reloaded" in takehome.report(got)

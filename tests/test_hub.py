@@ -7,7 +7,7 @@ import shutil
 import pytest
 import yaml
 
-from nbkit import hub
+from nbkit.export import hub
 
 
 def front_matter(card: str) -> dict:

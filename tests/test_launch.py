@@ -1,4 +1,4 @@
-"""nbkit.launch: the Accelerator's DDP options, DeepSpeed's refusals, and `launch.notebook` (new processes, any kernel)."""
+"""nbkit.training.launch: the Accelerator's DDP options, DeepSpeed's refusals, and `launch.notebook` (new processes, any kernel)."""
 
 import dataclasses
 import json
@@ -11,7 +11,12 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from nbkit import ConfigError, TrainConfig, TrainResult, accel, cli, launch, load_parts, manifest, presets
+from nbkit import ConfigError, TrainConfig, TrainResult, load_parts
+from nbkit.training import accel
+from nbkit import cli
+from nbkit.training import launch
+from nbkit.training import manifest
+from nbkit.training import presets
 
 
 def test_ddp_keeps_gradients_in_its_buckets(cfg, monkeypatch):

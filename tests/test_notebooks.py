@@ -59,7 +59,7 @@ def test_opens_on_a_gpu_runtime(path):
     assert meta.get("kernelspec", {}).get("name") == "python3"
 
 
-# The take-home files of each method (notebooks' "Take it home" section, nbkit.takehome), in OUTPUT_DIR/export.
+# The take-home files of each method (notebooks' "Take it home" section, nbkit.export.takehome), in OUTPUT_DIR/export.
 TAKE_HOME = {
     "dreambooth": ["export/model_index.json", "export/unet/diffusion_pytorch_model.safetensors",
                    "export/text_encoder/model.safetensors", "export/zwx_dreambooth.safetensors"],
@@ -127,7 +127,7 @@ def _check_text_encoder(out):
     import torch
     from safetensors.torch import load_file
 
-    from nbkit.offline import offline_model_dir
+    from nbkit.models.offline import offline_model_dir
 
     base = offline_model_dir()
     te, unet = "text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors"
@@ -225,8 +225,8 @@ def _curated_api_problems(source: str, allowed: set[str]) -> list[str]:
 def test_curated_api_check_catches_what_it_should():
     allowed = {"train"}
     assert _curated_api_problems("import nbkit as nb\nnb.train(cfg)", allowed) == []
-    bad = ["from nbkit import colab", "from nbkit.widgets import upload_box", "import nbkit", "import nbkit.export",
-           "nbkit.data.load_folder(x)", "nb.export.human_size(p)", "nb.hidden()", "x._repr_markdown_()", "_helper()"]
+    bad = ["from nbkit import colab", "from nbkit.notebook.widgets import upload_box", "import nbkit", "import nbkit.export.formats",
+           "nbkit.data.images.load_folder(x)", "nb.export.human_size(p)", "nb.hidden()", "x._repr_markdown_()", "_helper()"]
     for src in bad:
         assert _curated_api_problems(src, allowed), src
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nbkit import load_parts, train
-from nbkit.optim import InBackwardOptimizer, in_backward_active, make_optimizer
+from nbkit.training.optim import InBackwardOptimizer, in_backward_active, make_optimizer
 
 
 def _weights(parts):

@@ -7,8 +7,12 @@ import warnings
 import pytest
 import torch
 
-from nbkit import TrainConfig, actmodel, load_parts, memtrace, planner, sd15, train
-from nbkit.offline import OFFLINE_SPEC
+from nbkit import TrainConfig, load_parts, train
+from nbkit.memory import actmodel
+from nbkit.memory import memtrace
+from nbkit.memory import planner
+from nbkit.models import sd15
+from nbkit.models.offline import OFFLINE_SPEC
 
 GiB = 2**30
 SD15 = TrainConfig(model="sd15", mixed_precision="fp16")

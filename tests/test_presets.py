@@ -5,8 +5,10 @@ import json
 import pytest
 import yaml
 
-from nbkit import TrainConfig, presets, tuning
-from nbkit.runtime import Runtime
+from nbkit import TrainConfig
+from nbkit.training import presets
+from nbkit.memory import tuning
+from nbkit.env.runtime import Runtime
 
 T4 = Runtime("colab", "cuda", "Tesla T4", 1, 14.75, False)
 P100 = Runtime("kaggle", "cuda", "Tesla P100-PCIE-16GB", 1, 15.89, False)
@@ -131,7 +133,7 @@ def test_deepspeed_preset_rejects_the_text_encoder_and_mentions_host_ram():
 
 
 def test_deepspeed_and_accelerate_configs_parse_and_the_preset_points_at_them():
-    from nbkit.accel import load_deepspeed_config
+    from nbkit.training.accel import load_deepspeed_config
 
     ds = load_deepspeed_config(presets.deepspeed_config_path())
     z = ds["zero_optimization"]

@@ -1,6 +1,6 @@
-from nbkit import presets
-from nbkit import runtime
-from nbkit.runtime import Runtime
+from nbkit.training import presets
+from nbkit.env import runtime
+from nbkit.env.runtime import Runtime
 
 T4 = Runtime("colab", "cuda", "Tesla T4", 1, 15.0, False)
 A100 = Runtime("local", "cuda", "A100", 1, 40.0, True)
@@ -31,7 +31,8 @@ def test_one_precision_rule_for_runs_plans_and_presets():
 
     import pytest
 
-    from nbkit import planner, presets
+    from nbkit.memory import planner
+    from nbkit.training import presets
     from nbkit.config import TrainConfig
 
     want = {  # runtime -> what auto, no, fp16, bf16 become

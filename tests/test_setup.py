@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 
 import nbkit as nb
-from nbkit import offline, runtime
-from nbkit.setup import OFFLINE_BACKGROUNDS, is_offline_model
+from nbkit.models import offline
+from nbkit.env import runtime
+from nbkit.notebook.session import OFFLINE_BACKGROUNDS, is_offline_model
 
 GPU_HUB = runtime.Runtime("colab", "cuda", "Tesla T4", 1, 14.75, False)
 
@@ -74,7 +75,7 @@ def test_default_output_folder_and_gpu_sampling(monkeypatch, tmp_path):
 
 
 def test_checkpoints_in_drive_mount_only_on_colab(cpu, monkeypatch, tmp_path):
-    from nbkit import colab
+    from nbkit.env import colab
 
     mounted = []  # notebook_files asks too, with use_drive=False: count the True calls
     monkeypatch.setattr(colab, "mount_drive", lambda use=True, mountpoint=colab.DRIVE_MOUNTPOINT: mounted.append(use))

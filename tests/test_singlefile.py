@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from _images import assert_same_picture, draw
-from nbkit import singlefile as sf
-from nbkit.takehome import pixel_difference
+from nbkit.export import singlefile as sf
+from nbkit.export.takehome import pixel_difference
 
 # Keys and shapes of the original SD 1.5 checkpoint (v1-5-pruned-emaonly), a sample covering every renaming rule.
 _REFERENCE = json.loads((Path(__file__).parent / "data" / "sd15_original_keys.json").read_text())

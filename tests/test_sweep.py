@@ -1,4 +1,4 @@
-"""nbkit.sweep: a notebook over a grid with papermill, resumable, collected into a CSV and plots.
+"""nbkit.notebook.sweep: a notebook over a grid with papermill, resumable, collected into a CSV and plots.
 
 The runs execute tests/data/sweep_probe.ipynb (a real kernel per run): with TRAIN=False it writes made-up
 losses/metrics/images at once, with TRAIN=True it fine-tunes the offline model for a step or two.
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from nbkit import sweep
+from nbkit.notebook import sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBE = ROOT / "tests" / "data" / "sweep_probe.ipynb"
@@ -119,7 +119,7 @@ def test_sweep_of_real_training_on_the_offline_model(tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from nbkit.offline import offline_model_dir
+    from nbkit.models.offline import offline_model_dir
 
     report = sweep.run(spec(tmp_path, {"MAX_TRAIN_STEPS": [2]}, TRAIN=True, LEARNING_RATE=1e-3), progress=False)
     assert not report.failed and len(report.rows) == 1

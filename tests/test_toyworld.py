@@ -10,8 +10,10 @@ import time
 import numpy as np
 import pytest
 
-from nbkit import judge, load_parts, pipeline, toyworld
-from nbkit.offline import NEW_CONTEXTS, PRETRAINED_TOY, SAMPLE_BACKGROUNDS, offline_model_dir
+from nbkit import load_parts, pipeline
+from nbkit.toy import judge
+from nbkit.toy import world as toyworld
+from nbkit.models.offline import NEW_CONTEXTS, PRETRAINED_TOY, SAMPLE_BACKGROUNDS, offline_model_dir
 
 
 # The toy DreamBooth recipes the tests compare (measured in docs/findings.md): the sweet spot, the same run pushed
@@ -44,7 +46,7 @@ def test_varied_captions_always_name_the_shape_and_parse_back():
 
 
 def test_names_are_made_up_words_each_for_one_look_and_never_an_identifier():
-    from nbkit.offline import OFFLINE_SPEC
+    from nbkit.models.offline import OFFLINE_SPEC
     from transformers import CLIPTokenizer
 
     tok = CLIPTokenizer.from_pretrained(OFFLINE_SPEC / "tokenizer")
@@ -89,8 +91,8 @@ def test_parse_prompt_names_the_subject_and_background():
 
 
 def test_sample_instance_pictures_show_the_subject_on_few_backgrounds():
-    from nbkit.data import load_folder
-    from nbkit.offline import SAMPLE_INSTANCE_DIR
+    from nbkit.data.images import load_folder
+    from nbkit.models.offline import SAMPLE_INSTANCE_DIR
 
     images = [e.image for e in load_folder(SAMPLE_INSTANCE_DIR, 64)]
     assert 4 <= len(images) <= 6
@@ -110,7 +112,7 @@ def test_pretrained_toy_model_is_the_offline_default_and_small():
     assert not any(p.suffix in (".bin", ".pt", ".ckpt") for p in files)
     assert any((PRETRAINED_TOY / "tokenizer" / f).exists() for f in ("tokenizer.json", "vocab.json"))
     readme = (PRETRAINED_TOY / "README.md").read_text()
-    assert "python -m nbkit.pretrain" in readme and "seed" in readme
+    assert "python -m nbkit.toy.pretrain" in readme and "seed" in readme
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from safetensors.torch import load_file
 
 from nbkit import generate, load_parts, pipeline, train
-from nbkit.data import load_folder, to_tensor
+from nbkit.data.images import load_folder, to_tensor
 
 
 def snapshot(module):
