@@ -36,12 +36,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from nbkit.training import methods
-from nbkit.memory import planner
-from nbkit.models import sd15
-from nbkit.memory import tuning
 from nbkit.config import TrainConfig
 from nbkit.env.runtime import Runtime
+from nbkit.memory import planner, tuning
+from nbkit.models import sd15
+from nbkit.training import methods
 
 GiB = 2**30
 METHODS = {

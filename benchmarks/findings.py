@@ -28,8 +28,8 @@ import torch
 
 from nbkit import load_parts
 from nbkit.export import formats as export
-from nbkit.toy import judge
 from nbkit.models.offline import OFFLINE_BATCH_SIZE, offline_model_dir
+from nbkit.toy import judge
 
 from . import toy_results as tr
 

@@ -132,8 +132,8 @@ def build_model(folder: Path, smoke: bool) -> dict:
 
 def build_scorers(root: Path, smoke: bool, clip: str) -> tuple[Path, Path]:
     """CLIP and DINO ViT-S/16 from their configs with random weights, saved where from_pretrained reads them."""
-    from transformers import CLIPConfig, CLIPImageProcessor as CIP, CLIPModel, CLIPProcessor, ViTConfig, ViTModel
-    from transformers import ViTImageProcessor
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, ViTConfig, ViTImageProcessor, ViTModel
+    from transformers import CLIPImageProcessor as CIP
 
     from nbkit.models import sd15
 
@@ -207,14 +207,11 @@ def instrumented(rec: Recorder, seen: dict, fp32: bool):
     """Phases inside nbkit.train and take_home, by wrapping the functions they call; what the disk check expected
     and the tensors counted at the optimizer step land in `seen`. fp32: sampling without autocast (for an all-fp32
     pipeline on the rehearsed T4 sample._autocast picks fp16, unusably slow on this CPU)."""
-    from nbkit.training import checkpoint
-    from nbkit.training import guards
-    from nbkit.training import methods
-    from nbkit.training import optim
     from nbkit.data import class_images as prior
-    from nbkit.sample import sampling as sample
     from nbkit.export import takehome
+    from nbkit.sample import sampling as sample
     from nbkit.scores import tracking
+    from nbkit.training import checkpoint, guards, methods, optim
 
     def phase(label, after=None):  # label / after: a string, or a function of the call's arguments
         def make(f):
@@ -371,8 +368,8 @@ def _prepare(rec: Recorder, args, work: Path) -> tuple:
 
 def _train_and_export(rec: Recorder, cfg, parts, work: Path, seen: dict) -> list[dict]:
     from nbkit import train
-    from nbkit.scores import evaluate
     from nbkit.export.takehome import take_home
+    from nbkit.scores import evaluate
 
     with instrumented(rec, seen, cfg.mixed_precision == "no"):
         rec.switch("train: place weights, disk check")

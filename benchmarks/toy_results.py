@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 
 from nbkit import load_parts, pipeline
-from nbkit.toy import judge
-from nbkit.toy import world as toyworld
 from nbkit.config import TrainConfig
 from nbkit.models.offline import NEW_CONTEXTS, OFFLINE_BATCH_SIZE, SAMPLE_INSTANCE_DIR, offline_model_dir
 from nbkit.sample.sampling import generate
+from nbkit.toy import judge
+from nbkit.toy import world as toyworld
 from nbkit.training.loop import train
 
 ROOT = Path(__file__).resolve().parent.parent

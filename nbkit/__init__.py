@@ -17,33 +17,26 @@ Notebooks use the curated names below: `import nbkit as nb`, then `nb.setup(...)
 """
 
 from nbkit import data, env, export, memory, models, notebook, sample, scores, toy, training  # noqa: F401
-from nbkit.version import __version__
-from nbkit.training.checkpoint import ResumeError
+from nbkit.config import ConfigError, TrainConfig
+from nbkit.data.class_images import choose_class_images, ensure_class_images
+from nbkit.data.images import DataError, load_folder, thumbnail
 from nbkit.env.colab import hub_cache_on_drive, mount_drive
 from nbkit.env.colab import paths as course_paths
-from nbkit.sample.compare import embedding_shift, pixel_distance, scheduler_grid, side_by_side
-from nbkit.config import ConfigError, TrainConfig
+from nbkit.export.formats import expand_prompt, human_size, load_embedding, lora_kohya, lora_rank_alpha, max_weight_diff
+from nbkit.export.formats import snapshot as snapshot_weights
+from nbkit.export.hub import prefetch
+from nbkit.export.takehome import pixel_difference, take_home
+from nbkit.export.takehome import push as push_take_home
+from nbkit.export.takehome import report as take_home_report
+from nbkit.memory.budget import budget_table, sd15_on_meta, track_peak
+from nbkit.memory.budget import compare_settings as memory_budgets
+from nbkit.memory.tuning import preview, tune
+from nbkit.models.offline import offline_model_dir
+from nbkit.models.parts import ModelNotFound, SDParts, load_parts, pipeline
 from nbkit.notebook.course import NOTEBOOKS
 from nbkit.notebook.course import plot_memory as plot_course_memory
 from nbkit.notebook.course import table as course_table
-from nbkit.data.images import DataError, load_folder, thumbnail
-from nbkit.scores.evaluate import EvaluatorUnavailable
-from nbkit.scores.evaluate import for_run as evaluator_for_run
-from nbkit.export.formats import expand_prompt, human_size, load_embedding, lora_kohya, lora_rank_alpha, max_weight_diff
-from nbkit.export.formats import snapshot as snapshot_weights
-from nbkit.training.guards import DiskSpaceError, NotWritable, OutOfMemory
-from nbkit.export.hub import prefetch
-from nbkit.toy.judge import format_scores
-from nbkit.toy.judge import scores as judge_scores
-from nbkit.training.manifest import summary as manifest_summary
-from nbkit.memory.budget import budget_table, sd15_on_meta, track_peak
-from nbkit.memory.budget import compare_settings as memory_budgets
-from nbkit.models.parts import ModelNotFound, SDParts, load_parts, pipeline
-from nbkit.models.offline import offline_model_dir
 from nbkit.notebook.plots import image_rows, loss_curve, loss_terms, metric_curves
-from nbkit.memory.tuning import preview, tune
-from nbkit.data.class_images import choose_class_images, ensure_class_images
-from nbkit.sample.sampling import SCHEDULERS, generate, grid, save_images, set_scheduler, timed_generate
 from nbkit.notebook.session import Setup, setup
 from nbkit.notebook.sweep import collect as collect_sweep
 from nbkit.notebook.sweep import load_spec as load_sweep
@@ -53,13 +46,20 @@ from nbkit.notebook.sweep import plan as sweep_plan
 from nbkit.notebook.sweep import plot_final as plot_sweep
 from nbkit.notebook.sweep import run as run_sweep
 from nbkit.notebook.sweep import score as score_sweep
-from nbkit.export.takehome import pixel_difference, take_home
-from nbkit.export.takehome import push as push_take_home
-from nbkit.export.takehome import report as take_home_report
+from nbkit.notebook.widgets import prompt_playground, upload_box
+from nbkit.sample.compare import embedding_shift, pixel_distance, scheduler_grid, side_by_side
+from nbkit.sample.sampling import SCHEDULERS, generate, grid, save_images, set_scheduler, timed_generate
+from nbkit.scores.evaluate import EvaluatorUnavailable
+from nbkit.scores.evaluate import for_run as evaluator_for_run
 from nbkit.scores.tracking import read_metrics
 from nbkit.scores.tracking import table as metrics_table
+from nbkit.toy.judge import format_scores
+from nbkit.toy.judge import scores as judge_scores
+from nbkit.training.checkpoint import ResumeError
+from nbkit.training.guards import DiskSpaceError, NotWritable, OutOfMemory
 from nbkit.training.loop import TrainResult, train
-from nbkit.notebook.widgets import prompt_playground, upload_box
+from nbkit.training.manifest import summary as manifest_summary
+from nbkit.version import __version__
 
 __all__ = [
     # setting up a notebook
@@ -84,4 +84,5 @@ __all__ = [
     # errors
     "ConfigError", "DataError", "DiskSpaceError", "EvaluatorUnavailable", "ModelNotFound", "NotWritable",
     "OutOfMemory", "ResumeError",
+    "__version__",
 ]

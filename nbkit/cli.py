@@ -14,9 +14,8 @@
     python -m nbkit judge                                         # retrain the toy judge (nbkit.toy.judge)
     python -m nbkit offline                                       # remake the offline spec (nbkit.toy.spec)
 
-`python -m nbkit <command> --help` shows each command's own options. The older forms still work and run the same
-code: `python -m nbkit.toy.pretrain`, `python -m nbkit.toy.judge`, `python -m nbkit.toy.spec`, `python -m nbkit.notebook.sweep`,
-`python tools/class_images.py`.
+`python -m nbkit <command> --help` shows each command's own options. Each module also runs on its own
+(`python -m nbkit.toy.pretrain`, `python -m nbkit.notebook.sweep`, ...), and `python tools/class_images.py` still works.
 
 The config file (YAML or JSON) holds TrainConfig fields (and optionally `preset`); any field can also be given
 as a flag (`--max_train_steps 800 --train_text_encoder true`), flags winning over the file. Settings given
@@ -124,10 +123,10 @@ def class_images(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from nbkit.models import offline
-    from nbkit.env import runtime
-    from nbkit.models.parts import load_parts
     from nbkit.data.class_images import ensure_class_images
+    from nbkit.env import runtime
+    from nbkit.models import offline
+    from nbkit.models.parts import load_parts
 
     rt = runtime.detect()
     model, why = runtime.choose_model(a.model, rt)
@@ -208,7 +207,7 @@ def build_config(args: argparse.Namespace) -> tuple[TrainConfig, str, set[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] and argv[0] in DELEGATED:  # python -m nbkit sweep ... = python -m nbkit.notebook.sweep ... (its own parser)
+    if argv[:1] and argv[0] in DELEGATED:  # python -m nbkit sweep ... = python -m nbkit sweep ... (its own parser)
         return delegate(argv[0], argv[1:])
     args = _parser().parse_args(argv)
     from nbkit.memory import tuning

@@ -16,9 +16,18 @@ from safetensors.torch import load_file
 
 import nbkit.data.images
 from nbkit import load_parts, train
-from nbkit.training.checkpoint import INFO, Checkpoints, ResumeError, Resumable, check_compatible, is_complete, restore, step_of
-from nbkit.training.optim import InBackwardOptimizer
 from nbkit.safeio import save_tensors
+from nbkit.training.checkpoint import (
+    INFO,
+    Checkpoints,
+    Resumable,
+    ResumeError,
+    check_compatible,
+    is_complete,
+    restore,
+    step_of,
+)
+from nbkit.training.optim import InBackwardOptimizer
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,9 +10,8 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from nbkit import ConfigError
+from nbkit import ConfigError, cli
 from nbkit.training import accel
-from nbkit import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 

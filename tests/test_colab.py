@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from nbkit.env import colab
+from nbkit.env.runtime import Runtime
 from nbkit.notebook import course
 from nbkit.training import presets
-from nbkit.env.runtime import Runtime
 
 T4 = Runtime("colab", "cuda", "Tesla T4", 1, 14.7, False)
 CPU = Runtime("local", "cpu", None, 0, 0.0, False)

@@ -8,10 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from nbkit.models.offline import OFFLINE_SPEC, SAMPLE_INSTANCE_DIR
 from nbkit.scores import evaluate
 from nbkit.toy import world as toyworld
-from nbkit.models.offline import OFFLINE_SPEC, SAMPLE_INSTANCE_DIR
-
 
 CAPTIONS = ["a photo of a red star", "a photo of a blue circle", "a photo of a green square",
             "a photo of a yellow heart", "a photo of a purple ring", "a photo of a white triangle"]

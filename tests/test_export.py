@@ -8,17 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from _images import assert_same_picture, draw
 from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from _images import assert_same_picture, draw
-from nbkit import TrainConfig, generate, load_parts, pipeline, train
+from nbkit import TrainConfig, generate, load_parts, pipeline, safeio, train
 from nbkit.export import formats as export
-from nbkit import safeio
-from nbkit.models.offline import SAMPLE_INSTANCE_DIR
 from nbkit.export.takehome import pixel_difference
-
+from nbkit.models.offline import SAMPLE_INSTANCE_DIR
 
 PROMPT = "a photo of <zwx> on a green background"
 
@@ -364,8 +362,7 @@ def test_take_home_says_what_is_wrong(parts, tmp_path, monkeypatch):
 
 
 def test_push_explains_when_it_cannot_upload_and_builds_the_card(ti_run, tmp_path, monkeypatch, capsys):
-    from nbkit.export import hub
-    from nbkit.export import takehome
+    from nbkit.export import hub, takehome
 
     got = takehome.take_home(ti_run, tmp_path / "ti", check=False)
     assert all(e.ok is None for e in got.values()) and "not reloaded" in takehome.report(got)

@@ -13,10 +13,8 @@ import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
 
 from nbkit import generate, pipeline, train
-from nbkit.training import guards
-from nbkit.training import optim
+from nbkit.training import guards, optim
 from nbkit.training.checkpoint import Checkpoints
-
 
 
 def test_output_folder_with_a_file_in_the_way(cfg, tmp_path):

@@ -8,7 +8,6 @@ from nbkit.toy import judge
 from nbkit.toy import world as toyworld
 
 
-
 @pytest.fixture(scope="module")
 def held_out():
     """Scenes the judge never saw (another seed), rendered clean and degraded."""
@@ -31,7 +30,8 @@ def test_judge_is_accurate_on_held_out_scenes(held_out):
 def test_weights_are_small_safetensors_with_their_recipe():
     meta = __import__("json").loads((judge.JUDGE_DIR / "judge.json").read_text())
     assert (judge.JUDGE_DIR / "judge.safetensors").stat().st_size < 2_000_000
-    assert meta["command"].startswith("python -m nbkit.toy.judge") and min(meta["held_out_accuracy"].values()) >= 0.9
+    assert meta["command"].startswith(("python -m nbkit judge", "python -m nbkit.judge"))  # older: the module form
+    assert min(meta["held_out_accuracy"].values()) >= 0.9
 
 
 def test_subject_fidelity_and_drift_on_rendered_ground_truth():

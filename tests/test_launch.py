@@ -11,12 +11,8 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from nbkit import ConfigError, TrainConfig, TrainResult, load_parts
-from nbkit.training import accel
-from nbkit import cli
-from nbkit.training import launch
-from nbkit.training import manifest
-from nbkit.training import presets
+from nbkit import ConfigError, TrainConfig, TrainResult, cli, load_parts
+from nbkit.training import accel, launch, manifest, presets
 
 
 def test_ddp_keeps_gradients_in_its_buckets(cfg, monkeypatch):

@@ -8,9 +8,7 @@ import pytest
 import torch
 
 from nbkit import TrainConfig, load_parts, train
-from nbkit.memory import actmodel
-from nbkit.memory import memtrace
-from nbkit.memory import planner
+from nbkit.memory import actmodel, memtrace, planner
 from nbkit.models import sd15
 from nbkit.models.offline import OFFLINE_SPEC
 

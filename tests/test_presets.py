@@ -6,9 +6,9 @@ import pytest
 import yaml
 
 from nbkit import TrainConfig
-from nbkit.training import presets
-from nbkit.memory import tuning
 from nbkit.env.runtime import Runtime
+from nbkit.memory import tuning
+from nbkit.training import presets
 
 T4 = Runtime("colab", "cuda", "Tesla T4", 1, 14.75, False)
 P100 = Runtime("kaggle", "cuda", "Tesla P100-PCIE-16GB", 1, 15.89, False)

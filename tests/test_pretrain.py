@@ -28,7 +28,7 @@ def test_pretraining_writes_a_pipeline_the_kit_loads(finished):
     files = [p for p in finished.rglob("*") if p.is_file()]
     assert not any(p.suffix in (".bin", ".pt", ".ckpt", ".pkl") for p in files)
     assert json.loads((finished / "pretrain_config.json").read_text())["steps"] == TINY["steps"]
-    assert "python -m nbkit.toy.pretrain" in (finished / "README.md").read_text()
+    assert "python -m nbkit pretrain" in (finished / "README.md").read_text()
     image = generate(pipeline(load_parts(str(finished)), "ddim"), "a photo of a red star", seeds=[0], steps=2)[0]
     assert image.size == (64, 64)
 

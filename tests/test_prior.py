@@ -5,8 +5,8 @@ from PIL import Image
 
 from nbkit import train
 from nbkit.data import class_images as prior
-from nbkit.data.images import DataError
 from nbkit.data.class_images import choose_class_images, colab_drive_dir, default_class_dir, ensure_class_images
+from nbkit.data.images import DataError
 
 
 def test_default_class_dir_is_stable_readable_and_keyed_by_settings(tmp_path):

@@ -1,6 +1,6 @@
-from nbkit.training import presets
 from nbkit.env import runtime
 from nbkit.env.runtime import Runtime
+from nbkit.training import presets
 
 T4 = Runtime("colab", "cuda", "Tesla T4", 1, 15.0, False)
 A100 = Runtime("local", "cuda", "A100", 1, 40.0, True)
@@ -31,9 +31,9 @@ def test_one_precision_rule_for_runs_plans_and_presets():
 
     import pytest
 
+    from nbkit.config import TrainConfig
     from nbkit.memory import planner
     from nbkit.training import presets
-    from nbkit.config import TrainConfig
 
     want = {  # runtime -> what auto, no, fp16, bf16 become
         T4: ("fp16", "no", "fp16", "fp16"), A100: ("bf16", "no", "fp16", "bf16"), CPU: ("no", "no", "no", "bf16"),  # CPU autocast does bf16

@@ -66,8 +66,8 @@ def test_a_freshly_loaded_fp32_model_samples_in_the_gpus_half_precision(parts, m
     import torch
 
     from nbkit.env import runtime
-    from nbkit.sample import sampling as sample
     from nbkit.models.parts import pipeline as make_pipe
+    from nbkit.sample import sampling as sample
 
     pipe = make_pipe(parts, device=None)
     cpu = torch.device("cpu")

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 import nbkit as nb
-from nbkit.models import offline
 from nbkit.env import runtime
+from nbkit.models import offline
 from nbkit.notebook.session import OFFLINE_BACKGROUNDS, is_offline_model
 
 GPU_HUB = runtime.Runtime("colab", "cuda", "Tesla T4", 1, 14.75, False)

@@ -6,7 +6,6 @@ those lines on CPU kernels; benchmarks/gpu_check.py repeats the same checks on a
 """
 
 import pytest
-import torch
 
 from benchmarks import t4_path
 

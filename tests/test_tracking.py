@@ -13,9 +13,8 @@ matplotlib.use("Agg")
 
 import nbkit.data.images  # noqa: E402
 from nbkit import load_parts, train
-from nbkit.scores import evaluate
 from nbkit.notebook import plots
-from nbkit.scores import tracking
+from nbkit.scores import evaluate, tracking
 
 
 def rows(*scores):

@@ -144,8 +144,8 @@ def _simulate(spec, kind, batch, latent, checkpointing, half, grads, fake, half_
     import torch.nn.functional as F
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from nbkit.training import methods
     from nbkit.models import sd15
+    from nbkit.training import methods
 
     with FakeTensorMode() if fake else contextlib.nullcontext():
         # as the training loop places them: trained weights in fp32, frozen ones in half precision

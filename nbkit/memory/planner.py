@@ -28,10 +28,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nbkit.memory import actmodel
-from nbkit.env import runtime
-from nbkit.memory.actmodel import CALIBRATION_FILE, calibration_for
 from nbkit.config import TrainConfig
+from nbkit.env import runtime
+from nbkit.memory import actmodel
+from nbkit.memory.actmodel import CALIBRATION_FILE, calibration_for
 from nbkit.training.optim import BNB_MIN_8BIT_SIZE, adam_state_bytes, in_backward_active
 from nbkit.training.savers import Change, remedies
 from nbkit.units import GiB, MiB

@@ -10,10 +10,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nbkit.memory import planner
 from nbkit.config import TrainConfig
-from nbkit.training.presets import HOST_RAM_DEEPSPEED_GB, NAMES, accelerate_config_path, choose, settings
 from nbkit.env.runtime import GPUS, Runtime
+from nbkit.memory import planner
+from nbkit.training.presets import HOST_RAM_DEEPSPEED_GB, NAMES, accelerate_config_path, choose, settings
 
 
 @dataclass

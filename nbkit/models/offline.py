@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 
 # offline.DATA_DIR / offline.cache_dir: their old home, still importable
-from nbkit.paths import DATA_DIR, SAMPLE_INSTANCE_DIR, cache_dir
+from nbkit.paths import DATA_DIR, SAMPLE_INSTANCE_DIR, cache_dir  # noqa: F401 - importable from here too
 
 OFFLINE_SPEC = DATA_DIR / "offline-sd"  # configs + tokenizer, no weights
 PRETRAINED_TOY = DATA_DIR / "toy-sd"  # a pretrained toy model with weights, when it exists

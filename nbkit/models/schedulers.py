@@ -12,7 +12,6 @@ from diffusers import (
     PNDMScheduler,
 )
 
-
 SCHEDULERS = {
     "pndm": (PNDMScheduler, {}),  # SD's original default
     "ddim": (DDIMScheduler, {}),  # the course's pick for overfit models

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from nbkit.models.parts import SDParts
 from nbkit.models.offline import OFFLINE_SPEC
+from nbkit.models.parts import SDParts
 from nbkit.paths import DATA_DIR
 
 SPEC = DATA_DIR / "sd15-arch"

@@ -16,10 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from nbkit.env import colab
+from nbkit.env import colab, runtime
 from nbkit.models import offline
 from nbkit.training import presets
-from nbkit.env import runtime
 
 # Scenes for a subject on SD 1.5: ones its pictures never show, so what is learned is the subject, not a scene.
 SD_SCENES = ("a photo of {s} on the beach", "a photo of {s} in the snow", "a photo of {s} in a forest",

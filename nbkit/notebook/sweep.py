@@ -10,10 +10,10 @@ A sweep is a small YAML file:
       MAX_TRAIN_STEPS: [200, 400, 800]
     cleanup: [checkpoints]                      # optional: deleted from a run's folder once it finished
 
-    python -m nbkit.notebook.sweep configs/sweeps/objects_lr_steps.yaml            # run (finished runs are skipped)
-    python -m nbkit.notebook.sweep configs/sweeps/objects_lr_steps.yaml --dry-run  # list the runs and their status
-    python -m nbkit.notebook.sweep configs/sweeps/objects_lr_steps.yaml --set SMOKE=true --output /tmp/try
-    python -m nbkit.notebook.sweep collect outputs/sweeps/lr_steps                 # table and plots again, nothing run
+    python -m nbkit sweep configs/sweeps/objects_lr_steps.yaml            # run (finished runs are skipped)
+    python -m nbkit sweep configs/sweeps/objects_lr_steps.yaml --dry-run  # list the runs and their status
+    python -m nbkit sweep configs/sweeps/objects_lr_steps.yaml --set SMOKE=true --output /tmp/try
+    python -m nbkit sweep collect outputs/sweeps/lr_steps                 # table and plots again, nothing run
 
 Each run is one papermill execution with OUTPUT_DIR set to its own folder, named from its grid values
 (`LEARNING_RATE-2e-06__MAX_TRAIN_STEPS-400`), which holds the executed notebook, everything the notebook wrote
@@ -39,9 +39,23 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-# The grid spec and the results live in their own modules; every name stays importable from nbkit.notebook.sweep.
-from nbkit.notebook.sweep_results import _SKIP_DIRS, _json_files, _numbers, _read_rows, _run_folders, _steps_key, collect, final_columns, final_image, grid_keys, image_grid, markdown, plot_curves, plot_final, run_row, score
-from nbkit.notebook.sweep_spec import FAILED, INTERRUPTED, KIT_ROOT, OK, RESERVED, RUNNING, SPEC_KEYS, Run, Spec, SweepError, SweepFailed, _fmt, _Loader, _read_spec, _resolve_notebook, _spec_problems, _type_problem, check_parameters, load_spec, notebook_parameters, parse_value, run_name
+# the public names of the grid spec and the results, importable from here too (python -m nbkit sweep's module)
+from nbkit.notebook.sweep_results import collect, final_columns, markdown, plot_final, score  # noqa: F401
+from nbkit.notebook.sweep_spec import (  # noqa: F401
+    FAILED,
+    INTERRUPTED,
+    OK,
+    RESERVED,
+    RUNNING,
+    Run,
+    Spec,
+    SweepError,
+    SweepFailed,
+    load_spec,
+    notebook_parameters,
+    parse_value,
+    run_name,
+)
 
 
 # ---------------------------------------------------------------- one run
@@ -171,7 +185,7 @@ def run(spec: str | Path | dict | Spec, output: str | Path | None = None, overri
 
 # ---------------------------------------------------------------- command line
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m nbkit.notebook.sweep", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m nbkit sweep", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run the sweep (finished runs are skipped), then collect")
@@ -189,7 +203,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] not in ("run", "collect", "-h", "--help"):
-        argv.insert(0, "run")  # `python -m nbkit.notebook.sweep file.yaml` runs it
+        argv.insert(0, "run")  # `python -m nbkit sweep file.yaml` runs it
     args = _parser().parse_args(argv)
     try:
         if args.command == "collect":

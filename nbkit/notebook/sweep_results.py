@@ -14,7 +14,6 @@ from typing import Any, Callable
 
 from nbkit.notebook.sweep_spec import OK, SweepError, _fmt, load_spec
 
-
 # ---------------------------------------------------------------- collect
 _SKIP_DIRS = {"checkpoints", "model", "class_images"}
 

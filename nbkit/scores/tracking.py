@@ -29,8 +29,8 @@ from typing import Callable
 
 import torch
 
-from nbkit.scores import evaluate
 from nbkit.safeio import atomic_write, swap_folder
+from nbkit.scores import evaluate
 
 METRICS_FILE = "metrics.json"
 BEST_DIR = "best"

@@ -10,7 +10,7 @@ the three numbers the course talks about:
     import nbkit.toy.judge
     print(nbkit.toy.judge.scores(pipe, identifier="zwx", class_noun="star"))  # generates, judges, returns the three
 
-Train it again with `python -m nbkit.toy.judge` (a few minutes on a CPU; writes data/judge/). It is trained on rendered
+Train it again with `python -m nbkit judge` (a few minutes on a CPU; writes data/judge/). It is trained on rendered
 scenes only, blurred and tinted so that it also reads the imperfect pictures a diffusion model draws.
 It judges the toy world: on SD 1.5 pictures its numbers mean nothing (`scores` refuses other models).
 """
@@ -29,9 +29,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
-from nbkit.toy import world as toyworld
 from nbkit.models.offline import NEW_CONTEXTS, OFFLINE_RESOLUTION
 from nbkit.paths import DATA_DIR
+from nbkit.toy import world as toyworld
 
 JUDGE_DIR = DATA_DIR / "judge"
 HEADS = {
@@ -85,11 +85,11 @@ def load(folder: str | Path = JUDGE_DIR) -> Judge:
     if key not in _LOADED:
         path = folder / "judge.safetensors"
         if not path.exists():
-            raise FileNotFoundError(f"No judge weights at {path}. Train them with `python -m nbkit.toy.judge`.")
+            raise FileNotFoundError(f"No judge weights at {path}. Train them with `python -m nbkit judge`.")
         meta = json.loads((folder / "judge.json").read_text())
         if meta["heads"] != HEADS:
             raise ValueError(f"{path} was trained for other labels than this toy world has: retrain with "
-                             "`python -m nbkit.toy.judge`.")
+                             "`python -m nbkit judge`.")
         model = Judge(meta["width"])
         model.load_state_dict(load_file(path))
         _LOADED[key] = model.eval()
@@ -260,14 +260,14 @@ def train_judge(out: Path = JUDGE_DIR, n: int = 5000, steps: int = 1500, batch: 
     save_file({k: v.contiguous() for k, v in judge.state_dict().items()}, str(out / "judge.safetensors"))
     meta = dict(heads=HEADS, width=width, seed=seed, n=n, steps=steps, batch=batch, lr=lr, held_out_accuracy=acc,
                 seconds=round(time.perf_counter() - t0),
-                command=f"python -m nbkit.toy.judge --n {n} --steps {steps} --seed {seed}")
+                command=f"python -m nbkit judge --n {n} --steps {steps} --seed {seed}")
     (out / "judge.json").write_text(json.dumps(meta, indent=2) + "\n")
     _LOADED.pop(str(out.resolve()), None)
     return acc
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m nbkit.toy.judge", description="Train the toy judge; writes data/judge/.")
+    p = argparse.ArgumentParser(prog="python -m nbkit judge", description="Train the toy judge; writes data/judge/.")
     p.add_argument("--out", default=str(JUDGE_DIR))
     p.add_argument("--n", type=int, default=5000, help="rendered training scenes")
     p.add_argument("--steps", type=int, default=1500)

@@ -1,10 +1,10 @@
 """Pretrain the toy Stable Diffusion on the toy world: the offline model that actually knows something.
 
-    python -m nbkit.toy.pretrain                 # writes data/toy-sd/ (about an hour on 2 CPU cores)
-    python -m nbkit.toy.pretrain --quick         # a few minutes: checks the whole path, writes to the work folder
+    python -m nbkit pretrain                 # writes data/toy-sd/ (about an hour on 2 CPU cores)
+    python -m nbkit pretrain --quick         # a few minutes: checks the whole path, writes to the work folder
 
 Three stages, each checkpointed in a work folder (`--work`, default NBKIT_CACHE/pretrain-seed<seed>) so that a
-killed run resumes where it stopped (`python -m nbkit.toy.pretrain` again):
+killed run resumes where it stopped (`python -m nbkit pretrain` again):
 
 1. VAE (short): AutoencoderKL on 32x32 crops of rendered scenes, patterned ones included (the VAE must draw
    any subject later); its latent scaling factor is then measured (1 / std of the latents), as SD's was.
@@ -42,9 +42,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nbkit.toy import world as toyworld
 from nbkit.models.offline import OFFLINE_RESOLUTION, OFFLINE_SPEC, PRETRAINED_TOY, cache_dir
 from nbkit.safeio import load_tree, save_tree
+from nbkit.toy import world as toyworld
 
 
 @dataclass
@@ -324,7 +324,7 @@ def readme(cfg: PretrainConfig, seconds: float, mb: float) -> str:
     args = "".join(f" --{k.replace('_', '-')} {v}" for k, v in asdict(cfg).items() if v != getattr(PretrainConfig, k))
     return f"""# toy-sd: a tiny Stable Diffusion pretrained on the toy world
 
-Made by `python -m nbkit.pretrain{args}` (nbkit/pretrain.py), seed {cfg.seed}.
+Made by `python -m nbkit pretrain{args}` (nbkit/pretrain.py), seed {cfg.seed}.
 
 - Time: {seconds / 60:.1f} min on {platform.machine()} {platform.system()}, torch {torch.__version__},
   {torch.get_num_threads()} torch thread(s), on {_cpu_name()} (shared with other jobs when it was made).
@@ -399,7 +399,7 @@ def snapshot(work: Path, dest: Path, use_ema: bool = True) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m nbkit.toy.pretrain", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m nbkit pretrain", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=None, help=f"where the pipeline goes (default {PRETRAINED_TOY}; --quick: work folder)")
     p.add_argument("--work", default=None, help="checkpoints and logs (default NBKIT_CACHE/pretrain-seed<seed>)")
     p.add_argument("--quick", action="store_true", help="a few minutes, to check the path")

@@ -8,9 +8,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from nbkit.toy import world as toyworld
-from nbkit.models.offline import OFFLINE_RESOLUTION, OFFLINE_SPEC, SAMPLE_BACKGROUNDS, SCHEDULER, TEXT_ENCODER, UNET, VAE
+from nbkit.models.offline import (
+    OFFLINE_RESOLUTION,
+    OFFLINE_SPEC,
+    SAMPLE_BACKGROUNDS,
+    SCHEDULER,
+    TEXT_ENCODER,
+    UNET,
+    VAE,
+)
 from nbkit.paths import SAMPLE_INSTANCE_DIR
+from nbkit.toy import world as toyworld
 
 
 def build_tokenizer(words: list[str], dest: Path):
@@ -70,7 +78,7 @@ def write_spec(dest: Path = OFFLINE_SPEC) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m nbkit offline` (or `python -m nbkit.toy.spec`): remake the shipped spec and sample pictures."""
+    """`python -m nbkit offline` (or `python -m nbkit offline`): remake the shipped spec and sample pictures."""
     import argparse
 
     argparse.ArgumentParser(prog="python -m nbkit offline", description="Remake the offline model's spec "

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from nbkit.data import images as data
-from nbkit.training import methods
 from nbkit.config import TrainConfig
+from nbkit.data import images as data
 from nbkit.models.parts import SDParts
+from nbkit.training import methods
 
 
 @dataclass

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 from nbkit.config import TrainConfig
-from nbkit.training.optim import adam_state_bytes
 from nbkit.safeio import fsync_write, join_tree, load_sharded, save_sharded, save_tensors, split_tree, swap_folder
+from nbkit.training.optim import adam_state_bytes
 
 INFO = "checkpoint.json"
 FORMAT = 2  # 2: the optimizer state through safeio.split_tree (1: {"state", "param_groups"} only)

@@ -11,9 +11,9 @@ import os
 import shutil
 from pathlib import Path
 
-from nbkit.env import runtime
 from nbkit.config import TrainConfig
-from nbkit.errors import GENERATION_ADVICE, DiskSpaceError, NotWritable, OutOfMemory, is_oom, out_of_memory, release
+from nbkit.env import runtime
+from nbkit.errors import GENERATION_ADVICE, DiskSpaceError, NotWritable, OutOfMemory, is_oom, out_of_memory, release  # noqa: F401
 from nbkit.training.savers import remedies
 from nbkit.units import format_bytes
 
@@ -87,8 +87,8 @@ def run_disk_needs(cfg: TrainConfig, parts, method, existing_checkpoints: int, s
                    eight_bit_adam: bool) -> list[tuple[Path, int, str]]:
     """What this run will write, per folder: class images, checkpoints (with the one being written), the model
     (and the best model so far, when the run keeps it)."""
-    from nbkit.training import checkpoint
     from nbkit.data import images as data
+    from nbkit.training import checkpoint
 
     needs = []
     if cfg.with_prior_preservation:

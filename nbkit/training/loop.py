@@ -25,19 +25,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from nbkit.training import accel
-from nbkit.training import batches
-from nbkit.training import checkpoint
-from nbkit.training import guards
-from nbkit.training import manifest
-from nbkit.training import methods
-from nbkit.training import optim
-from nbkit.training import placement
-from nbkit.env import runtime
-from nbkit.scores import tracking
 from nbkit.config import TrainConfig
+from nbkit.env import runtime
 from nbkit.models.parts import SDParts, load_parts, pipeline
 from nbkit.sample.sampling import generate, grid
+from nbkit.scores import tracking
+from nbkit.training import accel, batches, checkpoint, guards, manifest, methods, optim, placement
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
 

@@ -30,8 +30,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from nbkit.config import TrainConfig
+from nbkit.env.runtime import GPUS, Runtime, resolve_precision  # noqa: F401 - importable from here too
 from nbkit.paths import CONFIGS_DIR
-from nbkit.env.runtime import GPUS, Runtime, resolve_precision
 
 NAMES = ("cpu", "8gb", "8gb-deepspeed", "12gb", "16gb", "24gb", "40gb")
 HOST_RAM_DEEPSPEED_GB = 25  # what the diffusers DreamBooth README measured for ZeRO-2 + CPU offload at 8 GB
