@@ -168,7 +168,8 @@ def run_reference(cfg: TrainConfig, smoke: bool, device: str, steps: int, warmup
     opt = make_optimizer(method.params, cfg, dev.type)
     scaler = torch.amp.GradScaler(dev.type, enabled=cfg.mixed_precision == "fp16")
     images = [e.image for e in data.load_folder(cfg.instance_dir, cfg.resolution)]
-    cls = [e.image for e in data.load_folder(cfg.class_dir, cfg.resolution, "class")] if cfg.with_prior_preservation else []
+    cls = ([e.image for e in data.load_folder(cfg.class_dir, cfg.resolution, "class")]
+           if cfg.with_prior_preservation else [])
     prompt = cfg.instance_prompt.replace(cfg.placeholder_token, " ".join(methods.ti_tokens(cfg)))
     sched = parts.noise_scheduler
     times = []
@@ -318,7 +319,8 @@ def main(argv: list[str] | None = None) -> dict:
                 continue
             p = planner.plan(cfg, model, gpu_gb=rt.gpu_memory_gb or None, device=rt.device, bf16=rt.bf16)
             settings = (f"{cfg.mixed_precision}, {'8-bit' if cfg.use_8bit_adam and cuda else 'AdamW'}"
-                        f"{', ckpt' if cfg.gradient_checkpointing else ''}{', in-backward' if cfg.optimizer_in_backward else ''}")
+                        f"{', ckpt' if cfg.gradient_checkpointing else ''}"
+                        f"{', in-backward' if cfg.optimizer_in_backward else ''}")
             print(f"== {mname} / {pname}: {settings}", flush=True)
             row = {"method": mname, "preset": pname if pname != "auto" else f"auto ({tuned.preset})",
                    "settings": settings, "planner_gib": p.allocated / GiB, "planner_fits": p.fits,
@@ -327,8 +329,9 @@ def main(argv: list[str] | None = None) -> dict:
                 row["reference"] = run_reference(cfg, smoke, device, steps, warmup)
             rows.append(row)
             print(table([row]).splitlines()[-1], flush=True)
-    result = {"date": dt.datetime.now().isoformat(timespec="seconds"), "gpu": gpu, "cap_gib": args.cap_gib if cuda else None,
-              "resolution": res, "steps": steps, "warmup": warmup, "smoke": smoke, "versions": _versions(), "rows": rows}
+    result = {"date": dt.datetime.now().isoformat(timespec="seconds"), "gpu": gpu,
+              "cap_gib": args.cap_gib if cuda else None, "resolution": res, "steps": steps, "warmup": warmup,
+              "smoke": smoke, "versions": _versions(), "rows": rows}
     md = (f"{result['date']} · GPU: {gpu}" + (f" capped at {args.cap_gib:g} GiB" if cuda else "") + f" · {res} px · "
           + " · ".join(f"{k} {v}" for k, v in result["versions"].items()) + "\n\n" + table(rows))
     print("\n" + md)

@@ -166,7 +166,8 @@ def train_config(args, work: Path, model_dir: Path, instance_dir: Path):
     from nbkit import TrainConfig
 
     return TrainConfig(
-        model=str(model_dir), instance_dir=str(instance_dir), output_dir=str(work / "run"), class_dir=str(work / "class"),
+        model=str(model_dir), instance_dir=str(instance_dir), output_dir=str(work / "run"),
+        class_dir=str(work / "class"),
         method="dreambooth", train_text_encoder=True, with_prior_preservation=True, instance_prompt=PROMPT,
         class_prompt=CLASS_PROMPT, num_class_images=1, class_batch_size=1, sample_steps=2, resolution=args.resolution,
         max_train_steps=1, eval_steps=1, eval_seeds=1, use_8bit_adam=True, gradient_checkpointing=True,
@@ -267,7 +268,8 @@ def _planner_terms(plan) -> dict[str, float]:
     terms = {"weights": 0.0, "optimizer state": 0.0, "gradients": 0.0, "activations": 0.0, "other": 0.0}
     for what, b in plan.rows:
         key = ("weights" if " weights" in what.split("(")[0] else "optimizer state" if what.startswith("optimizer")
-               else "gradients" if what.startswith("gradients") else "activations" if what.startswith("activ") else "other")
+               else "gradients" if what.startswith("gradients")
+               else "activations" if what.startswith("activ") else "other")
         terms[key] += b / GiB
     terms["peak allocated"] = plan.allocated / GiB
     return terms
@@ -325,12 +327,14 @@ def tables(r: dict) -> str:
                   "counted / measured here GiB |", "|---|---:|---:|---:|"]
     for k in ("weights", "optimizer state", "gradients", "activations", "other", "peak allocated"):
         lines.append(f"| {k} | {_f(c['t4'][k])} | {_f(c['same_precision'][k])} | {_f(c['measured'][k])} |")
-    lines += ["", f"RSS at the step's start {c['train_step_start_rss_gib']:.2f} GiB, peak {c['train_step_peak_rss_gib']:.2f}"
-                  f" GiB: activations = peak - start - gradients - optimizer state. VAE {c['vae_weights_gib']:.2f} GiB."]
+    lines += ["", f"RSS at the step's start {c['train_step_start_rss_gib']:.2f} GiB, peak "
+                  f"{c['train_step_peak_rss_gib']:.2f} GiB: activations = peak - start - gradients - optimizer "
+                  f"state. VAE {c['vae_weights_gib']:.2f} GiB."]
     lines += ["", "| disk check item | expected GB | written GB |", "|---|---:|---:|"]
     lines += [f"| {d['what']} | {d['expected_gb']:.3f} | {_f(d['written_gb'], '.3f')} |" for d in r.get("disk", [])]
     lines += ["", "| export | size | seconds | pixel diff mean / max | ok |", "|---|---:|---:|---:|---|"]
-    lines += [f"| {e['format']} | {e['size']} | {e['seconds']:.1f} | {_f(e['mean_pixel_diff'])} / {e['max_pixel_diff']} "
+    lines += [f"| {e['format']} | {e['size']} | {e['seconds']:.1f} | {_f(e['mean_pixel_diff'])} / "
+              f"{e['max_pixel_diff']} "
               f"| {e['ok']} |" for e in r.get("export", [])]
     return "\n".join(lines)
 

@@ -221,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg, preset, given = build_config(args)
     rt = runtime.detect()
     if args.command == "plan" and getattr(args, "gpu_gb", None):
-        rt = runtime.Runtime("local", "cuda", f"{args.gpu_gb:g} GiB GPU", 1, args.gpu_gb, bool(getattr(args, "bf16", False)))
+        rt = runtime.Runtime("local", "cuda", f"{args.gpu_gb:g} GiB GPU", 1, args.gpu_gb,
+                             bool(getattr(args, "bf16", False)))
     main_process = int(os.environ.get("RANK", "0")) == 0
     tuned = tuning.tune(cfg, preset, rt, num_processes=world_size(), keep=given)
     if main_process:

@@ -280,7 +280,8 @@ def split_tree(obj) -> tuple[dict[str, torch.Tensor], object]:
         if x is None or isinstance(x, (bool, int, float, str)):
             return x
         raise TypeError(f"{path or 'the top level'} holds a {type(x).__module__}.{type(x).__name__}, which cannot be "
-                        "saved without pickle: only tensors, numbers, strings, None and dicts/lists/tuples of them can.")
+                        "saved without pickle: only tensors, numbers, strings, None and dicts/lists/tuples of them "
+                        "can.")
 
     return tensors, walk(obj, "")
 

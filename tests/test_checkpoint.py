@@ -271,7 +271,8 @@ def test_format_1_checkpoints_still_restore(tmp_path):
     info = json.loads((path / INFO).read_text())
     sd = res.optimizer.state_dict()
     info["format"] = 1
-    info["optimizer"] = {"state": {str(i): {k: {"tensor": f"state/{i}/{k}"} for k in s} for i, s in sd["state"].items()},
+    info["optimizer"] = {"state": {str(i): {k: {"tensor": f"state/{i}/{k}"} for k in s}
+                                   for i, s in sd["state"].items()},
                          "param_groups": json.loads(json.dumps(sd["param_groups"]))}
     save_tensors({f"state/{i}/{k}": v for i, s in sd["state"].items() for k, v in s.items()},
                  path / info["optimizer_files"][0])

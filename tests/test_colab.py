@@ -41,7 +41,8 @@ def test_paths_local_and_on_drive(tmp_path, monkeypatch):
     assert not local.on_drive and local.class_dir == tmp_path / "course" / "class_images"
     assert not local.root.exists() and local.create().exports.is_dir()  # folders only made when asked
     drive = colab.paths(drive=tmp_path / "MyDrive")
-    assert drive.on_drive and drive.output("01_dreambooth") == tmp_path / "MyDrive" / "nbkit" / "outputs" / "01_dreambooth"
+    assert drive.on_drive and (drive.output("01_dreambooth")
+                               == tmp_path / "MyDrive" / "nbkit" / "outputs" / "01_dreambooth")
     assert "Google Drive" in drive.describe() and str(drive.instance_dir) in drive.describe()
 
 

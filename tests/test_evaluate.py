@@ -103,7 +103,8 @@ def test_metrics_equal_a_direct_computation_from_the_models_outputs(tiny, pictur
     vproc = ViTImageProcessor.from_pretrained(tiny.dino_dir)
     with torch.no_grad():
         cls = F.normalize(vit(**vproc(images=pictures, return_tensors="pt")).last_hidden_state[:, 0], dim=-1)
-    assert evaluate.dino(pictures[:2], pictures[2:], tiny.dino) == pytest.approx((cls[:2] @ cls[2:].T).mean().item(), abs=1e-5)
+    assert evaluate.dino(pictures[:2], pictures[2:], tiny.dino) == pytest.approx((cls[:2] @ cls[2:].T).mean().item(),
+                                                                                 abs=1e-5)
 
 
 def test_clip_t_prefers_matched_prompts_when_the_towers_agree(tiny):

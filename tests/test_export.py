@@ -102,7 +102,8 @@ def test_fp16_export_needs_no_second_copy_of_the_model(tmp_path, offline_dir, mo
     """The fp16 export of a ~170 MB model (in a fresh process) adds far less host memory than a copy of it: the
     file is streamed tensor by tensor (the old export held the fp32 file read back, its fp16 copy and the bytes)."""
     root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, str(root / "tests" / "_export_memory_worker.py"), mode, str(tmp_path)],
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
@@ -173,8 +174,10 @@ def test_lora_kohya_keys_alpha_and_reload_through_diffusers(lora_run, tmp_path):
     assert unet_keys and te_keys and len(unet_keys) + len(te_keys) == len(sd)
     assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_out_0.lora_down.weight" in sd
     downs = [k for k in sd if k.endswith(".lora_down.weight")]
-    assert len(downs) == len([k for k in sd if k.endswith(".lora_up.weight")]) == len([k for k in sd if k.endswith(".alpha")])
-    assert all(sd[k.replace(".lora_down.weight", ".alpha")].item() == 8.0 for k in downs)  # the trained alpha, not the rank
+    assert (len(downs) == len([k for k in sd if k.endswith(".lora_up.weight")])
+            == len([k for k in sd if k.endswith(".alpha")]))
+    # the trained alpha, not the rank
+    assert all(sd[k.replace(".lora_down.weight", ".alpha")].item() == 8.0 for k in downs)
     assert all(sd[k].shape[0] == 4 for k in downs)
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
@@ -284,7 +287,7 @@ def test_ti_errors_say_what_to_do(ti_run, parts, tmp_path):
         export.load_embedding(parts, anon)
 
 
-# ---------------------------------------------------------------------------------- take it home (nbkit.export.takehome)
+# ------------------------------------------------------------------------------ take it home (nbkit.export.takehome)
 
 
 def test_take_home_dreambooth_writes_fp16_folder_and_single_file(parts, tmp_path, capsys):
@@ -293,8 +296,10 @@ def test_take_home_dreambooth_writes_fp16_folder_and_single_file(parts, tmp_path
     got = takehome.take_home(parts, tmp_path / "export", method="dreambooth", name="zwx", prompt=PROMPT, steps=2,
                              size=64)
     assert list(got) == ["diffusers", "single_file"]
-    assert (tmp_path / "export" / "model_index.json").exists() and got["single_file"].path.name == "zwx_dreambooth.safetensors"
-    assert {v.dtype for v in load_file(tmp_path / "export" / "unet" / "diffusion_pytorch_model.safetensors").values()} == {torch.float16}
+    assert ((tmp_path / "export" / "model_index.json").exists()
+            and got["single_file"].path.name == "zwx_dreambooth.safetensors")
+    assert {v.dtype for v in load_file(tmp_path / "export" / "unet"
+                                       / "diffusion_pytorch_model.safetensors").values()} == {torch.float16}
     assert all(e.ok and e.mean_pixel_diff <= 1.0 for e in got.values()), got  # reloaded: fp16 rounding only
     text = takehome.report(got)
     assert text.count("same picture") == 2 and "export/" in text and "AUTOMATIC1111" in text

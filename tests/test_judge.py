@@ -54,7 +54,8 @@ def test_prompt_fidelity_reads_the_prompt():
     assert judge.prompt_fidelity([img], "a photo of a blue triangle on a green background") == 0.0
     assert judge.prompt_fidelity([img], "a photo of a red circle", ("colour",)) == 1.0
     subject = toyworld.subject_scene("zwx", rng, "purple").render(64)
-    assert judge.prompt_fidelity([subject], "a photo of a zwx star on a purple background", ("shape", "background")) == 1.0
+    assert judge.prompt_fidelity([subject], "a photo of a zwx star on a purple background",
+                                 ("shape", "background")) == 1.0
 
 
 def test_scores_from_images_already_drawn():

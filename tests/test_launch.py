@@ -1,4 +1,5 @@
-"""nbkit.training.launch: the Accelerator's DDP options, DeepSpeed's refusals, and `launch.notebook` (new processes, any kernel)."""
+"""nbkit.training.launch: the Accelerator's DDP options, DeepSpeed's refusals, and `launch.notebook` (new processes,
+any kernel)."""
 
 import dataclasses
 import json

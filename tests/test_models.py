@@ -78,4 +78,5 @@ def test_no_network_and_no_such_model_are_told_apart(monkeypatch):
     monkeypatch.setattr(CLIPTokenizer, "from_pretrained", missing)
     with pytest.raises(ModelNotFound) as e:
         load_parts("nobody/no-such-model")
-    assert "no such model" in str(e.value) and "check the spelling" in str(e.value) and "MODEL='offline'" in str(e.value)
+    assert ("no such model" in str(e.value) and "check the spelling" in str(e.value)
+            and "MODEL='offline'" in str(e.value))

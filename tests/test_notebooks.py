@@ -82,7 +82,8 @@ EXPECTED = {
     "06_lora": ["lora/model/pytorch_lora_weights.safetensors", "lora/losses.json", "lora/validation/step_00002.png",
                 "zwx_lora.safetensors", "scales.png", "samples/after_000.png", "samples/before_000.png",
                 "dreambooth/model/model_index.json"],
-    "02_prior_preservation": ["class_images/a_photo_of_a_star-*/class_0000[0-3].png", "without_prior/model/model_index.json",
+    "02_prior_preservation": ["class_images/a_photo_of_a_star-*/class_0000[0-3].png",
+                              "without_prior/model/model_index.json",
                               "with_prior/model/unet/diffusion_pytorch_model.safetensors", "with_prior/losses.json",
                               "comparison_instance.png", "comparison_class.png", "drift.json"],
     "03_schedulers": ["run/model/model_index.json", "scheduler_grid.png", "scheduler_grid.json",
@@ -173,7 +174,8 @@ def check_take_home(out, text):
     assert text.count("reloaded: same picture") >= 2 and "DIFFERENT" not in text
 
 
-CHECKS = {"02_prior_preservation": _check_prior, "07_finding_the_sweet_spot": _check_sweep, "03_schedulers": _check_grid, "04_text_encoder": _check_text_encoder}
+CHECKS = {"02_prior_preservation": _check_prior, "07_finding_the_sweet_spot": _check_sweep,
+          "03_schedulers": _check_grid, "04_text_encoder": _check_text_encoder}
 
 
 def images_shown(nb):
@@ -225,8 +227,9 @@ def _curated_api_problems(source: str, allowed: set[str]) -> list[str]:
 def test_curated_api_check_catches_what_it_should():
     allowed = {"train"}
     assert _curated_api_problems("import nbkit as nb\nnb.train(cfg)", allowed) == []
-    bad = ["from nbkit import colab", "from nbkit.notebook.widgets import upload_box", "import nbkit", "import nbkit.export.formats",
-           "nbkit.data.images.load_folder(x)", "nb.export.human_size(p)", "nb.hidden()", "x._repr_markdown_()", "_helper()"]
+    bad = ["from nbkit import colab", "from nbkit.notebook.widgets import upload_box", "import nbkit",
+           "import nbkit.export.formats", "nbkit.data.images.load_folder(x)", "nb.export.human_size(p)", "nb.hidden()",
+           "x._repr_markdown_()", "_helper()"]
     for src in bad:
         assert _curated_api_problems(src, allowed), src
 

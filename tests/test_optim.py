@@ -99,7 +99,8 @@ def test_fp16_loss_scale_is_undone_and_overflow_handled():
 def test_fallbacks_are_explained(cfg, capsys):
     ok, why = in_backward_active(cfg.replace(optimizer_in_backward=True))
     assert not ok and "max_grad_norm=1.0" in why
-    ok, why = in_backward_active(cfg.replace(optimizer_in_backward=True, max_grad_norm=0.0, gradient_accumulation_steps=2))
+    ok, why = in_backward_active(cfg.replace(optimizer_in_backward=True, max_grad_norm=0.0,
+                                             gradient_accumulation_steps=2))
     assert not ok and "gradient_accumulation_steps=2" in why
     ok, why = in_backward_active(cfg.replace(optimizer_in_backward=True, max_grad_norm=0.0), num_processes=2)
     assert not ok and "2 processes" in why

@@ -1,5 +1,6 @@
-"""nbkit.toy.pretrain on a tiny budget: the whole path writes a loadable pipeline, a killed run resumes to the same weights,
-and the learning rate follows its warm-up, stable and cool-down phases (the shipped model: data/toy-sd/README.md)."""
+"""nbkit.toy.pretrain on a tiny budget: the whole path writes a loadable pipeline, a killed run resumes to the same
+weights, and the learning rate follows its warm-up, stable and cool-down phases (the shipped model:
+data/toy-sd/README.md)."""
 
 import json
 

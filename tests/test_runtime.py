@@ -36,7 +36,8 @@ def test_one_precision_rule_for_runs_plans_and_presets():
     from nbkit.training import presets
 
     want = {  # runtime -> what auto, no, fp16, bf16 become
-        T4: ("fp16", "no", "fp16", "fp16"), A100: ("bf16", "no", "fp16", "bf16"), CPU: ("no", "no", "no", "bf16"),  # CPU autocast does bf16
+        T4: ("fp16", "no", "fp16", "fp16"), A100: ("bf16", "no", "fp16", "bf16"),
+        CPU: ("no", "no", "no", "bf16"),  # CPU autocast does bf16
         runtime.T4_REHEARSAL: ("fp16", "no", "fp16", "fp16"),
     }
     for rt, got in want.items():

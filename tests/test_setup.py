@@ -52,7 +52,8 @@ def test_smoke_values(cpu, tmp_path):
     smoke = nb.setup("06_lora", output_dir=tmp_path / "a", smoke=True)
     real = nb.setup("06_lora", output_dir=tmp_path / "b")
     assert smoke.is_smoke and not real.is_smoke
-    assert smoke.smoke((4, 2, 3), (400, 100, 50)) == (4, 2, 3) and real.smoke((4, 2, 3), (400, 100, 50)) == (400, 100, 50)
+    assert (smoke.smoke((4, 2, 3), (400, 100, 50)) == (4, 2, 3)
+            and real.smoke((4, 2, 3), (400, 100, 50)) == (400, 100, 50))
 
 
 def test_offline_contexts_are_plain_backgrounds(cpu, tmp_path):

@@ -153,9 +153,11 @@ def _write_yaml(tmp_path, data) -> Path:
     (f"notebook: {PROBE}\noutput: o\ngrid: {{OUTPUT_DIR: [a, b]}}\n", "set by the sweep"),
     (f"notebook: {PROBE}\noutput: o\ngrids: {{FAIL: [true]}}\n", "unknown keys ['grids']"),
     ("notebook: notebooks/nope.ipynb\noutput: o\ngrid: {A: [1]}\n", "not found"),
-    (f"notebook: {PROBE}\noutput: o\ngrid: {{LEARNIN_RATE: [1e-4], MAX_TRAIN_STEPS: [2]}}\n", "has no parameter LEARNIN_RATE"),
+    (f"notebook: {PROBE}\noutput: o\ngrid: {{LEARNIN_RATE: [1e-4], MAX_TRAIN_STEPS: [2]}}\n",
+     "has no parameter LEARNIN_RATE"),
     (f"notebook: {PROBE}\noutput: o\ngrid: {{MAX_TRAIN_STEPS: [2.5]}}\n", "expected a whole number"),
-    (f"notebook: {PROBE}\noutput: o\nfixed: {{TRAIN: yes please}}\ngrid: {{MAX_TRAIN_STEPS: [2]}}\n", "expected true or false"),
+    (f"notebook: {PROBE}\noutput: o\nfixed: {{TRAIN: yes please}}\ngrid: {{MAX_TRAIN_STEPS: [2]}}\n",
+     "expected true or false"),
 ])
 def test_bad_sweep_files_are_refused_before_anything_runs(tmp_path, text, message, counted):
     p = tmp_path / "bad.yaml"
@@ -196,7 +198,8 @@ def test_cli_dry_run_and_collect(tmp_path, counted, capsys):
     assert counted.calls == [] and not (tmp_path / "sweep" / "runs").exists()
     from nbkit import cli
 
-    assert cli.main(["sweep", str(p), "--dry-run"]) == 0 and "2 to run" in capsys.readouterr().out  # python -m nbkit sweep
+    # python -m nbkit sweep
+    assert cli.main(["sweep", str(p), "--dry-run"]) == 0 and "2 to run" in capsys.readouterr().out
     assert sweep.main(["run", str(p), "--set", "MAX_TRAIN_STEPS=3"]) == 0
     assert len(counted.calls) == 2
     (tmp_path / "sweep" / "results.csv").unlink()
@@ -230,7 +233,8 @@ def test_collect_reads_nested_runs_failures_and_after_the_fact_scores(tmp_path):
         if status == "failed":
             continue
         for sub in ("without_prior", "with_prior"):
-            log = [{"step": s, "loss": lr * 1e5 / s, "lr": lr, **({"instance": 0.1, "prior": 0.2} if sub == "with_prior" else {})}
+            log = [{"step": s, "loss": lr * 1e5 / s, "lr": lr,
+                    **({"instance": 0.1, "prior": 0.2} if sub == "with_prior" else {})}
                    for s in (1, 2, 3)]
             (run_dir / sub / "validation").mkdir(parents=True)
             (run_dir / sub / "losses.json").write_text(json.dumps(log))
@@ -244,7 +248,8 @@ def test_collect_reads_nested_runs_failures_and_after_the_fact_scores(tmp_path):
     assert (out / "images.png").exists() and (out / "curves.png").exists()
 
     seen = []
-    assert sweep.score(out, lambda run_dir, params: seen.append(params) or {"subject_fidelity": params["LEARNING_RATE"] * 1e5}) == 2
+    assert sweep.score(out, lambda run_dir, params: seen.append(params)
+                       or {"subject_fidelity": params["LEARNING_RATE"] * 1e5}) == 2
     assert sweep.score(out, lambda run_dir, params: 1 / 0) == 0, "runs measured before are not measured again"
     rows = sweep.collect(out, plots=False)
     assert [r.get("subject_fidelity") for r in rows] == [pytest.approx(0.1), pytest.approx(0.2), None]

@@ -1,4 +1,5 @@
-"""The toy world and the pretrained toy model: the course's findings, measured (with margins; the figures: docs/findings.md).
+"""The toy world and the pretrained toy model: the course's findings, measured (with margins; the figures:
+docs/findings.md).
 
 The model-level tests share one base model and four short fine-tunes (module-scoped fixtures) and draw few
 pictures with few steps, so that the file stays around two minutes on 2 CPU cores.

@@ -1,4 +1,5 @@
-"""Scores while training (nbkit.scores.tracking in the one loop): metrics.json, the best model, the overfit warning, resume."""
+"""Scores while training (nbkit.scores.tracking in the one loop): metrics.json, the best model, the overfit warning,
+resume."""
 
 import json
 import math
@@ -40,7 +41,8 @@ def test_overfit_fires_after_a_fall_from_the_peak_and_not_on_a_rise():
     noisy = rows((0, 1), zero, zero, one, zero, zero, one, zero, zero, three, zero)
     assert tracking.overfit(noisy) is None and tracking.best_row(noisy)["step"] == 18
     # step 0 (the untrained model) is a baseline, never the best or the peak
-    assert tracking.best_row(rows((0.9, 0.9))) is None and tracking.overfit(rows((0.9, 0.9), (0.1, 0.1), (0.1, 0.1))) is None
+    assert (tracking.best_row(rows((0.9, 0.9))) is None
+            and tracking.overfit(rows((0.9, 0.9), (0.1, 0.1), (0.1, 0.1))) is None)
 
 
 def test_eval_settings_are_checked(cfg):
@@ -164,8 +166,10 @@ def test_table_lists_every_scored_step_and_marks_the_best():
     from nbkit.scores.tracking import table
 
     rows = [dict(step=0, subject_fidelity=0.0, prompt_fidelity=0.9, class_drift=0.0, tradeoff=0.0, scorer="toy judge"),
-            dict(step=100, subject_fidelity=0.8, prompt_fidelity=0.7, class_drift=0.2, tradeoff=0.75, scorer="toy judge"),
-            dict(step=200, subject_fidelity=0.9, prompt_fidelity=0.3, class_drift=0.5, tradeoff=0.45, scorer="toy judge")]
+            dict(step=100, subject_fidelity=0.8, prompt_fidelity=0.7, class_drift=0.2, tradeoff=0.75,
+                 scorer="toy judge"),
+            dict(step=200, subject_fidelity=0.9, prompt_fidelity=0.3, class_drift=0.5, tradeoff=0.45,
+                 scorer="toy judge")]
     lines = table(rows).splitlines()
     assert len(lines) == 1 + 3 + 1 and "toy judge" in lines[-1]
     assert lines[2].startswith("   100") and lines[2].endswith("<- best")

@@ -65,7 +65,8 @@ def read_image(path: str | Path) -> Image.Image:
         raise DataError(f"{path.name}: too large to read safely ({err}). Resize it to a few thousand pixels a side "
                         "(training crops it to the training resolution anyway) or remove it.") from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"{path.name}: cannot be read as an image ({err}). Re-export it as JPEG/PNG or remove it.") from err
+        raise DataError(f"{path.name}: cannot be read as an image ({err}). Re-export it as JPEG/PNG or "
+                        "remove it.") from err
 
 
 def scan(folder: str | Path, what: str = "instance") -> tuple[list[Path], list[str]]:
@@ -79,7 +80,8 @@ def scan(folder: str | Path, what: str = "instance") -> tuple[list[Path], list[s
             continue
         if p.suffix.lower() in IMAGE_SUFFIXES:
             images.append(p)
-        elif p.suffix.lower() == ".txt" and any(p.with_suffix(s).exists() for s in IMAGE_SUFFIXES | {s.upper() for s in IMAGE_SUFFIXES}):
+        elif p.suffix.lower() == ".txt" and any(p.with_suffix(s).exists()
+                                                for s in IMAGE_SUFFIXES | {s.upper() for s in IMAGE_SUFFIXES}):
             continue  # a caption
         else:
             problems.append(f"{p.relative_to(folder)}: not an image (expected {', '.join(sorted(IMAGE_SUFFIXES))})")

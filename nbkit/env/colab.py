@@ -163,8 +163,8 @@ def _host_ram_gb() -> float:
 
 def check_runtime(rt: runtime.Runtime | None = None, hub: bool | None = None, preset: str | None = None) -> str:
     """A readable summary of this runtime: where, which GPU and how much memory, the memory preset the notebooks
-    will use (`preset`, in words: nbkit.training.presets.describe_settings), host RAM and disk, whether the model hub answers; and
-    what to do when something is missing."""
+    will use (`preset`, in words: nbkit.training.presets.describe_settings), host RAM and disk, whether the model hub
+    answers; and what to do when something is missing."""
     rt = rt or runtime.detect()
     hub = runtime.hub_reachable() if hub is None else hub
     where = {"colab": "Google Colab", "kaggle": "Kaggle", "local": "this machine"}[rt.platform]

@@ -35,7 +35,8 @@ class Runtime:
 
     def describe(self) -> str:
         if self.device == "cuda":
-            gpus = f"{self.gpu_count}x {self.gpu_name}, {self.gpu_memory_gb:.1f} GB each, {'bf16' if self.bf16 else 'fp16 only'}"
+            gpus = (f"{self.gpu_count}x {self.gpu_name}, {self.gpu_memory_gb:.1f} GB each, "
+                    f"{'bf16' if self.bf16 else 'fp16 only'}")
         else:
             gpus = f"no GPU ({self.device})"
         if self.rehearsal:
@@ -125,7 +126,8 @@ def _nvidia_smi() -> tuple[str, float, bool] | None:
     import subprocess
 
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,compute_cap", "--format=csv,noheader,nounits"],
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,compute_cap",
+                              "--format=csv,noheader,nounits"],
                              capture_output=True, text=True, timeout=10, check=True).stdout.splitlines()[0]
         name, mib, cap = (x.strip() for x in out.split(","))
         major, _, minor = cap.partition(".")

@@ -6,10 +6,12 @@
   AUTOMATIC1111, ComfyUI, SD.Next and InvokeAI load: `lora_kohya`.
 - **Textual inversion**: the diffusers file (`learned_embeds.safetensors`, `{token: vectors}`): `ti_diffusers`;
   and the AUTOMATIC1111/ComfyUI embedding (`name.safetensors` holding `emb_params`): `ti_a1111`.
-  `read_embedding` reads those and the classic A1111 `.pt` layout (`{"string_to_param": {"*": vectors}}`); `load_embedding` puts one into a model (diffusers' own `load_textual_inversion`).
+  `read_embedding` reads those and the classic A1111 `.pt` layout (`{"string_to_param": {"*": vectors}}`);
+  `load_embedding` puts one into a model (diffusers' own `load_textual_inversion`).
 
 The libraries' converters do the key mapping (peft's `get_peft_model_state_dict`, diffusers'
-`convert_state_dict_to_diffusers/_peft/_kohya`). Everything is written as safetensors; anything pickled is read with `torch.load(weights_only=True)`.
+`convert_state_dict_to_diffusers/_peft/_kohya`). Everything is written as safetensors; anything pickled is read
+with `torch.load(weights_only=True)`.
 Each writer takes the trained model as `SDParts`, a `TrainResult` or a pipeline, and returns the path it wrote.
 """
 
@@ -54,7 +56,8 @@ def _parts(model):
     """SDParts, a TrainResult (its .parts) or a pipeline: anything with unet, text_encoder and tokenizer."""
     model = getattr(model, "parts", model)
     if not all(hasattr(model, a) for a in ("unet", "text_encoder", "tokenizer")):
-        raise ExportError(f"expected the trained model (SDParts, TrainResult or a pipeline), got {type(model).__name__}.")
+        raise ExportError(f"expected the trained model (SDParts, TrainResult or a pipeline), got "
+                          f"{type(model).__name__}.")
     return model
 
 
@@ -127,7 +130,8 @@ def _te_canonical(sd: dict[str, torch.Tensor], text_encoder: torch.nn.Module) ->
 
 
 def lora_state_dicts(model, adapter: str | None = None) -> dict[str, dict[str, torch.Tensor]]:
-    """The adapters' weights in peft's layout (`...to_q.lora_A.weight`), per part: {"unet": ..., "text_encoder": ...}."""
+    """The adapters' weights in peft's layout (`...to_q.lora_A.weight`), per part:
+    {"unet": ..., "text_encoder": ...}."""
     from peft.utils import get_peft_model_state_dict
 
     out = {}
@@ -153,7 +157,8 @@ def lora_diffusers(model, out: str | Path, dtype: str = "fp32", adapter: str | N
     torch_dtype = _dtype(dtype)
     mods = _lora_modules(model)
     sds = lora_state_dicts(model, adapter)
-    layers = {n: {k: v.detach().to("cpu", torch_dtype).contiguous() for k, v in convert_state_dict_to_diffusers(sd).items()}
+    layers = {n: {k: v.detach().to("cpu", torch_dtype).contiguous()
+                  for k, v in convert_state_dict_to_diffusers(sd).items()}
               for n, sd in sds.items()}
     meta = {n: mods[n].peft_config[_adapter(mods[n], adapter)].to_dict() for n in mods}
     out = Path(out)

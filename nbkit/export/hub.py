@@ -10,7 +10,8 @@ import json
 import time
 from pathlib import Path
 
-# What nbkit.models.parts.load_parts reads from a Stable Diffusion repo (not the 4-8 GB .ckpt files, EMA or fp16 copies).
+# What nbkit.models.parts.load_parts reads from a Stable Diffusion repo (not the 4-8 GB .ckpt files, EMA or fp16
+# copies).
 SD_FILES = [
     "model_index.json", "scheduler/scheduler_config.json", "tokenizer/*", "text_encoder/config.json",
     "text_encoder/model.safetensors", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
@@ -73,7 +74,8 @@ def model_card(*, instance_prompt: str, base_model: str, method: str = "dreamboo
     settings.setdefault("method", method)
     data = ModelCardData(
         license="creativeml-openrail-m", base_model=base_model, library_name="diffusers", pipeline_tag="text-to-image",
-        tags=["text-to-image", "stable-diffusion", "diffusers", "nbkit", *TAGS[method]], instance_prompt=instance_prompt,
+        tags=["text-to-image", "stable-diffusion", "diffusers", "nbkit", *TAGS[method]],
+        instance_prompt=instance_prompt,
         widget=[{"text": instance_prompt, "output": {"url": sample_grid}}] if sample_grid else None,
     )
     kind = {"dreambooth": "a DreamBooth fine-tune", "lora": "LoRA adapters", "textual_inversion":

@@ -29,7 +29,8 @@ OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x: OpenCLIP ViT-H/14
 UNET_RESNET = [("norm1.", "in_layers.0."), ("conv1.", "in_layers.2."), ("norm2.", "out_layers.0."),
                ("conv2.", "out_layers.3."), ("time_emb_proj.", "emb_layers.1."), ("conv_shortcut.", "skip_connection.")]
 VAE_RESNET = [("conv_shortcut.", "nin_shortcut.")]
-VAE_ATTENTION = [("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."), ("to_out.0.", "proj_out.")]
+VAE_ATTENTION = [("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."),
+                 ("to_out.0.", "proj_out.")]
 
 Rule = tuple[str, str, list]  # (diffusers prefix, original prefix, renames inside)
 
@@ -67,7 +68,8 @@ def unet_rules(config, keys) -> list[Rule]:
             rules += [(f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{k}.0.", UNET_RESNET),
                       (f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{k}.1.", [])]
         has_attention = any(key.startswith(f"up_blocks.{i}.attentions.") for key in keys)
-        rules.append((f"up_blocks.{i}.upsamplers.0.", f"output_blocks.{i * (per + 1) + per}.{2 if has_attention else 1}.", []))
+        rules.append((f"up_blocks.{i}.upsamplers.0.",
+                      f"output_blocks.{i * (per + 1) + per}.{2 if has_attention else 1}.", []))
     return rules
 
 
@@ -81,7 +83,8 @@ def vae_rules(config) -> list[Rule]:
                   (f"{part}.mid_block.attentions.0.", f"{part}.mid.attn_1.", VAE_ATTENTION)]
         rules += [(f"{part}.mid_block.resnets.{j}.", f"{part}.mid.block_{j + 1}.", VAE_RESNET) for j in range(2)]
     for i in range(n):
-        rules += [(f"encoder.down_blocks.{i}.resnets.{j}.", f"encoder.down.{i}.block.{j}.", VAE_RESNET) for j in range(per)]
+        rules += [(f"encoder.down_blocks.{i}.resnets.{j}.", f"encoder.down.{i}.block.{j}.", VAE_RESNET)
+                  for j in range(per)]
         rules.append((f"encoder.down_blocks.{i}.downsamplers.0.", f"encoder.down.{i}.downsample.", []))
         rules += [(f"decoder.up_blocks.{i}.resnets.{j}.", f"decoder.up.{n - 1 - i}.block.{j}.", VAE_RESNET)
                   for j in range(per + 1)]
@@ -118,7 +121,8 @@ def vae_to_original(state_dict: dict, config) -> dict:
     """A diffusers VAE state dict in the original layout (`first_stage_model.`; attention as 1x1 convolutions)."""
     out = _rename(state_dict, vae_rules(config), VAE_PREFIX, "VAE")
     for key, value in out.items():
-        if ".mid.attn_1." in key and key.endswith(("q.weight", "k.weight", "v.weight", "proj_out.weight")) and value.ndim == 2:
+        if (".mid.attn_1." in key and key.endswith(("q.weight", "k.weight", "v.weight", "proj_out.weight"))
+                and value.ndim == 2):
             out[key] = value.reshape(*value.shape, 1, 1)
     return out
 
@@ -132,7 +136,8 @@ def text_encoder_to_original(state_dict: dict, config, layout: str = "auto") -> 
     """A transformers CLIPTextModel state dict in the original layout (SD 1.x CLIP or SD 2.x OpenCLIP)."""
     layout = text_encoder_layout(config) if layout == "auto" else layout
     # transformers >= 5.6 dropped the `text_model.` level of CLIPTextModel; the original layout keeps it.
-    sd = {(k if k.startswith(("text_model.", "text_projection")) else "text_model." + k): v for k, v in state_dict.items()}
+    sd = {(k if k.startswith(("text_model.", "text_projection")) else "text_model." + k): v
+          for k, v in state_dict.items()}
     if layout == "clip":
         out = {CLIP_PREFIX + k: v for k, v in sd.items()}
         ids = CLIP_PREFIX + "text_model.embeddings.position_ids"
@@ -149,8 +154,8 @@ def _open_clip(sd: dict) -> dict:
     top = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
            "text_model.embeddings.position_embedding.weight": "positional_embedding",
            "text_model.final_layer_norm.weight": "ln_final.weight", "text_model.final_layer_norm.bias": "ln_final.bias"}
-    inner = [("layer_norm1.", "ln_1."), ("layer_norm2.", "ln_2."), ("mlp.fc1.", "mlp.c_fc."), ("mlp.fc2.", "mlp.c_proj."),
-             ("self_attn.out_proj.", "attn.out_proj.")]
+    inner = [("layer_norm1.", "ln_1."), ("layer_norm2.", "ln_2."), ("mlp.fc1.", "mlp.c_fc."),
+             ("mlp.fc2.", "mlp.c_proj."), ("self_attn.out_proj.", "attn.out_proj.")]
     out, qkv = {}, {}
     layer = "text_model.encoder.layers."
     for k, v in sd.items():
@@ -210,7 +215,8 @@ def _components(model):
     try:
         return model.unet, model.vae, model.text_encoder, getattr(model, "tokenizer", None)
     except AttributeError as err:
-        raise ExportError(f"Expected a pipeline, SDParts, TrainResult or a model folder, got {type(model).__name__}.") from err
+        raise ExportError(f"Expected a pipeline, SDParts, TrainResult or a model folder, got "
+                          f"{type(model).__name__}.") from err
 
 
 def _original(model, text_encoder: str = "auto") -> dict[str, torch.Tensor]:
@@ -289,7 +295,8 @@ def weight_differences(a, b) -> dict[str, float]:
     for name in ("unet", "vae", "text_encoder"):
         sa, sb = getattr(a, name).state_dict(), getattr(b, name).state_dict()
         common = [k for k in sa if k in sb and sa[k].is_floating_point()]
-        missing = sorted(set(k for k in sa if sa[k].is_floating_point()) ^ set(k for k in sb if sb[k].is_floating_point()))
+        missing = sorted(set(k for k in sa if sa[k].is_floating_point())
+                         ^ set(k for k in sb if sb[k].is_floating_point()))
         if missing:
             raise ExportError(f"{name}: weights present in only one model: {missing[:5]}")
         out[name] = max(float((sa[k].float().cpu() - sb[k].float().cpu()).abs().max()) for k in common)

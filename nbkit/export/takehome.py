@@ -3,14 +3,17 @@ users will, and check that it draws what the model in memory draws.
 
 | method | files (in one folder, which is also what `push` uploads) |
 |---|---|
-| DreamBooth | a diffusers folder in fp16 (`from_pretrained`) and one `.safetensors` in the original SD layout (AUTOMATIC1111, ComfyUI, InvokeAI) |
-| LoRA | `pytorch_lora_weights.safetensors` (diffusers `load_lora_weights`) and `<name>_lora.safetensors` with kohya keys (the web UIs) |
-| textual inversion | `learned_embeds.safetensors` (diffusers `load_textual_inversion`) and `<word>.safetensors` (A1111/ComfyUI embedding) |
+| DreamBooth | a diffusers folder in fp16 (`from_pretrained`) and one `.safetensors` in the original SD layout \
+(AUTOMATIC1111, ComfyUI, InvokeAI) |
+| LoRA | `pytorch_lora_weights.safetensors` (diffusers `load_lora_weights`) and `<name>_lora.safetensors` with \
+kohya keys (the web UIs) |
+| textual inversion | `learned_embeds.safetensors` (diffusers `load_textual_inversion`) and `<word>.safetensors` \
+(A1111/ComfyUI embedding) |
 
-The writers are nbkit.export.formats and nbkit.singlefile; this module only chooses, names, reloads and measures. The check:
-the same prompt, seed and steps through the reloaded file and through the model in memory, and the mean and the
-largest difference of their pixels (0-255). fp16 files differ by rounding only: a few levels at most. On a GPU
-the files are reloaded in fp16, so a reloaded embedding is compared at fp16's precision (`vectors_note`).
+The writers are nbkit.export.formats and nbkit.singlefile; this module only chooses, names, reloads and measures.
+The check: the same prompt, seed and steps through the reloaded file and through the model in memory, and the mean
+and the largest difference of their pixels (0-255). fp16 files differ by rounding only: a few levels at most. On a
+GPU the files are reloaded in fp16, so a reloaded embedding is compared at fp16's precision (`vectors_note`).
 """
 
 from __future__ import annotations
@@ -265,9 +268,9 @@ def report(exported: dict[str, Exported]) -> str:
 
 def push(exported: dict[str, Exported], repo_id: str, result=None, *, instance_prompt: str | None = None,
          base_model: str | None = None, sample_grid=None, private: bool = True) -> str | None:
-    """Upload the export folder to a (private) Hub repo with a model card (nbkit.export.hub): from the run's settings when
-    `result` (a TrainResult) is given, else from `instance_prompt` and `base_model`. When not logged in or offline:
-    a message that says how to log in, and None. Returns the repo URL."""
+    """Upload the export folder to a (private) Hub repo with a model card (nbkit.export.hub): from the run's settings
+    when `result` (a TrainResult) is given, else from `instance_prompt` and `base_model`. When not logged in or
+    offline: a message that says how to log in, and None. Returns the repo URL."""
     from nbkit.export import hub
 
     folders = {item.path if item.path.is_dir() else item.path.parent for item in exported.values()}

@@ -46,7 +46,8 @@ ALLOCATOR_ROUNDING = 0.03  # reserved / allocated - 1 from block rounding
 # 13.67 GB; those are CUDA runs, fp32 norms included, so the volume is taken before actmodel's norm factor)
 ALLOCATOR_FRAGMENTATION = 2.0
 BNB_MIN_8BIT = BNB_MIN_8BIT_SIZE  # bitsandbytes keeps fp32 state for tensors smaller than this
-SD15_IDS = ("stable-diffusion-v1-5", "stable-diffusion-v1-4", "runwayml/stable-diffusion-v1-5", "CompVis/stable-diffusion")
+SD15_IDS = ("stable-diffusion-v1-5", "stable-diffusion-v1-4", "runwayml/stable-diffusion-v1-5",
+            "CompVis/stable-diffusion")
 
 
 # ----------------------------------------------------------------------------------------------- architecture
@@ -285,8 +286,9 @@ def plan(cfg: TrainConfig, model=None, *, gpu_gb: float | None = None, device: s
     slack = int(allocated * ALLOCATOR_ROUNDING + ALLOCATOR_FRAGMENTATION * volume) if device == "cuda" else 0
     capacity = int(gpu_gb * GiB) if gpu_gb else None
     settings = dict(method=cfg.method, train_text_encoder=cfg.train_text_encoder, precision=precision,
-                    use_8bit_adam=eight_bit, gradient_checkpointing=cfg.gradient_checkpointing, optimizer_in_backward=ib,
-                    deepspeed=ds, train_batch_size=cfg.train_batch_size, prior=cfg.with_prior_preservation,
+                    use_8bit_adam=eight_bit, gradient_checkpointing=cfg.gradient_checkpointing,
+                    optimizer_in_backward=ib, deepspeed=ds, train_batch_size=cfg.train_batch_size,
+                    prior=cfg.with_prior_preservation,
                     resolution=cfg.resolution, cache_latents=cfg.cache_latents, model=arch.name,
                     num_processes=num_processes)
     return Plan(rows, allocated, capacity, settings, notes, slack, CUDA_CONTEXT if device == "cuda" else 0)
@@ -338,7 +340,8 @@ def _gradient_row(arch: Arch, cfg: TrainConfig, trained: dict, ib: bool, ds: boo
         grads = 4 * max(arch.largest[p] for p in trained if trained[p]) if n_trained else 0
         return "gradients (optimizer in backward: one parameter at a time)", grads
     if ds:
-        return "gradients (fp16 buckets, DeepSpeed)", min(n_trained * 2, 4 * actmodel.deepspeed_bucket(cfg.deepspeed_config))
+        return "gradients (fp16 buckets, DeepSpeed)", min(n_trained * 2,
+                                                           4 * actmodel.deepspeed_bucket(cfg.deepspeed_config))
     return "gradients (fp32)", n_trained * 4
 
 

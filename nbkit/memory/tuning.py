@@ -77,7 +77,8 @@ def tune(cfg: TrainConfig, preset: str = "auto", rt: Runtime | None = None, mode
                     changes.append(f"{change.why} -> {p.needed / 2**30:.1f} GiB")
                 if p.fits:
                     break
-        if auto and p.fits and base.gradient_checkpointing and "gradient_checkpointing" not in keep:  # faster when it fits without
+        # faster when it fits without
+        if auto and p.fits and base.gradient_checkpointing and "gradient_checkpointing" not in keep:
             trial = dataclasses.replace(base, gradient_checkpointing=False)
             tp = make(trial)
             if tp.fits and tp.headroom >= headroom:
@@ -116,7 +117,8 @@ def describe(rt: Runtime | None = None) -> str:
     keys = ("mixed_precision", "use_8bit_adam", "gradient_checkpointing", "optimizer_in_backward", "deepspeed_config")
     lines = ["| preset | method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
     for name in NAMES:
-        for label, c in (("DreamBooth + TE", TrainConfig(train_text_encoder=True)), ("LoRA", TrainConfig(method="lora"))):
+        for label, c in (("DreamBooth + TE", TrainConfig(train_text_encoder=True)),
+                         ("LoRA", TrainConfig(method="lora"))):
             s = settings(name, rt if name != "cpu" else Runtime("local", "cpu", None, 0, 0.0, False), c)
             vals = [Path(str(s[k])).name if k == "deepspeed_config" and s[k] else str(s[k]) for k in keys]
             lines.append(f"| {name} | {label} | " + " | ".join(vals) + " |")

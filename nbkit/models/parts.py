@@ -63,7 +63,8 @@ def load_parts(model: str = "offline", revision: str | None = None, variant: str
     source = resolve(model)
     local = Path(source).is_dir()
     if not local and (Path(source).exists() or source.startswith((".", "/", "~"))):
-        raise ModelNotFound(f"{source!r} is not a diffusers model folder (it should hold model_index.json, unet/, vae/, ...).")
+        raise ModelNotFound(f"{source!r} is not a diffusers model folder (it should hold model_index.json, unet/, "
+                            "vae/, ...).")
     kw = dict(revision=revision) if not local else {}
     offline = not local and not runtime.hub_reachable()  # no network: only the local cache can help (at once)
     if offline:

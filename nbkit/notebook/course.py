@@ -26,7 +26,8 @@ class Notebook:
 COURSE = [
     Notebook("00_start_here", "the runtime, the course path, the base model downloaded once, a prompt playground", 3.5,
              "inference only"),
-    Notebook("01_dreambooth", "DreamBooth: an identifier for your subject, learning rate x steps, how overfitting looks",
+    Notebook("01_dreambooth",
+             "DreamBooth: an identifier for your subject, learning rate x steps, how overfitting looks",
              10, "UNet trains"),
     Notebook("02_prior_preservation", "language drift and its fix: class images made by the model itself", 11,
              "instance + class image per step"),

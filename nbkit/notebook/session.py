@@ -48,7 +48,8 @@ class Setup:
     is_smoke: bool  # smoke mode: tiny settings, only to check the notebook runs
 
     def pick(self, offline_value, sd_value):
-        """`offline_value` on the small offline model, else `sd_value`: `s.pick(OFFLINE_LEARNING_RATE, LEARNING_RATE)`."""
+        """`offline_value` on the small offline model, else `sd_value`:
+        `s.pick(OFFLINE_LEARNING_RATE, LEARNING_RATE)`."""
         return offline_value if self.small else sd_value
 
     def smoke(self, smoke_value, real_value):

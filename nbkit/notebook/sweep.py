@@ -26,7 +26,8 @@ failures are listed at the end (and the command exits non-zero).
 final row of metrics.json when the notebook wrote one) and three figures: `final.png` (each final number against
 the steps, one line per learning rate or other grid value), `curves.png` (loss and metric curves of every run)
 and `images.png` (each run's last validation grid, laid out as the grid). From a notebook:
-`nbkit.notebook.sweep.run(spec)` and `nbkit.notebook.sweep.collect(folder)` (a list of dicts; `as_frame=True` for pandas).
+`nbkit.notebook.sweep.run(spec)` and `nbkit.notebook.sweep.collect(folder)` (a list of dicts; `as_frame=True` for \
+pandas).
 """
 
 from __future__ import annotations
@@ -137,7 +138,8 @@ def _check_existing(spec: Spec) -> None:
                 json.dumps(r.parameters, default=str)):
             old, new = rec.get("parameters", {}), r.parameters
             diff = {k: (old.get(k), new.get(k)) for k in set(old) | set(new) if old.get(k) != new.get(k)}
-            raise SweepError(f"{r.folder} was run with other parameters ({', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in sorted(diff.items()))}). "
+            raise SweepError(f"{r.folder} was run with other parameters "
+                             f"({', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in sorted(diff.items()))}). "
                              "Use another output folder for the new sweep, or delete that run folder to redo it.")
 
 
@@ -151,8 +153,8 @@ def run(spec: str | Path | dict | Spec, output: str | Path | None = None, overri
     """Run every grid point not finished yet (in order), then collect. Returns a Report.
 
     A failed run is recorded and the sweep goes on; with `check` (the default) a SweepError listing the failures is
-    raised at the end, after collecting (SweepFailed). Interrupt it (Ctrl-C, a lost runtime) and call it again: finished runs are
-    skipped, the interrupted one runs again in its folder.
+    raised at the end, after collecting (SweepFailed). Interrupt it (Ctrl-C, a lost runtime) and call it again:
+    finished runs are skipped, the interrupted one runs again in its folder.
     """
     from tqdm.auto import tqdm
 
@@ -210,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
             rows = collect(args.folder, plots=not args.no_plots)
             folder = Path(args.folder)
             print(markdown(rows, ["run", "status", "seconds"] + final_columns(rows)))
-            print(f"wrote {folder / 'results.csv'}" + ("" if args.no_plots else " and final.png, curves.png, images.png"))
+            print(f"wrote {folder / 'results.csv'}"
+                  + ("" if args.no_plots else " and final.png, curves.png, images.png"))
             return 0
         overrides = {}
         for item in args.set:

@@ -70,7 +70,8 @@ def run_row(folder: str | Path) -> dict:
 def final_image(folder: str | Path) -> Path | None:
     """A run's last validation grid (validation/step_*.png), else its last sample image, else None."""
     folder = Path(folder)
-    for pattern in ("validation/step_*.png", "*/validation/step_*.png", "samples/after_*.png", "samples/*.png", "*.png"):
+    for pattern in ("validation/step_*.png", "*/validation/step_*.png", "samples/after_*.png", "samples/*.png",
+                    "*.png"):
         found = sorted(folder.glob(pattern))
         if found:
             return max(found, key=lambda f: f.name) if "validation" in pattern else found[0]  # the latest step

@@ -2,7 +2,8 @@
 
 A Spec is a notebook, an output folder, the parameters every run shares (fixed) and the grid of those that vary;
 each combination is a Run, with its own folder under output/runs/ and its status in that folder's run.json. Running
-them is nbkit.notebook.sweep, collecting their results nbkit.notebook.sweep_results (both import this; it imports neither).
+them is nbkit.notebook.sweep, collecting their results nbkit.notebook.sweep_results (both import this; it imports
+neither).
 """
 
 from __future__ import annotations
@@ -136,7 +137,8 @@ def _spec_problems(data: dict, overrides: dict[str, Any] | None) -> tuple[list[s
     if RESERVED in grid or RESERVED in fixed:
         e.append(f"{RESERVED} is set by the sweep (each run writes to its own folder under output): remove it.")
     cleanup = data.get("cleanup") or []
-    if not isinstance(cleanup, list) or not all(isinstance(c, str) and c and not c.startswith(("/", "..")) for c in cleanup):
+    if not isinstance(cleanup, list) or not all(isinstance(c, str) and c and not c.startswith(("/", ".."))
+                                                for c in cleanup):
         e.append("cleanup: a list of paths inside a run's folder, e.g. [checkpoints].")
         cleanup = []
     return e, grid, fixed, cleanup
@@ -183,7 +185,8 @@ def _type_problem(name: str, value: Any, default: Any) -> str | None:
     if isinstance(default, bool):
         return None if isinstance(value, bool) else f"{name}={value!r}: expected true or false."
     if isinstance(default, int):
-        return None if isinstance(value, int) and not isinstance(value, bool) else f"{name}={value!r}: expected a whole number."
+        return (None if isinstance(value, int) and not isinstance(value, bool)
+                else f"{name}={value!r}: expected a whole number.")
     if isinstance(default, float):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         return None if ok else f"{name}={value!r}: expected a number (write 2e-6 or 0.000002)."

@@ -37,8 +37,8 @@ def generate(pipe, prompts: str | list[str], seeds: list[int] | int = 0, steps: 
 
 
 def _autocast(pipe, device):
-    """Parts of mixed precision (after training: fp32 trained UNet or adapters, fp16 frozen VAE) sample under autocast in the
-    lower one; an all-fp32 pipeline on a GPU (a freshly loaded model's "before" pictures) in the GPU's mixed
+    """Parts of mixed precision (after training: fp32 trained UNet or adapters, fp16 frozen VAE) sample under autocast
+    in the lower one; an all-fp32 pipeline on a GPU (a freshly loaded model's "before" pictures) in the GPU's mixed
     precision, fp16 on a T4 (pure fp32 is ~4x slower there); elsewhere as it is."""
     # every parameter's dtype, not a module's first: LoRA's fp32 adapters sit in an fp16 UNet
     dtypes = {p.dtype for m in (pipe.unet, pipe.text_encoder, pipe.vae) for p in m.parameters()}

@@ -246,7 +246,8 @@ def _unet_loss(cfg: PretrainConfig, parts, latents: torch.Tensor, scenes: list, 
     lat = (mean + std * torch.randn(mean.shape, generator=g)) * scaling
     flip = torch.rand(cfg.batch, generator=g) < 0.5  # mirror images are scenes of the world too
     lat = torch.where(flip[:, None, None, None], lat.flip(-1), lat)
-    captions = ["" if rng.random() < cfg.caption_dropout else toyworld.pretraining_caption(scenes[i], rng, cfg.named_share)
+    captions = ["" if rng.random() < cfg.caption_dropout
+                else toyworld.pretraining_caption(scenes[i], rng, cfg.named_share)
                 for i in idx.tolist()]
     ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
               return_tensors="pt").input_ids
@@ -400,7 +401,8 @@ def snapshot(work: Path, dest: Path, use_ema: bool = True) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m nbkit pretrain", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=None, help=f"where the pipeline goes (default {PRETRAINED_TOY}; --quick: work folder)")
+    p.add_argument("--out", default=None,
+                   help=f"where the pipeline goes (default {PRETRAINED_TOY}; --quick: work folder)")
     p.add_argument("--work", default=None, help="checkpoints and logs (default NBKIT_CACHE/pretrain-seed<seed>)")
     p.add_argument("--quick", action="store_true", help="a few minutes, to check the path")
     for f, v in asdict(PretrainConfig()).items():

@@ -52,7 +52,8 @@ SUBJECTS = {
 NAMES = {
     "bix": ("circle", "red"), "dax": ("heart", "purple"), "mup": ("square", "green"), "fep": ("triangle", "white"),
     "wug": ("star", "blue"), "kiki": ("ring", "yellow"), "toma": ("circle", "black"), "zorp": ("heart", "orange"),
-    "gazzer": ("square", "yellow"), "blicket": ("triangle", "red"), "lorp": ("star", "green"), "nim": ("ring", "purple"),
+    "gazzer": ("square", "yellow"), "blicket": ("triangle", "red"), "lorp": ("star", "green"),
+    "nim": ("ring", "purple"),
     "pim": ("circle", "white"), "rask": ("heart", "blue"), "tuv": ("square", "black"), "jex": ("triangle", "orange"),
     "moxi": ("star", "white"), "pell": ("ring", "red"), "quib": ("circle", "green"), "sorn": ("heart", "yellow"),
     "teeb": ("square", "purple"), "vlim": ("triangle", "blue"), "woz": ("star", "black"), "yerk": ("ring", "orange"),

@@ -62,7 +62,8 @@ class Batches:
             return x.to(self.device)
         with torch.no_grad():
             vae = self.parts.vae
-            return vae.encode(x.to(self.device, self.weight_dtype)).latent_dist.sample().float() * vae.config.scaling_factor
+            return (vae.encode(x.to(self.device, self.weight_dtype)).latent_dist.sample().float()
+                    * vae.config.scaling_factor)
 
     def embeddings(self, prompts: list[str], text_encoder, trains: bool) -> torch.Tensor:
         """The prompts' embeddings: cached ones, or the text encoder run now (with gradients when it trains)."""

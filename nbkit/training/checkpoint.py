@@ -307,7 +307,8 @@ def resume(path: str | Path, res: Resumable, cfg: TrainConfig, data: dict, outpu
     validation = {int(s): out / rel for s, rel in info.get("validation", {}).items() if (out / rel).exists()}
     left = cfg.max_train_steps - info["step"]
     print(f"Resuming from {path} (step {info['step']} of {cfg.max_train_steps}): trained weights, optimizer, LR "
-          f"schedule, RNG states and data order restored; {left} step(s) to go." + "".join(f" Note: {n}." for n in notes))
+          f"schedule, RNG states and data order restored; {left} step(s) to go."
+          + "".join(f" Note: {n}." for n in notes))
     return Progress(info["step"], info.get("log", []), validation, path, info.get("metrics", []), info.get("best"))
 
 

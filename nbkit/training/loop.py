@@ -3,14 +3,14 @@
 `_train` reads top to bottom as the run's stages, each a function of at most a screen: `_setup` (settings and
 folders checked first: writable, the checkpoint to resume from; precision; the accelerator) -> `_model` (which
 parameters train, frozen weights in half precision, the loss terms) -> the scorer (eval_steps) -> the data
-(nbkit.training.batches: latents and prompt embeddings cached once) -> `_optimizer` -> `_resume` -> `_steps` (each step an
-`_update` guarded against out of memory and non-finite losses, built from `_loss`; then `_after_step`: validation
-pictures, scores and the best model (nbkit.scores.tracking), checkpoints) -> `_save`.
+(nbkit.training.batches: latents and prompt embeddings cached once) -> `_optimizer` -> `_resume` -> `_steps` (each
+step an `_update` guarded against out of memory and non-finite losses, built from `_loss`; then `_after_step`:
+validation pictures, scores and the best model (nbkit.scores.tracking), checkpoints) -> `_save`.
 
 A step is a pure function of (seed, step): the batch, the noise and the timesteps are drawn from generators
 seeded by the step, so runs are repeatable, and a run resumed from a checkpoint (nbkit.training.checkpoint) ends with
-the same weights as one never stopped. run_manifest.json (nbkit.training.manifest) records how each run was made; however
-a run ends, nbkit.training.placement puts the parts back as it found them.
+the same weights as one never stopped. run_manifest.json (nbkit.training.manifest) records how each run was made;
+however a run ends, nbkit.training.placement puts the parts back as it found them.
 """
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ def train(cfg: TrainConfig, parts: SDParts | None = None, progress: bool = True)
         raise
 
 
-def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifest.Run, live: placement.Live) -> TrainResult:
+def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifest.Run,
+           live: placement.Live) -> TrainResult:
     """The stages of a run, in order; each is a function below."""
     s = _setup(cfg, run)  # settings, folders, the checkpoint to resume from, precision, accelerator
     parts, method, obj = _model(cfg, parts, s, live)  # which parameters train, where the parts sit, the loss terms
@@ -231,7 +232,8 @@ def _loss(cfg: TrainConfig, parts: SDParts, s: _Setup, b: batches.Batches, o: _O
         per_image = per_image * torch.clamp(snr, max=obj.snr_gamma) / (snr if obj.prediction == "epsilon" else snr + 1)
     if b.prior:
         inst_loss, prior_loss = (part.mean() for part in per_image.chunk(2))
-        return inst_loss + cfg.prior_loss_weight * prior_loss, {"instance": inst_loss.item(), "prior": prior_loss.item()}
+        return (inst_loss + cfg.prior_loss_weight * prior_loss,
+                {"instance": inst_loss.item(), "prior": prior_loss.item()})
     return per_image.mean(), {}
 
 
@@ -348,7 +350,8 @@ def _save(cfg, parts, method, s: _Setup, o: _Opt, obj: _Objective, state, run: m
             "grad_scales": s.scales, "skipped_steps": s.skipped,
             "cuda_peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if s.device.type == "cuda" else None}
     return TrainResult(out, saved, [row["loss"] for row in state.log], state.validation, time.perf_counter() - s.t0,
-                       parts, method, cfg, info, s.tracker.rows if s.tracker else [], s.tracker.best if s.tracker else None)
+                       parts, method, cfg, info, s.tracker.rows if s.tracker else [],
+                       s.tracker.best if s.tracker else None)
 
 
 @contextlib.contextmanager

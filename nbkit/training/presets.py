@@ -1,10 +1,10 @@
 """Memory presets: the settings that make a run fit a GPU of 8, 12, 16, 24 or 40+ GB, and run as fast as it allows.
 
 A preset is picked from the detected GPU (its memory, and whether it computes in bf16: T4 and P100 do not) or
-named in a notebook's `PRESET` parameter. `nbkit.memory.tuning.tune()` applies it to a TrainConfig and asks `nbkit.memory.planner`
-whether the run fits; with `PRESET = "auto"` it also adjusts: adds memory savers until the plan fits, and drops gradient
-checkpointing (20-30% slower) when the plan fits without it. With a named preset it changes nothing and says
-what to change.
+named in a notebook's `PRESET` parameter. `nbkit.memory.tuning.tune()` applies it to a TrainConfig and asks
+`nbkit.memory.planner` whether the run fits; with `PRESET = "auto"` it also adjusts: adds memory savers until the plan
+fits, and drops gradient checkpointing (20-30% slower) when the plan fits without it. With a named preset it changes
+nothing and says what to change.
 
 What every preset keeps on (they cost nothing): mixed precision with **fp32 trainable weights** (fp16 on
 T4/P100, bf16 on Ampere and newer); **SDPA attention** (`scaled_dot_product_attention`, the default processor of

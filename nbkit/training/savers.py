@@ -1,8 +1,8 @@
 """The memory savers: the one list of settings that lower a training run's GPU memory, cheapest first.
 
-`nbkit.memory.planner` plans each (`advise`), `nbkit.memory.tuning.tune` applies the automatic ones until a run fits, and
-`nbkit.training.guards.training_advice` names them after an out-of-memory error. This module imports nothing from nbkit
-but the config.
+`nbkit.memory.planner` plans each (`advise`), `nbkit.memory.tuning.tune` applies the automatic ones until a run fits,
+and `nbkit.training.guards.training_advice` names them after an out-of-memory error. This module imports nothing from
+nbkit but the config.
 """
 
 from __future__ import annotations
