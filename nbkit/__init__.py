@@ -22,6 +22,7 @@ from nbkit.data.class_images import choose_class_images, ensure_class_images
 from nbkit.data.images import DataError, load_folder, thumbnail
 from nbkit.env.colab import hub_cache_on_drive, mount_drive
 from nbkit.env.colab import paths as course_paths
+from nbkit.errors import ExportError
 from nbkit.export.formats import expand_prompt, human_size, load_embedding, lora_kohya, lora_rank_alpha, max_weight_diff
 from nbkit.export.formats import snapshot as snapshot_weights
 from nbkit.export.hub import prefetch
@@ -82,7 +83,7 @@ __all__ = [
     "notebook_parameters", "load_sweep", "sweep_plan", "run_sweep", "score_sweep", "collect_sweep", "sweep_table",
     "plot_sweep",
     # errors
-    "ConfigError", "DataError", "DiskSpaceError", "EvaluatorUnavailable", "ModelNotFound", "NotWritable",
+    "ConfigError", "DataError", "DiskSpaceError", "ExportError", "EvaluatorUnavailable", "ModelNotFound", "NotWritable",
     "OutOfMemory", "ResumeError",
     "__version__",
 ]

@@ -20,6 +20,11 @@ class DiskSpaceError(OSError):
     """Not enough free disk for what the run will write; the message has the sums and what to change."""
 
 
+class ExportError(ValueError):
+    """The model cannot be written in the asked format (a diffusers folder, LoRA, embedding, single file); the
+    message says why and what to do instead. One class for every exporter: `except ExportError` catches all."""
+
+
 class OutOfMemory(RuntimeError):
     """The GPU ran out of memory; the message names the settings that use less. GPU memory has been freed."""
 

@@ -150,6 +150,9 @@ def test_lora_is_merged_into_the_checkpoint(cfg, tmp_path):
 
 
 def test_clear_errors(parts, tmp_path):
+    from nbkit.export import formats
+
+    assert sf.ExportError is formats.ExportError  # one class: `except ExportError` catches every exporter's errors
     with pytest.raises(sf.ExportError, match="safetensors"):
         sf.save_single_file(parts, tmp_path / "model.ckpt")
     parts.tokenizer.add_tokens(["<zwx>"])

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,13 +19,13 @@ from tqdm.auto import tqdm
 
 from nbkit.data import images as data
 from nbkit.env import runtime
+from nbkit.env.colab import drive_folder
 from nbkit.models.parts import SDParts, pipeline
 from nbkit.paths import cache_dir
 from nbkit.safeio import atomic_path
 from nbkit.sample.sampling import generate
 
 META = ".nbkit_class.json"
-DRIVE_ROOT = Path("/content/drive")
 
 
 def ensure_class_images(parts: SDParts, prompt: str, folder: str | Path, count: int, resolution: int, *,
@@ -94,42 +93,6 @@ def default_class_dir(prompt: str, model_source: str, resolution: int, *, root: 
     return Path(root or cache_dir() / "class_images") / f"{slug}-{key[:10]}"
 
 
-def _interactive_colab() -> bool:
-    """True inside a notebook open in Colab's own front end (where a Drive mount can ask for consent)."""
-    if "google.colab" not in sys.modules:
-        return False
-    try:
-        from IPython import get_ipython
-
-        shell = get_ipython()
-    except ImportError:
-        return False
-    return shell is not None and type(shell).__module__.startswith("google.colab")
-
-
-def colab_drive_dir(subfolder: str, timeout_s: int = 120) -> tuple[Path | None, str]:
-    """`subfolder` inside Google Drive ("MyDrive/<subfolder>"), or None and why not.
-
-    Drive is mounted only in an interactive Colab notebook (it asks for consent there); a headless run
-    (papermill, Kaggle, local) never waits for a mount: it uses Drive only if it is already mounted.
-    """
-    target = DRIVE_ROOT / "MyDrive" / subfolder.strip("/")
-    if (DRIVE_ROOT / "MyDrive").is_dir():
-        target.mkdir(parents=True, exist_ok=True)
-        return target, f"Google Drive folder {target}"
-    if not _interactive_colab():
-        return None, ("Google Drive is not mounted and this is not an interactive Colab notebook, so it is not "
-                      "mounted now (that would wait for a consent click): using the local cache instead.")
-    try:
-        from google.colab import drive
-
-        drive.mount(str(DRIVE_ROOT), timeout_ms=timeout_s * 1000)
-    except Exception as err:  # noqa: BLE001 - consent refused, timeout, or no Drive: fall back, say why
-        return None, f"Google Drive could not be mounted ({err}): using the local cache instead."
-    target.mkdir(parents=True, exist_ok=True)
-    return target, f"Google Drive folder {target} (mounted now)"
-
-
 @dataclass(frozen=True)
 class ClassImages:
     """Where the class images are and how many to use."""
@@ -159,7 +122,7 @@ def choose_class_images(source: str, prompt: str, model_source: str, resolution:
     if source.strip().lower() in ("generate", "auto", ""):
         root, where = cache_root, "the local cache"
         if drive_subfolder:
-            drive_dir, why = colab_drive_dir(drive_subfolder)
+            drive_dir, why = drive_folder(drive_subfolder)
             print(why)
             if drive_dir is not None:
                 root, where = drive_dir, "Google Drive"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,3 +190,40 @@ def check_runtime(rt: runtime.Runtime | None = None, hub: bool | None = None, pr
     if disk < 10 and rt.device == "cuda":
         lines.append(f"-> Only {disk:.0f} GB of free disk: Stable Diffusion 1.5 needs ~5 GB, each saved model ~2-4 GB.")
     return "\n".join(lines)
+
+
+def _interactive_colab() -> bool:
+    """True inside a notebook open in Colab's own front end (where a Drive mount can ask for consent)."""
+    if "google.colab" not in sys.modules:
+        return False
+    try:
+        from IPython import get_ipython
+
+        shell = get_ipython()
+    except ImportError:
+        return False
+    return shell is not None and type(shell).__module__.startswith("google.colab")
+
+
+def drive_folder(subfolder: str, timeout_s: int = 120) -> tuple[Path | None, str]:
+    """`subfolder` inside Google Drive ("MyDrive/<subfolder>"), or None and why not.
+
+    Drive is mounted only in an interactive Colab notebook (it asks for consent there); a headless run
+    (papermill, Kaggle, local) never waits for a mount: it uses Drive only if it is already mounted.
+    """
+    root = Path(DRIVE_MOUNTPOINT)
+    target = root / "MyDrive" / subfolder.strip("/")
+    if (root / "MyDrive").is_dir():
+        target.mkdir(parents=True, exist_ok=True)
+        return target, f"Google Drive folder {target}"
+    if not _interactive_colab():
+        return None, ("Google Drive is not mounted and this is not an interactive Colab notebook, so it is not "
+                      "mounted now (that would wait for a consent click): using the local cache instead.")
+    try:
+        from google.colab import drive
+
+        drive.mount(str(root), timeout_ms=timeout_s * 1000)
+    except Exception as err:  # noqa: BLE001 - consent refused, timeout, or no Drive: fall back, say why
+        return None, f"Google Drive could not be mounted ({err}): using the local cache instead."
+    target.mkdir(parents=True, exist_ok=True)
+    return target, f"Google Drive folder {target} (mounted now)"

@@ -22,16 +22,13 @@ from pathlib import Path
 
 import torch
 
+from nbkit.errors import ExportError  # noqa: F401 - nbkit.export.formats.ExportError too
 from nbkit.units import format_bytes
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
 TI_FILE = "learned_embeds.safetensors"  # the name diffusers' load_textual_inversion looks for
 _BAD_FILENAME_CHARS = re.compile(r'[<>:"/\\|?*\s]+')  # not allowed in Windows file names (A1111 names by file)
-
-
-class ExportError(ValueError):
-    """The model cannot be written in the asked format; the message says why and what to do."""
 
 
 def size_mb(path: str | Path) -> float:

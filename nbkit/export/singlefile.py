@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from nbkit.errors import ExportError  # noqa: F401 - nbkit.export.singlefile.ExportError too
+
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."  # SD 1.x: OpenAI CLIP ViT-L/14 (transformers' CLIPTextModel layout)
@@ -33,10 +35,6 @@ VAE_ATTENTION = [("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("t
                  ("to_out.0.", "proj_out.")]
 
 Rule = tuple[str, str, list]  # (diffusers prefix, original prefix, renames inside)
-
-
-class ExportError(ValueError):
-    """The model cannot be written as a single file; the message says why and what to do instead."""
 
 
 def _layers(config) -> int:

@@ -375,30 +375,6 @@ def pretrain(cfg: PretrainConfig, out: Path | None = None, work: Path | None = N
     return export(vae, unet, te, tok, Path(out or work / "toy-sd"), cfg, seconds)
 
 
-def snapshot(work: Path, dest: Path, use_ema: bool = True) -> Path:
-    """Export the latest checkpoint of a running (or killed) pretraining as a pipeline folder, to look at it."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from safetensors.torch import load_file
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    work = Path(work)
-    cfg = PretrainConfig(**json.loads((work / "config.json").read_text()))
-    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(OFFLINE_SPEC / "unet"))
-    te = CLIPTextModel(CLIPTextConfig.from_pretrained(OFFLINE_SPEC / "text_encoder"))
-    sd = load_file(work / "unet_ckpt.safetensors")
-    unet.load_state_dict({k[5:]: v for k, v in sd.items() if k.startswith("unet.")})
-    te.load_state_dict({k[3:]: v for k, v in sd.items() if k.startswith("te.")})
-    state = _load_state(work / "unet_state.safetensors")
-    if use_ema:
-        params = list(unet.parameters()) + list(te.parameters())
-        with torch.no_grad():
-            for p, s in zip(params, state["ema"]["shadow_params"]):
-                p.copy_(s)
-    cfg.steps = state["step"]
-    tok = CLIPTokenizer.from_pretrained(OFFLINE_SPEC / "tokenizer")
-    return export(AutoencoderKL.from_pretrained(work / "vae"), unet.eval(), te.eval(), tok, Path(dest), cfg, 0.0)
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m nbkit pretrain", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=None,

@@ -30,6 +30,11 @@ def make_accelerator(cfg: TrainConfig, precision: str, cpu: bool):
     from accelerate import Accelerator
     from accelerate.utils import AutocastKwargs, DistributedDataParallelKwargs
 
+    if world_size() == 1:  # one process: a kernel that trained in one precision may train in another
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state()  # accelerate's singleton refuses a second mixed_precision otherwise
+
     # No autocast weight cache: each trained fp32 weight is cast to half precision where it is used. The cache
     # would hold a half copy of every trained weight through the whole forward pass (1.6 GiB for SD 1.5's
     # UNet), which gradient checkpointing never needs; without checkpointing the copies are kept for backward

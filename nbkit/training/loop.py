@@ -124,10 +124,6 @@ def _setup(cfg: TrainConfig, run: manifest.Run) -> _Setup:
     resume_from = ckpts.resume_point(cfg)  # None, or the complete checkpoint to continue (same settings)
     rt = runtime.detect()
     precision = runtime.resolve_precision(cfg.mixed_precision, rt)
-    if accel.world_size() == 1:  # one process: a kernel that trained in one precision may train in another
-        from accelerate.state import AcceleratorState
-
-        AcceleratorState._reset_state()  # accelerate's singleton refuses a second mixed_precision otherwise
     accelerator = accel.make_accelerator(cfg, precision, cpu=rt.device == "cpu")
     if rt.rehearsal and precision == "fp16":
         placement.rehearse_t4(accelerator)
