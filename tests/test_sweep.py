@@ -261,3 +261,10 @@ def test_collect_reads_nested_runs_failures_and_after_the_fact_scores(tmp_path):
     except ImportError:
         return
     assert len(sweep.collect(out, plots=False, as_frame=True)) == 3
+
+
+def test_a_notebook_of_the_kit_is_found_from_any_folder(tmp_path, monkeypatch):
+    from nbkit.notebook import sweep_spec
+
+    monkeypatch.chdir(tmp_path)  # a sweep started elsewhere still finds notebooks/ of the kit
+    assert sweep_spec._resolve_notebook("notebooks/01_dreambooth.ipynb", None).is_file()

@@ -19,7 +19,9 @@ from typing import Any
 
 import yaml
 
-KIT_ROOT = Path(__file__).resolve().parent.parent
+from nbkit.paths import ROOT
+
+KIT_ROOT = ROOT  # notebooks named relative to the kit's folder are found from anywhere
 SPEC_KEYS = {"notebook", "output", "fixed", "grid", "cleanup", "kernel"}
 RESERVED = "OUTPUT_DIR"  # set by the sweep: each run's own folder
 OK, FAILED, RUNNING, INTERRUPTED = "ok", "failed", "running", "interrupted"
