@@ -47,3 +47,26 @@ def _seed():
 
     random.seed(0)
     torch.manual_seed(0)
+
+
+# --- the T4 rehearsal (tests/test_t4_*.py): module-scoped, so each file computes its runs once
+@pytest.fixture(scope="module")
+def t4_rehearsal():
+    """NBKIT_T4_REHEARSAL=1 for the module: the training loop takes a T4's code path on the CPU."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NBKIT_T4_REHEARSAL", "1")
+        yield
+
+
+@pytest.fixture(scope="module")
+def t4_workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("t4")
+
+
+@pytest.fixture(scope="module")
+def t4_instance(offline_dir, tmp_path_factory):
+    from nbkit.models.offline import SAMPLE_INSTANCE_DIR
+
+    d = tmp_path_factory.mktemp("instance") / "zwx"
+    shutil.copytree(SAMPLE_INSTANCE_DIR, d)
+    return d

@@ -7,29 +7,6 @@ import torch
 from benchmarks import t4_path
 
 
-@pytest.fixture(scope="module")
-def rehearsal():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("NBKIT_T4_REHEARSAL", "1")
-        yield
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return tmp_path_factory.mktemp("t4")
-
-
-@pytest.fixture(scope="module")
-def instance(offline_dir, tmp_path_factory):
-    import shutil
-
-    from nbkit.models.offline import SAMPLE_INSTANCE_DIR
-
-    d = tmp_path_factory.mktemp("instance") / "zwx"
-    shutil.copytree(SAMPLE_INSTANCE_DIR, d)
-    return d
-
-
 def _poison(parts, at_backward: int, what=float("inf")):
     """Make the gradient of one trained weight non-finite (or raise `what`) in the `at_backward`-th backward."""
     p = parts.unet.conv_in.weight
@@ -47,13 +24,13 @@ def _poison(parts, at_backward: int, what=float("inf")):
 
 
 @pytest.mark.parametrize("case", ["dreambooth", "8gb"])
-def test_an_overflowing_step_is_skipped_and_the_scale_halved(rehearsal, workdir, instance, case):
+def test_an_overflowing_step_is_skipped_and_the_scale_halved(t4_rehearsal, t4_workdir, t4_instance, case):
     import nbkit
 
-    one = t4_path.run(case, workdir / f"one_{case}", instance, max_train_steps=1, validation_steps=0)
+    one = t4_path.run(case, t4_workdir / f"one_{case}", t4_instance, max_train_steps=1, validation_steps=0)
     parts = nbkit.load_parts("offline")
     handle = _poison(parts, at_backward=2)
-    two = t4_path.run(case, workdir / f"two_{case}", instance, parts=parts, max_train_steps=2, validation_steps=0)
+    two = t4_path.run(case, t4_workdir / f"two_{case}", t4_instance, parts=parts, max_train_steps=2, validation_steps=0)
     handle.remove()
     info = two.result.info
     assert info["skipped_steps"] == [2]
@@ -71,11 +48,11 @@ def _weights(parts):
 
 
 @pytest.mark.parametrize("case", ["dreambooth", "8gb"])
-def test_resume_in_the_t4_path_ends_with_the_same_weights(rehearsal, workdir, instance, case):
+def test_resume_in_the_t4_path_ends_with_the_same_weights(t4_rehearsal, t4_workdir, t4_instance, case):
     kw = dict(max_train_steps=3, checkpointing_steps=2, validation_steps=0)
-    whole = t4_path.run(case, workdir / f"whole_{case}", instance, **kw)
-    t4_path.run(case, workdir / f"cut_{case}", instance, **{**kw, "max_train_steps": 2})
-    resumed = t4_path.run(case, workdir / f"cut_{case}", instance, **kw)
+    whole = t4_path.run(case, t4_workdir / f"whole_{case}", t4_instance, **kw)
+    t4_path.run(case, t4_workdir / f"cut_{case}", t4_instance, **{**kw, "max_train_steps": 2})
+    resumed = t4_path.run(case, t4_workdir / f"cut_{case}", t4_instance, **kw)
     assert resumed.result.info["resumed_from"] is not None
     assert resumed.result.info["grad_scales"] == whole.result.info["grad_scales"][2:]
     a, b = _weights(whole.result.parts), _weights(resumed.result.parts)
@@ -83,13 +60,13 @@ def test_resume_in_the_t4_path_ends_with_the_same_weights(rehearsal, workdir, in
 
 
 @pytest.mark.parametrize("case", ["dreambooth", "8gb"])
-def test_a_stopped_run_leaves_the_parts_clean_and_trains_again(rehearsal, workdir, instance, case):
+def test_a_stopped_run_leaves_the_parts_clean_and_trains_again(t4_rehearsal, t4_workdir, t4_instance, case):
     import nbkit
 
     parts = nbkit.load_parts("offline")
     handle = _poison(parts, at_backward=2, what=KeyboardInterrupt)
     with pytest.raises(KeyboardInterrupt):
-        t4_path.run(case, workdir / f"stopped_{case}", instance, parts=parts, validation_steps=0)
+        t4_path.run(case, t4_workdir / f"stopped_{case}", t4_instance, parts=parts, validation_steps=0)
     handle.remove()
     params = [p for m in (parts.unet, parts.text_encoder) for p in m.parameters()]
     assert all(p.grad is None for p in params)  # no stale gradients (up to 3.2 GiB on SD 1.5)
@@ -97,8 +74,8 @@ def test_a_stopped_run_leaves_the_parts_clean_and_trains_again(rehearsal, workdi
     fresh = nbkit.load_parts("offline")  # the same weights, never touched by a run
     for name in ("unet", "text_encoder", "vae"):
         getattr(fresh, name).load_state_dict(getattr(parts, name).state_dict())
-    again = t4_path.run(case, workdir / f"again_{case}", instance, parts=parts, validation_steps=0)
-    clean = t4_path.run(case, workdir / f"clean_{case}", instance, parts=fresh, validation_steps=0)
+    again = t4_path.run(case, t4_workdir / f"again_{case}", t4_instance, parts=parts, validation_steps=0)
+    clean = t4_path.run(case, t4_workdir / f"clean_{case}", t4_instance, parts=fresh, validation_steps=0)
     assert t4_path.check(again) == []
     a, b = _weights(again.result.parts), _weights(clean.result.parts)
     assert all(torch.equal(a[k], b[k]) for k in a)  # a stale optimizer's hooks would have stepped them again
