@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import gc
+import importlib
 import json
 import os
 import resource
@@ -31,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import types
 from pathlib import Path
 
@@ -41,6 +43,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 GiB = 2**30
+VERSIONS = ("torch", "diffusers", "transformers", "accelerate", "bitsandbytes")
 PROMPT, CLASS_PROMPT = "a photo of zwx star", "a photo of a star"
 _L = lambda h, n, heads, **kw: dict(hidden_size=h, intermediate_size=4 * h, num_hidden_layers=n,  # noqa: E731
                                     num_attention_heads=heads, **kw)
@@ -67,35 +70,38 @@ def _reset_peak() -> bool:
 
 
 class Recorder:
-    """Flat phases, one at a time: seconds and peak RSS of each, plus an RSS sample every `interval` seconds."""
+    """Flat phases, one at a time: seconds and peak RSS of each (VmHWM: anonymous + file-backed pages, e.g. mmap'd
+    safetensors), plus RSS and anonymous RSS sampled every `interval` seconds (the timeline; the sampled peak)."""
 
     def __init__(self, interval: float = 1.0):
         self.segments: list[dict] = []
-        self.timeline: list[tuple[float, float, str]] = []
-        self.t0 = time.perf_counter()
-        self.label: str | None = None
-        self._start, self._sampled, self._hwm_ok = 0.0, 0, False
+        self.timeline: list[tuple[float, float, float, str]] = []  # seconds, RSS GiB, anonymous RSS GiB, phase
+        self.t0, self.label = time.perf_counter(), None
+        self._start, self._sampled, self._anon, self._hwm_ok = 0.0, 0, 0, False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, args=(interval,), daemon=True)
         self._thread.start()
 
     def _sample(self, interval: float) -> None:
         while not self._stop.wait(interval):
-            rss, label = _status("VmRSS"), self.label
-            self._sampled = max(self._sampled, rss) if label == self.label else self._sampled
-            self.timeline.append((round(time.perf_counter() - self.t0, 2), round(rss / GiB, 3), label or ""))
+            rss, anon, label = _status("VmRSS"), _status("RssAnon"), self.label
+            if label == self.label:
+                self._sampled, self._anon = max(self._sampled, rss), max(self._anon, anon)
+            self.timeline.append((round(time.perf_counter() - self.t0, 2), round(rss / GiB, 3), round(anon / GiB, 3),
+                                  label or ""))
 
     def switch(self, label: str | None) -> None:
         """End the current phase (if any) and start `label` (None: none)."""
-        now, rss = time.perf_counter(), _status("VmRSS")
+        now, rss, anon = time.perf_counter(), _status("VmRSS"), _status("RssAnon")
         if self.label is not None:
             peak = max(_status("VmHWM") if self._hwm_ok else self._sampled, rss)  # HWM exact, samples fallback
             self.segments.append({"phase": self.label, "seconds": now - self._start, "peak_rss_gib": peak / GiB,
-                                  "start_rss_gib": self._rss0 / GiB, "end_rss_gib": rss / GiB})
+                                  "start_rss_gib": self._rss0 / GiB, "end_rss_gib": rss / GiB,
+                                  "peak_anon_gib": max(self._anon, anon) / GiB})
             print(f"   [{now - self.t0:7.1f} s] {self.label}: {now - self._start:.1f} s, peak RSS {peak / GiB:.2f} GiB",
                   flush=True)
         self.label, self._start, self._rss0 = label, now, rss
-        self._hwm_ok, self._sampled = _reset_peak(), rss
+        self._hwm_ok, self._sampled, self._anon = _reset_peak(), rss, anon
 
     def close(self) -> None:
         self.switch(None), self._stop.set(), self._thread.join()
@@ -106,7 +112,7 @@ class Recorder:
         for s in self.segments:
             o = out.setdefault(s["phase"], dict(s, seconds=0.0))
             o.update(seconds=o["seconds"] + s["seconds"], peak_rss_gib=max(o["peak_rss_gib"], s["peak_rss_gib"]),
-                     end_rss_gib=s["end_rss_gib"])
+                     peak_anon_gib=max(o.get("peak_anon_gib", 0), s.get("peak_anon_gib", 0)), end_rss_gib=s["end_rss_gib"])
         return list(out.values())
 
 
@@ -307,10 +313,13 @@ def disk_check(needs, cfg) -> list[dict]:
 _f = lambda x, spec=".2f": "-" if x is None else format(x, spec)  # noqa: E731
 
 def tables(r: dict) -> str:
-    lines = ["| phase | seconds | peak RSS GiB | RSS at end GiB |", "|---|---:|---:|---:|"]
-    lines += [f"| {p['phase']} | {p['seconds']:.1f} | {p['peak_rss_gib']:.2f} | {p['end_rss_gib']:.2f} |"
-              for p in r["phases"]]
-    lines.append(f"| **whole run** | **{r['seconds']:.1f}** | **{r['ru_maxrss_gib']:.2f}** (ru_maxrss) | |")
+    lines = ["| phase | seconds | peak RSS GiB | peak anonymous RSS GiB (sampled) | RSS at end GiB |",
+             "|---|---:|---:|---:|---:|"]
+    lines += [f"| {p['phase']} | {p['seconds']:.1f} | {p['peak_rss_gib']:.2f} | {_f(p.get('peak_anon_gib'))} | "
+              f"{p['end_rss_gib']:.2f} |" for p in r["phases"]]
+    top = lambda k: max((p[k] for p in r["phases"] if p.get(k)), default=None)  # noqa: E731 - not ru_maxrss (reset)
+    lines.append(f"| **whole run** | **{r['seconds']:.1f}** | **{_f(top('peak_rss_gib'))}** | "
+                 f"**{_f(top('peak_anon_gib'))}** | |")
     if r.get("error"):
         lines += ["", "FAILED: " + r["error"].strip().splitlines()[-1]]
     c = r.get("planner")
@@ -328,13 +337,6 @@ def tables(r: dict) -> str:
     lines += [f"| {e['format']} | {e['size']} | {e['seconds']:.1f} | {_f(e['mean_pixel_diff'])} / {e['max_pixel_diff']} "
               f"| {e['ok']} |" for e in r.get("export", [])]
     return "\n".join(lines)
-
-
-def _versions() -> dict:
-    import importlib
-
-    return {m: importlib.import_module(m).__version__ for m in ("torch", "diffusers", "transformers", "accelerate",
-                                                                "bitsandbytes")}
 
 
 def _prepare(rec: Recorder, args, work: Path) -> tuple:
@@ -380,13 +382,12 @@ def _train_and_export(rec: Recorder, cfg, parts, work: Path, seen: dict) -> list
 
 def run(args, work: Path) -> dict:
     """Every phase; a failure is recorded (with the figures up to it) rather than raised."""
-    import traceback
-
     rec, seen, t0 = Recorder(0.1 if args.smoke else 1.0), {}, time.perf_counter()
     out = {"date": dt.datetime.now().isoformat(timespec="seconds"), "mode": args.mode, "smoke": args.smoke,
            "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                        "ram_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB},
-           "versions": _versions(), "clip": args.clip, "resolution": args.resolution}
+           "versions": {m: importlib.import_module(m).__version__ for m in VERSIONS}, "clip": args.clip,
+           "resolution": args.resolution}
     rec.switch("start (imports)")  # the libraries' own memory, before any model
     try:
         parts, out["saved_files"], out["loaded"], instance = _prepare(rec, args, work)
@@ -399,7 +400,7 @@ def run(args, work: Path) -> dict:
     rec.close()
     result, cfg = seen.pop("result", None), seen.get("cfg")
     out.update(seconds=time.perf_counter() - t0, phases=rec.phases(), segments=rec.segments,
-               ru_maxrss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB,
+               ru_maxrss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB,  # since the last reset
                timeline=rec.timeline[:: 1 if args.smoke else 5])
     if result is not None:
         out.update(losses=result.losses, metrics=result.metrics,
