@@ -36,9 +36,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from nbkit import methods, planner, presets, sd15  # noqa: E402
-from nbkit.config import TrainConfig  # noqa: E402
-from nbkit.runtime import Runtime  # noqa: E402
+from nbkit.config import TrainConfig
+from nbkit.env.runtime import Runtime
+from nbkit.memory import planner, tuning
+from nbkit.models import sd15
+from nbkit.training import methods
 
 GiB = 2**30
 METHODS = {
@@ -112,7 +114,7 @@ def _peaks() -> tuple[float | None, float | None]:
 
 
 def run_nbkit(cfg: TrainConfig, smoke: bool, device: str, warmup: int) -> dict:
-    from nbkit.train import train
+    from nbkit.training.loop import train
 
     parts = _fresh_parts(smoke, device, cfg)
     _reset_cuda()
@@ -141,8 +143,8 @@ def run_reference(cfg: TrainConfig, smoke: bool, device: str, steps: int, warmup
     the text encoder, then the UNet forward/backward and the optimizer step (same precision/optimizer/ckpt)."""
     import torch.nn.functional as F
 
-    from nbkit import data
-    from nbkit.optim import make_optimizer
+    from nbkit.data import images as data
+    from nbkit.training.optim import make_optimizer
 
     parts = _fresh_parts(smoke, device, cfg)
     dev = torch.device(device)
@@ -166,7 +168,8 @@ def run_reference(cfg: TrainConfig, smoke: bool, device: str, steps: int, warmup
     opt = make_optimizer(method.params, cfg, dev.type)
     scaler = torch.amp.GradScaler(dev.type, enabled=cfg.mixed_precision == "fp16")
     images = [e.image for e in data.load_folder(cfg.instance_dir, cfg.resolution)]
-    cls = [e.image for e in data.load_folder(cfg.class_dir, cfg.resolution, "class")] if cfg.with_prior_preservation else []
+    cls = ([e.image for e in data.load_folder(cfg.class_dir, cfg.resolution, "class")]
+           if cfg.with_prior_preservation else [])
     prompt = cfg.instance_prompt.replace(cfg.placeholder_token, " ".join(methods.ti_tokens(cfg)))
     sched = parts.noise_scheduler
     times = []
@@ -306,7 +309,7 @@ def main(argv: list[str] | None = None) -> dict:
                                resolution=res, max_train_steps=steps, learning_rate=1e-6, validation_steps=0,
                                class_dir=str(cls), **METHODS[mname])
             try:
-                tuned = presets.tune(base, pname, rt)
+                tuned = tuning.tune(base, pname, rt)
             except ValueError as err:  # e.g. 8gb-deepspeed with the text encoder
                 print(f"skip {mname} / {pname}: {err}")
                 continue
@@ -316,7 +319,8 @@ def main(argv: list[str] | None = None) -> dict:
                 continue
             p = planner.plan(cfg, model, gpu_gb=rt.gpu_memory_gb or None, device=rt.device, bf16=rt.bf16)
             settings = (f"{cfg.mixed_precision}, {'8-bit' if cfg.use_8bit_adam and cuda else 'AdamW'}"
-                        f"{', ckpt' if cfg.gradient_checkpointing else ''}{', in-backward' if cfg.optimizer_in_backward else ''}")
+                        f"{', ckpt' if cfg.gradient_checkpointing else ''}"
+                        f"{', in-backward' if cfg.optimizer_in_backward else ''}")
             print(f"== {mname} / {pname}: {settings}", flush=True)
             row = {"method": mname, "preset": pname if pname != "auto" else f"auto ({tuned.preset})",
                    "settings": settings, "planner_gib": p.allocated / GiB, "planner_fits": p.fits,
@@ -325,8 +329,9 @@ def main(argv: list[str] | None = None) -> dict:
                 row["reference"] = run_reference(cfg, smoke, device, steps, warmup)
             rows.append(row)
             print(table([row]).splitlines()[-1], flush=True)
-    result = {"date": dt.datetime.now().isoformat(timespec="seconds"), "gpu": gpu, "cap_gib": args.cap_gib if cuda else None,
-              "resolution": res, "steps": steps, "warmup": warmup, "smoke": smoke, "versions": _versions(), "rows": rows}
+    result = {"date": dt.datetime.now().isoformat(timespec="seconds"), "gpu": gpu,
+              "cap_gib": args.cap_gib if cuda else None, "resolution": res, "steps": steps, "warmup": warmup,
+              "smoke": smoke, "versions": _versions(), "rows": rows}
     md = (f"{result['date']} · GPU: {gpu}" + (f" capped at {args.cap_gib:g} GiB" if cuda else "") + f" · {res} px · "
           + " · ".join(f"{k} {v}" for k, v in result["versions"].items()) + "\n\n" + table(rows))
     print("\n" + md)

@@ -5,7 +5,7 @@
 
 For each claim of the seeds (learning rate x steps, prior preservation, schedulers on an overfit model, training
 the text encoder, textual inversion and TI -> DreamBooth, LoRA) this runs the toy experiment that tests it, scores
-the pictures with the toy judge (nbkit.judge) and says whether the claim held. The GPU-only claims (what fits in
+the pictures with the toy judge (nbkit.toy.judge) and says whether the claim held. The GPU-only claims (what fits in
 16 GB) are measured by benchmarks/bench_memory.py and recorded in benchmarks/RESULTS.md.
 
 Scores (share of pictures, fixed seeds): subject fidelity on "a photo of zwx star"; prompt fidelity on the subject
@@ -26,8 +26,10 @@ from pathlib import Path
 
 import torch
 
-from nbkit import export, judge, load_parts
-from nbkit.offline import OFFLINE_BATCH_SIZE, offline_model_dir
+from nbkit import load_parts
+from nbkit.export import formats as export
+from nbkit.models.offline import OFFLINE_BATCH_SIZE, offline_model_dir
+from nbkit.toy import judge
 
 from . import toy_results as tr
 
@@ -133,7 +135,8 @@ def verdicts(m: dict) -> list[tuple[str, str, str, bool]]:
         f"best balance {pct(balance(sweet))} at LR {slr:g} x {sst} steps (subject {pct(sweet['subject_fidelity'])}, "
         f"new contexts {pct(sweet['prompt_fidelity'])}); the hottest cell, LR {hlr:g} x {hst}: new contexts "
         f"{pct(hot['prompt_fidelity'])}",
-        f"grid below; UNet only, batch {OFFLINE_BATCH_SIZE}", balance(sweet) > balance(hot) and hot["prompt_fidelity"] < sweet["prompt_fidelity"]))
+        f"grid below; UNet only, batch {OFFLINE_BATCH_SIZE}",
+        balance(sweet) > balance(hot) and hot["prompt_fidelity"] < sweet["prompt_fidelity"]))
     dp, dw = m["no_prior"]["class_drift"], m["prior"]["class_drift"]
     plr, pst = m["prior_setting"]
     rows.append((
@@ -167,12 +170,14 @@ def verdicts(m: dict) -> list[tuple[str, str, str, bool]]:
         "TI first, then DreamBooth, is a middle ground",
         f"balance: TI {pct(balance(m['ti']))}, TI -> DreamBooth {pct(balance(m['ti_db']))}, DreamBooth "
         f"{pct(balance(m['plain']))}",
-        f"DreamBooth from the learned word at LR {slr / 2:g} x {sst}", lo <= balance(m["ti_db"]) or balance(m["ti_db"]) >= hi))
+        f"DreamBooth from the learned word at LR {slr / 2:g} x {sst}",
+        lo <= balance(m["ti_db"]) or balance(m["ti_db"]) >= hi))
     rows.append((
         "LoRA trains small adapters: MB-sized files, fastest",
         f"{m['lora_bytes'] / 2**20:.2f} MB (fp16) vs {m['plain_bytes'] / 2**20:.1f} MB; {m['lora_seconds']:.0f} s vs "
         f"{m['plain_seconds']:.0f} s; balance {pct(balance(m['lora']))} vs {pct(balance(m['plain']))}",
-        f"rank 8, LR {LORA_RATE * slr:g} x {sst}", m["lora_bytes"] * 4 < m["plain_bytes"] and m["lora_seconds"] < m["plain_seconds"]))
+        f"rank 8, LR {LORA_RATE * slr:g} x {sst}",
+        m["lora_bytes"] * 4 < m["plain_bytes"] and m["lora_seconds"] < m["plain_seconds"]))
     return rows
 
 
@@ -198,13 +203,14 @@ def markdown(m: dict, quick: bool) -> str:
     ]
     for lr, curve in m["grid"].items():
         lines.append(f"| {lr:g} | " + " | ".join(
-            f"{s['subject_fidelity']:.0%} / {s['prompt_fidelity']:.0%} / {s['class_drift']:.0%}" for s in curve.values())
+            f"{s['subject_fidelity']:.0%} / {s['prompt_fidelity']:.0%} / {s['class_drift']:.0%}"
+            for s in curve.values())
             + " |")
     lines += ["", f"Base model (no fine-tune): subject {m['base']['subject_fidelity']:.0%}, new contexts "
               f"{m['base']['prompt_fidelity']:.0%}, class drift {m['base']['class_drift']:.0%}.", "",
               "## Memory (GPU claims)", "",
-              "8-bit Adam, fp16, gradient checkpointing and accumulation making DreamBooth + text encoder fit 16 GB, and "
-              "DeepSpeed CPU offload for 8 GB: predicted by `nbkit.planner` and measured by "
+              "8-bit Adam, fp16, gradient checkpointing and accumulation making DreamBooth + text encoder fit 16 GB, "
+              "and DeepSpeed CPU offload for 8 GB: predicted by `nbkit.memory.planner` and measured by "
               "`benchmarks/bench_memory.py`; see [benchmarks/RESULTS.md](../benchmarks/RESULTS.md) (GPU figures are "
               "recorded there when a GPU run has been made).", ""]
     return "\n".join(lines)

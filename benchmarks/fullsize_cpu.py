@@ -121,7 +121,8 @@ def build_model(folder: Path, smoke: bool) -> dict:
     one folder per part, fp32 files and `*.fp16.safetensors` next to them. Returns the files and their sizes."""
     from diffusers import StableDiffusionPipeline
 
-    from nbkit import load_parts, sd15
+    from nbkit import load_parts
+    from nbkit.models import sd15
 
     parts = load_parts("offline") if smoke else sd15.build_parts("cpu")
     pipe = StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
@@ -137,10 +138,10 @@ def build_model(folder: Path, smoke: bool) -> dict:
 
 def build_scorers(root: Path, smoke: bool, clip: str) -> tuple[Path, Path]:
     """CLIP and DINO ViT-S/16 from their configs with random weights, saved where from_pretrained reads them."""
-    from transformers import CLIPConfig, CLIPImageProcessor as CIP, CLIPModel, CLIPProcessor, ViTConfig, ViTModel
-    from transformers import ViTImageProcessor
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, ViTConfig, ViTImageProcessor, ViTModel
+    from transformers import CLIPImageProcessor as CIP
 
-    from nbkit import sd15
+    from nbkit.models import sd15
 
     tok = sd15.tokenizer()  # CLIP's 49,408 entries
     text, vision, proj = (dict(TINY), dict(TINY, patch_size=8), 16) if smoke else CLIPS[clip]
@@ -159,7 +160,7 @@ def build_scorers(root: Path, smoke: bool, clip: str) -> tuple[Path, Path]:
 
 def instance_images(folder: Path, size: int) -> Path:
     """Toy-world stars drawn at full size (the smoke run uses the kit's sample pictures: the toy judge's)."""
-    from nbkit import toyworld
+    from nbkit.toy import world as toyworld
 
     folder.mkdir(parents=True, exist_ok=True)
     for i, bg in enumerate(("black", "white")):
@@ -171,7 +172,8 @@ def train_config(args, work: Path, model_dir: Path, instance_dir: Path):
     from nbkit import TrainConfig
 
     return TrainConfig(
-        model=str(model_dir), instance_dir=str(instance_dir), output_dir=str(work / "run"), class_dir=str(work / "class"),
+        model=str(model_dir), instance_dir=str(instance_dir), output_dir=str(work / "run"),
+        class_dir=str(work / "class"),
         method="dreambooth", train_text_encoder=True, with_prior_preservation=True, instance_prompt=PROMPT,
         class_prompt=CLASS_PROMPT, num_class_images=1, class_batch_size=1, sample_steps=2, resolution=args.resolution,
         max_train_steps=1, eval_steps=1, eval_seeds=1, use_8bit_adam=True, gradient_checkpointing=True,
@@ -212,7 +214,11 @@ def instrumented(rec: Recorder, seen: dict, fp32: bool):
     """Phases inside nbkit.train and take_home, by wrapping the functions they call; what the disk check expected
     and the tensors counted at the optimizer step land in `seen`. fp32: sampling without autocast (for an all-fp32
     pipeline on the rehearsed T4 sample._autocast picks fp16, unusably slow on this CPU)."""
-    from nbkit import checkpoint, guards, methods, optim, prior, sample, takehome, tracking
+    from nbkit.data import class_images as prior
+    from nbkit.export import takehome
+    from nbkit.sample import sampling as sample
+    from nbkit.scores import tracking
+    from nbkit.training import checkpoint, guards, methods, optim
 
     def phase(label, after=None):  # label / after: a string, or a function of the call's arguments
         def make(f):
@@ -268,7 +274,8 @@ def _planner_terms(plan) -> dict[str, float]:
     terms = {"weights": 0.0, "optimizer state": 0.0, "gradients": 0.0, "activations": 0.0, "other": 0.0}
     for what, b in plan.rows:
         key = ("weights" if " weights" in what.split("(")[0] else "optimizer state" if what.startswith("optimizer")
-               else "gradients" if what.startswith("gradients") else "activations" if what.startswith("activ") else "other")
+               else "gradients" if what.startswith("gradients")
+               else "activations" if what.startswith("activ") else "other")
         terms[key] += b / GiB
     terms["peak allocated"] = plan.allocated / GiB
     return terms
@@ -277,7 +284,7 @@ def _planner_terms(plan) -> dict[str, float]:
 def compare(cfg, model: str, counted: dict, train_peak: float, step_start: float) -> dict:
     """The planner's T4 plan (fp16 mixed precision, 16 GiB, no bf16) and the same plan in this run's precision,
     next to the tensors counted at the optimizer step and the RSS measured during the step."""
-    from nbkit import planner
+    from nbkit.memory import planner
 
     t4 = planner.plan(cfg.replace(mixed_precision="auto"), model, gpu_gb=16, device="cuda", bf16=False)
     same = planner.plan(cfg, model, gpu_gb=16, device="cuda", bf16=False)
@@ -329,12 +336,14 @@ def tables(r: dict) -> str:
                   "counted / measured here GiB |", "|---|---:|---:|---:|"]
     for k in ("weights", "optimizer state", "gradients", "activations", "other", "peak allocated"):
         lines.append(f"| {k} | {_f(c['t4'][k])} | {_f(c['same_precision'][k])} | {_f(c['measured'][k])} |")
-    lines += ["", f"RSS at the step's start {c['train_step_start_rss_gib']:.2f} GiB, peak {c['train_step_peak_rss_gib']:.2f}"
-                  f" GiB: activations = peak - start - gradients - optimizer state. VAE {c['vae_weights_gib']:.2f} GiB."]
+    lines += ["", f"RSS at the step's start {c['train_step_start_rss_gib']:.2f} GiB, peak "
+                  f"{c['train_step_peak_rss_gib']:.2f} GiB: activations = peak - start - gradients - optimizer "
+                  f"state. VAE {c['vae_weights_gib']:.2f} GiB."]
     lines += ["", "| disk check item | expected GB | written GB |", "|---|---:|---:|"]
     lines += [f"| {d['what']} | {d['expected_gb']:.3f} | {_f(d['written_gb'], '.3f')} |" for d in r.get("disk", [])]
     lines += ["", "| export | size | seconds | pixel diff mean / max | ok |", "|---|---:|---:|---:|---|"]
-    lines += [f"| {e['format']} | {e['size']} | {e['seconds']:.1f} | {_f(e['mean_pixel_diff'])} / {e['max_pixel_diff']} "
+    lines += [f"| {e['format']} | {e['size']} | {e['seconds']:.1f} | {_f(e['mean_pixel_diff'])} / "
+              f"{e['max_pixel_diff']} "
               f"| {e['ok']} |" for e in r.get("export", [])]
     return "\n".join(lines)
 
@@ -342,7 +351,7 @@ def tables(r: dict) -> str:
 def _prepare(rec: Recorder, args, work: Path) -> tuple:
     """Build and save the model, build the scorers, load the model back with the notebooks' loader."""
     from nbkit import load_parts
-    from nbkit.offline import SAMPLE_INSTANCE_DIR
+    from nbkit.models.offline import SAMPLE_INSTANCE_DIR
 
     rec.switch("build + save (fp32 + fp16 variant)")
     files = build_model(work / "sd15", args.smoke)
@@ -364,8 +373,9 @@ def _prepare(rec: Recorder, args, work: Path) -> tuple:
 
 
 def _train_and_export(rec: Recorder, cfg, parts, work: Path, seen: dict) -> list[dict]:
-    from nbkit import evaluate, train
-    from nbkit.takehome import take_home
+    from nbkit import train
+    from nbkit.export.takehome import take_home
+    from nbkit.scores import evaluate
 
     with instrumented(rec, seen, cfg.mixed_precision == "no"):
         rec.switch("train: place weights, disk check")

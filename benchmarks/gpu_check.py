@@ -47,7 +47,7 @@ def t4_checks(cuda: bool, work: Path, cases: list[str]) -> list[dict]:
     import torch
 
     from benchmarks import t4_path
-    from nbkit.offline import SAMPLE_INSTANCE_DIR
+    from nbkit.models.offline import SAMPLE_INSTANCE_DIR
 
     rows, emb = [], None
     over = {"mixed_precision": "fp16"} if cuda else {}

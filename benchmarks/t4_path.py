@@ -2,7 +2,7 @@
 is asserted (finite losses, the loss scale, what changed and in which precision, samples, exports, resume).
 
 Two places run the same checks:
-- tests/test_t4_rehearsal.py on the CPU, with NBKIT_T4_REHEARSAL=1 (nbkit.runtime): fp16 frozen weights, CPU fp16
+- tests/test_t4_rehearsal.py on the CPU, with NBKIT_T4_REHEARSAL=1 (nbkit.env.runtime): fp16 frozen weights, CPU fp16
   autocast, `torch.amp.GradScaler("cpu")`, bitsandbytes' 8-bit AdamW, gradient checkpointing, the optimizer in
   backward: a T4's lines of code, on CPU kernels;
 - benchmarks/gpu_check.py on a CUDA GPU: the same lines on the real kernels.
@@ -70,7 +70,7 @@ def run(case: str, workdir: Path, instance_dir: str | Path, model: str = "offlin
         parts=None, **over) -> Facts:
     """Train one case; `embedding`: the learned word ti_dreambooth starts from (a TI case's result.saved)."""
     import nbkit
-    from nbkit import export
+    from nbkit.export import formats as export
 
     parts = parts or nbkit.load_parts(model)
     if case == "ti_dreambooth":
@@ -153,7 +153,7 @@ def _samples(f: Facts) -> list[str]:
 
 def check_export(f: Facts, out: Path) -> list[str]:
     """The run's take-home files in fp16, each reloaded and drawing the picture the model in memory draws."""
-    from nbkit import takehome
+    from nbkit.export import takehome
 
     written = takehome.take_home(f.result, out, dtype="fp16", steps=4)
     problems = [f"{fmt}: {item.line()}" for fmt, item in written.items() if not item.ok]
@@ -166,7 +166,7 @@ def main() -> int:
 
     if not torch.cuda.is_available():
         os.environ["NBKIT_T4_REHEARSAL"] = "1"
-    from nbkit.offline import SAMPLE_INSTANCE_DIR
+    from nbkit.models.offline import SAMPLE_INSTANCE_DIR
 
     failed = 0
     with tempfile.TemporaryDirectory() as tmp:

@@ -23,11 +23,13 @@ from pathlib import Path
 
 import torch
 
-from nbkit import judge, load_parts, pipeline, toyworld
+from nbkit import load_parts, pipeline
 from nbkit.config import TrainConfig
-from nbkit.offline import NEW_CONTEXTS, OFFLINE_BATCH_SIZE, SAMPLE_INSTANCE_DIR, offline_model_dir
-from nbkit.sample import generate
-from nbkit.train import train
+from nbkit.models.offline import NEW_CONTEXTS, OFFLINE_BATCH_SIZE, SAMPLE_INSTANCE_DIR, offline_model_dir
+from nbkit.sample.sampling import generate
+from nbkit.toy import judge
+from nbkit.toy import world as toyworld
+from nbkit.training.loop import train
 
 ROOT = Path(__file__).resolve().parent.parent
 SUBJECT, CLASS_NOUN = "zwx", "star"
@@ -68,7 +70,8 @@ def base_prompt_following(pipe, n: int = 48, seed: int = 0) -> dict[str, float]:
 def dreambooth(lr: float, steps: int, prior: bool = False, workdir: Path | None = None, num_class_images: int = 16,
                seed: int = 0, instance_dir: Path = SAMPLE_INSTANCE_DIR, parts=None, **overrides):
     """One toy fine-tune on the sample subject (DreamBooth of the UNet at the toy batch size unless `overrides` say
-    otherwise, e.g. method="lora"), in a fresh output folder, from `parts` (default: the offline model); returns the TrainResult."""
+    otherwise, e.g. method="lora"), in a fresh output folder, from `parts` (default: the offline model); returns the
+    TrainResult."""
     workdir = Path(workdir or tempfile.mkdtemp(prefix="toydb-"))
     workdir.mkdir(parents=True, exist_ok=True)
     run_dir = tempfile.mkdtemp(prefix=f"db-{lr:g}-{steps}-{int(prior)}-", dir=workdir)  # never resumes another run
@@ -174,7 +177,8 @@ one image each; share the judge reads as asked:
 
 | shape and colour | shape, colour and background | shape | colour | background |
 |---|---|---|---|---|
-| {follow['shape_colour']:.0%} | {follow['shape_colour_background']:.0%} | {follow['shape']:.0%} | {follow['colour']:.0%} | {follow['background']:.0%} |
+| {follow['shape_colour']:.0%} | {follow['shape_colour_background']:.0%} | {follow['shape']:.0%} | \
+{follow['colour']:.0%} | {follow['background']:.0%} |
 
 ## DreamBooth on the sample subject (5 pictures of `zwx star`, UNet only, batch 1)
 

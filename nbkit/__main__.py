@@ -1,6 +1,6 @@
 """`python -m nbkit ...` and `accelerate launch -m nbkit ...`: see nbkit.cli."""
 
-from .cli import entry
+from nbkit.cli import entry
 
 if __name__ == "__main__":
     entry()

@@ -8,7 +8,14 @@
     python -m nbkit plan --config run.yaml --gpu-gb 15            # predicted peak memory on a 16 GB card
     python -m nbkit presets                                       # what each preset sets
     python -m nbkit calibrate --spec sd15                         # re-measure the planner's activation model
-    python -m nbkit sweep configs/sweeps/toy_lr_steps.yaml        # a notebook over a grid (see nbkit.sweep)
+    python -m nbkit sweep configs/sweeps/toy_lr_steps.yaml        # a notebook over a grid (see nbkit.notebook.sweep)
+    python -m nbkit class-images --prompt "a photo of a dog" --out shared/class_images/dog   # prior preservation
+    python -m nbkit pretrain --quick                              # (re)pretrain the toy model (nbkit.toy.pretrain)
+    python -m nbkit judge                                         # retrain the toy judge (nbkit.toy.judge)
+    python -m nbkit offline                                       # remake the offline spec (nbkit.toy.spec)
+
+`python -m nbkit <command> --help` shows each command's own options. Each module also runs on its own
+(`python -m nbkit.toy.pretrain`, `python -m nbkit.notebook.sweep`, ...), and `python tools/class_images.py` still works.
 
 The config file (YAML or JSON) holds TrainConfig fields (and optionally `preset`); any field can also be given
 as a flag (`--max_train_steps 800 --train_text_encoder true`), flags winning over the file. Settings given
@@ -19,14 +26,27 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
-from .config import ConfigError, TrainConfig
+from nbkit.config import ConfigError, TrainConfig
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+# Commands with their own argument parser: `python -m nbkit NAME ARGS...` calls module.function(ARGS...), so that
+# `python -m nbkit NAME --help` is that parser's help. calibrate's parser expects the word "calibrate" itself.
+DELEGATED = {
+    "calibrate": ("nbkit.memory.planner", "_main", True, "re-measure the planner's activation model"),
+    "sweep": ("nbkit.notebook.sweep", "main", False, "run a notebook over a grid of parameters (resumable)"),
+    "class-images": ("nbkit.cli", "class_images", False, "make a class prompt's prior-preservation images"),
+    "pretrain": ("nbkit.toy.pretrain", "main", False, "pretrain the toy model (writes data/toy-sd/)"),
+    "judge": ("nbkit.toy.judge", "main", False, "train the toy judge again (writes data/judge/)"),
+    "offline": ("nbkit.toy.spec", "main", False, "remake the offline spec and the sample pictures"),
+}
 
 
 def read_config_file(path: str | Path) -> dict:
@@ -61,9 +81,67 @@ def _parser() -> argparse.ArgumentParser:
         for f in FIELDS.values():
             p.add_argument(f"--{f.name}", dest=f"field_{f.name}", metavar="VALUE", help=f"TrainConfig.{f.name}")
     sub.add_parser("presets", help="list the memory presets")
-    sub.add_parser("calibrate", help="re-measure the planner's activation model (python -m nbkit calibrate -h)")
-    sub.add_parser("sweep", help="run a notebook over a grid of parameters (python -m nbkit sweep -h)")
+    for name, (_, _, _, helptext) in DELEGATED.items():
+        sub.add_parser(name, help=helptext)  # its options: python -m nbkit NAME --help
     return ap
+
+
+CLASS_IMAGES_EXAMPLES = """Already present images are kept (an interrupted run resumes); a folder made for another
+prompt is refused. One folder per class prompt:
+
+    python -m nbkit class-images --prompt "a photo of a dog" --out shared/class_images/dog --count 200
+    python -m nbkit class-images --model offline --prompt "a photo of a star" --out shared/class_images/star
+"""
+
+
+def delegate(name: str, argv: list[str]) -> int:
+    """`python -m nbkit NAME ARGS...`: the command's own entry function with the rest of the command line."""
+    module, function, keep_name, _ = DELEGATED[name]
+    rc = getattr(importlib.import_module(module), function)([name, *argv] if keep_name else argv)
+    return 0 if rc is None else int(rc)
+
+
+def class_images(argv: list[str] | None = None) -> int:
+    """`python -m nbkit class-images`: make the class images of prior preservation once, for a whole class.
+
+    Every student then points class_dir at the same folder: nobody waits for generation, and the folder is reused
+    by every notebook and run. Already present images are kept (an interrupted run resumes); a folder made for
+    another prompt is refused. One folder per class prompt (nbkit.data.class_images.ensure_class_images; fp16 on a GPU).
+    """
+    ap = argparse.ArgumentParser(prog="python -m nbkit class-images", description=class_images.__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=CLASS_IMAGES_EXAMPLES)
+    ap.add_argument("--prompt", required=True, help='the class, without the identifier, e.g. "a photo of a dog"')
+    ap.add_argument("--out", required=True, help="folder for the images (shared by the whole class)")
+    ap.add_argument("--model", default="auto", help='"auto" (SD 1.5 on a GPU with the hub), a hub id, a folder, '
+                    'or "offline"')
+    ap.add_argument("--count", type=int, default=200, help="images to have in the folder (the course uses ~200)")
+    ap.add_argument("--resolution", type=int, default=None, help="image side (default: 512, or 64 offline)")
+    ap.add_argument("--steps", type=int, default=50, help="inference steps per image")
+    ap.add_argument("--batch-size", type=int, default=4, help="images per batch (lower it if the GPU runs out)")
+    ap.add_argument("--seed", type=int, default=0, help="base seed (image i uses seed*10000 + i)")
+    a = ap.parse_args(argv)
+
+    import torch
+
+    from nbkit.data.class_images import ensure_class_images
+    from nbkit.env import runtime
+    from nbkit.models import offline
+    from nbkit.models.parts import load_parts
+
+    rt = runtime.detect()
+    model, why = runtime.choose_model(a.model, rt)
+    print(rt.describe())
+    print(why)
+    parts = load_parts(model)
+    small = parts.source == str(offline.offline_model_dir())
+    resolution = a.resolution or (offline.OFFLINE_RESOLUTION if small else 512)
+    dtype = torch.float16 if rt.device == "cuda" else torch.float32
+    t = time.perf_counter()
+    paths = ensure_class_images(parts, a.prompt, a.out, a.count, resolution, seed=a.seed, batch_size=a.batch_size,
+                                steps=a.steps, device=rt.device, dtype=dtype)
+    print(f"{len(paths)} class images for {a.prompt!r} in {a.out} ({time.perf_counter() - t:.0f} s). "
+          f"Point class_dir at this folder (with class_prompt {a.prompt!r}) in every run.")
+    return 0
 
 
 def _value(name: str, raw: str):
@@ -129,30 +207,24 @@ def build_config(args: argparse.Namespace) -> tuple[TrainConfig, str, set[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["sweep"]:  # python -m nbkit sweep ... = python -m nbkit.sweep ...
-        from .sweep import main as sweep_main
-
-        return sweep_main(argv[1:])
-    if argv[:1] == ["calibrate"]:  # the planner's own parser (python -m nbkit calibrate --help)
-        from .planner import _main
-
-        _main(argv)
-        return 0
+    if argv[:1] and argv[0] in DELEGATED:  # python -m nbkit sweep ... = python -m nbkit sweep ... (its own parser)
+        return delegate(argv[0], argv[1:])
     args = _parser().parse_args(argv)
-    from . import presets
+    from nbkit.memory import tuning
 
     if args.command == "presets":
-        print(presets.describe())
+        print(tuning.describe())
         return 0
-    from . import runtime
-    from .launch import world_size
+    from nbkit.env import runtime
+    from nbkit.training.accel import world_size
 
     cfg, preset, given = build_config(args)
     rt = runtime.detect()
     if args.command == "plan" and getattr(args, "gpu_gb", None):
-        rt = runtime.Runtime("local", "cuda", f"{args.gpu_gb:g} GiB GPU", 1, args.gpu_gb, bool(getattr(args, "bf16", False)))
+        rt = runtime.Runtime("local", "cuda", f"{args.gpu_gb:g} GiB GPU", 1, args.gpu_gb,
+                             bool(getattr(args, "bf16", False)))
     main_process = int(os.environ.get("RANK", "0")) == 0
-    tuned = presets.tune(cfg, preset, rt, num_processes=world_size(), keep=given)
+    tuned = tuning.tune(cfg, preset, rt, num_processes=world_size(), keep=given)
     if main_process:
         print(rt.describe())
         print(tuned)
@@ -160,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "plan":
         return 0 if tuned.plan.fits else 1
     tuned.config.validate()
-    from .train import train
+    from nbkit.training.loop import train
 
     result = train(tuned.config, progress=main_process)
     if main_process:

@@ -62,15 +62,17 @@ class TrainConfig:
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0  # gradient clipping (0: off)
     prediction_type: str = "auto"  # "auto" (the model's scheduler says), "epsilon" or "v_prediction"
-    noise_offset: float | str = "auto"  # offset noise (diffusers' --noise_offset); "auto": as the model was pretrained (toy-sd 0.1, SD 1.5 0)
-    snr_gamma: float | str = "auto"  # min-SNR loss weighting (diffusers' --snr_gamma, 5.0 usual; 0 off); "auto": as pretrained
+    # offset noise (diffusers' --noise_offset); "auto": as the model was pretrained (toy-sd 0.1, SD 1.5 0)
+    noise_offset: float | str = "auto"
+    # min-SNR loss weighting (diffusers' --snr_gamma, 5.0 usual; 0 off); "auto": as pretrained
+    snr_gamma: float | str = "auto"
     # --- memory and speed
     mixed_precision: str = "auto"  # "auto" (fp16 on T4/P100, bf16 where supported, none on CPU), "no", "fp16", "bf16"
     use_8bit_adam: bool = False  # bitsandbytes 8-bit AdamW (CUDA only; falls back to AdamW with a message)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~20% slower
     cache_latents: bool = True  # encode the images once; the VAE then leaves the GPU
     optimizer_in_backward: bool = False  # step each parameter as its gradient is ready (no clipping/accumulation)
-    deepspeed_config: str = ""  # DeepSpeed JSON (ZeRO-2 CPU offload: nbkit.presets "8gb-deepspeed"); "" = none
+    deepspeed_config: str = ""  # DeepSpeed JSON (ZeRO-2 CPU offload: nbkit.training.presets "8gb-deepspeed"); "" = none
     # --- validation and output
     validation_prompts: list[str] = field(default_factory=list)  # sampled every validation_steps (fixed seeds)
     validation_steps: int = 100  # 0: no validation during training
@@ -87,7 +89,8 @@ class TrainConfig:
     checkpointing_steps: int = 200  # write a resumable checkpoint every this many steps (0: never)
     checkpoints_total_limit: int | None = 1  # keep at most this many checkpoints, newest first (None: keep all)
     checkpoints_dir: str = ""  # where checkpoints go; "" = output_dir/checkpoints (on Colab: a Drive folder survives)
-    resume: str | None = "auto"  # "auto": from the latest complete checkpoint; a checkpoint folder; None/"never": start over
+    # "auto": from the latest complete checkpoint; a checkpoint folder; None/"never": start over
+    resume: str | None = "auto"
 
     def replace(self, **changes) -> TrainConfig:
         """A copy with some settings changed (validated)."""
@@ -106,7 +109,8 @@ class TrainConfig:
         if not self.learning_rate > 0:
             e.append(f"learning_rate={self.learning_rate}: must be > 0 (the course uses 1e-6 to 5e-6 for DreamBooth).")
         if self.resolution <= 0 or self.resolution % 8:
-            e.append(f"resolution={self.resolution}: must be a positive multiple of 8 (512 for SD 1.x, 768 for SD 2.x).")
+            e.append(f"resolution={self.resolution}: must be a positive multiple of 8 (512 for SD 1.x, 768 for "
+                     "SD 2.x).")
         for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "num_vectors", "lora_rank",
                      "class_batch_size"):
             if getattr(self, name) < 1:
@@ -119,10 +123,13 @@ class TrainConfig:
             e.append(f"eval_seeds={self.eval_seeds}: must be at least 1 when eval_steps is on.")
         if self.mixed_precision not in PRECISIONS:
             e.append(f"mixed_precision={self.mixed_precision!r}: choose one of {', '.join(PRECISIONS)}.")
-        if self.noise_offset != "auto" and not (isinstance(self.noise_offset, (int, float)) and 0 <= self.noise_offset <= 1):
-            e.append(f"noise_offset={self.noise_offset!r}: \"auto\" or a number from 0 to 1 (0.1 is usual, 0 turns it off).")
+        if self.noise_offset != "auto" and not (isinstance(self.noise_offset, (int, float))
+                                                and 0 <= self.noise_offset <= 1):
+            e.append(f"noise_offset={self.noise_offset!r}: \"auto\" or a number from 0 to 1 (0.1 is usual, 0 turns it "
+                     "off).")
         if self.snr_gamma != "auto" and not (isinstance(self.snr_gamma, (int, float)) and self.snr_gamma >= 0):
-            e.append(f"snr_gamma={self.snr_gamma!r}: \"auto\" or a number >= 0 (5.0 is usual, 0 turns min-SNR weighting off).")
+            e.append(f"snr_gamma={self.snr_gamma!r}: \"auto\" or a number >= 0 (5.0 is usual, 0 turns min-SNR "
+                     "weighting off).")
         if self.prediction_type not in PREDICTIONS:
             e.append(f"prediction_type={self.prediction_type!r}: choose one of {', '.join(PREDICTIONS)}.")
         if self.save_dtype not in ("fp32", "fp16"):
@@ -131,9 +138,11 @@ class TrainConfig:
             e.append(f"checkpointing_steps={self.checkpointing_steps}: must be >= 0 (0 turns checkpoints off).")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             e.append(f"checkpoints_total_limit={self.checkpoints_total_limit}: must be None (keep all) or at least 1.")
-        if check_paths and self.resume not in ("auto", "never", None) and not (Path(self.resume) / "checkpoint.json").is_file():
+        if (check_paths and self.resume not in ("auto", "never", None)
+                and not (Path(self.resume) / "checkpoint.json").is_file()):
             e.append(f"resume={self.resume!r}: not a complete checkpoint folder (it has no checkpoint.json). Use "
-                     "'auto' (the latest complete checkpoint), None or 'never' (start over), or a checkpoints/step_NNNNNN folder.")
+                     "'auto' (the latest complete checkpoint), None or 'never' (start over), or a "
+                     "checkpoints/step_NNNNNN folder.")
         if self.text_encoder_steps is not None and self.text_encoder_steps < 0:
             e.append(f"text_encoder_steps={self.text_encoder_steps}: must be None or >= 0.")
         # prompts
@@ -167,14 +176,15 @@ class TrainConfig:
         if self.deepspeed_config:
             e += self._deepspeed_problems()
             if check_paths and not Path(self.deepspeed_config).is_file():
-                e.append(f"deepspeed_config {self.deepspeed_config!r} does not exist: use nbkit.presets."
+                e.append(f"deepspeed_config {self.deepspeed_config!r} does not exist: use nbkit.training.presets."
                          "deepspeed_config_path() (configs/deepspeed/zero2_offload.json) or leave it empty.")
         if check_paths:
             p = Path(self.instance_dir) if self.instance_dir else None
             if p is None:
                 e.append("instance_dir is empty: point it at a folder with 3-10 pictures of your subject.")
             elif not p.exists():
-                e.append(f"instance_dir {str(p)!r} does not exist: check the path (on Colab, upload or mount Drive first).")
+                e.append(f"instance_dir {str(p)!r} does not exist: check the path (on Colab, upload or mount "
+                         "Drive first).")
             elif not p.is_dir():
                 e.append(f"instance_dir {str(p)!r} is a file, not a folder: give the folder that holds the pictures.")
         if e:
@@ -189,17 +199,19 @@ class TrainConfig:
                      "prepares one model for it). Set train_text_encoder=False, or use PRESET='8gb' to train the text "
                      "encoder on 8 GB.")
         if self.method == "lora" and self.lora_text_encoder:
-            e.append("deepspeed_config with method='lora' and lora_text_encoder=True: accelerate prepares one model for "
-                     "DeepSpeed, the text encoder's adapters would be a second. Set lora_text_encoder=False (UNet "
-                     "adapters only), or leave deepspeed_config empty: LoRA fits 8 GB without DeepSpeed (PRESET='8gb').")
+            e.append("deepspeed_config with method='lora' and lora_text_encoder=True: accelerate prepares one model "
+                     "for DeepSpeed, the text encoder's adapters would be a second. Set lora_text_encoder=False (UNet "
+                     "adapters only), or leave deepspeed_config empty: LoRA fits 8 GB without DeepSpeed "
+                     "(PRESET='8gb').")
         if self.method == "textual_inversion":
             e.append("deepspeed_config with method='textual_inversion': ZeRO steps its own fp32 copy of the embeddings "
                      "and writes it back, undoing TI's restore of every row but the new token's. TI's memory is tiny, "
                      "it fits 8 GB without DeepSpeed: leave deepspeed_config empty (PRESET='8gb').")
         if self.checkpointing_steps:
-            e.append(f"deepspeed_config with checkpointing_steps={self.checkpointing_steps}: DeepSpeed's optimizer state "
-                     "can only be saved as a pickle, which the kit never writes, so such a run cannot be resumed. Set "
-                     "checkpointing_steps=0 (the 8gb-deepspeed preset does), or use PRESET='8gb' (resumable).")
+            e.append(f"deepspeed_config with checkpointing_steps={self.checkpointing_steps}: DeepSpeed's optimizer "
+                     "state can only be saved as a pickle, which the kit never writes, so such a run cannot be "
+                     "resumed. Set checkpointing_steps=0 (the 8gb-deepspeed preset does), or use PRESET='8gb' "
+                     "(resumable).")
         if self.gradient_accumulation_steps != 1:
             e.append(f"deepspeed_config with gradient_accumulation_steps={self.gradient_accumulation_steps}: use 1 "
                      "(DeepSpeed would scale the loss a second time); raise train_batch_size instead.")

@@ -1,7 +1,8 @@
 """Tensors to and from disk, safely.
 
 - Everything the kit writes is safetensors (no pickle: loading it can never run code), written to a temporary
-  name and renamed, so a file that exists is a whole file.
+  name and renamed, so a file that exists is a whole file: `atomic_path` / `atomic_write` for every file the kit
+  writes (JSON, pictures too), `swap_folder` for a folder (a checkpoint, the best model).
 - Large state is written in shards (`save_sharded`), so a 10 GB optimizer state never needs 10 GB of RAM.
 - Training state that is not a flat dict of tensors (an optimizer's state, an EMA) goes through `save_tree` /
   `load_tree`: its tensors into safetensors, its structure (numbers, strings, int keys, tuples) into the file's
@@ -17,15 +18,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
 
 SAFE_SUFFIXES = (".safetensors",)
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
 class UnsafeFile(ValueError):
@@ -38,6 +39,52 @@ def fsync_write(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary name next to `path` to write to (for writers that want a path: PIL's save, a streaming
+    writer); when the block ends without an error it is renamed to `path`, else removed. So `path`, when it
+    exists, is a whole file: the previous one or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: str | Path, data: bytes | str) -> Path:
+    """Write bytes (or text, as UTF-8) to `path` atomically: a temporary name, fsync, rename."""
+    with atomic_path(path) as tmp:
+        fsync_write(tmp, data.encode() if isinstance(data, str) else data)
+    return Path(path)
+
+
+def swap_folder(new: Path, final: Path, old: Path) -> None:
+    """Make the folder `new` (written completely) the folder `final`, by renames: a previous `final` is moved to
+    `old` first and removed last, so a stop at any moment leaves a whole `final` or none (and maybe a stray
+    `new` or `old`, which the caller's names let it recognise and remove)."""
+    if final.exists():
+        os.replace(final, old)
+    os.replace(new, final)
+    fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries (a rename in it) durable, where the OS allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def save_tensors(tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
@@ -53,10 +100,7 @@ def save_tensors(tensors: Mapping[str, torch.Tensor], path: str | Path, metadata
             v = v.clone()
         storages.add(ptr)
         cpu[k] = v
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fsync_write(tmp, save(cpu, metadata=metadata))
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, save(cpu, metadata=metadata))
 
 
 # torch dtype <-> the dtype names of the safetensors header
@@ -90,24 +134,18 @@ def save_streaming(path: str | Path, specs: Mapping[str, tuple[torch.dtype, Sequ
         offset = end
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(len(raw).to_bytes(8, "little") + raw)
-            for k in order:
-                t = get(k).detach()
-                if t.dtype != specs[k][0] or tuple(t.shape) != tuple(specs[k][1]):
-                    raise ValueError(f"{k}: got a {t.dtype} tensor of shape {tuple(t.shape)}, the header says "
-                                     f"{specs[k][0]} {tuple(specs[k][1])}.")
-                f.write(t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
-                del t
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for k in order:
+            t = get(k).detach()
+            if t.dtype != specs[k][0] or tuple(t.shape) != tuple(specs[k][1]):
+                raise ValueError(f"{k}: got a {t.dtype} tensor of shape {tuple(t.shape)}, the header says "
+                                 f"{specs[k][0]} {tuple(specs[k][1])}.")
+            f.write(t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            del t
+        f.flush()
+        os.fsync(f.fileno())
+    return Path(path)
 
 
 def one_file_per_part(folder: Path, dtype: torch.dtype) -> None:
@@ -242,7 +280,8 @@ def split_tree(obj) -> tuple[dict[str, torch.Tensor], object]:
         if x is None or isinstance(x, (bool, int, float, str)):
             return x
         raise TypeError(f"{path or 'the top level'} holds a {type(x).__module__}.{type(x).__name__}, which cannot be "
-                        "saved without pickle: only tensors, numbers, strings, None and dicts/lists/tuples of them can.")
+                        "saved without pickle: only tensors, numbers, strings, None and dicts/lists/tuples of them "
+                        "can.")
 
     return tensors, walk(obj, "")
 

@@ -43,7 +43,8 @@ class Peak:
 
 
 def export(mode: str, parts, out: Path) -> None:
-    from nbkit import export as ex, singlefile
+    from nbkit.export import formats as ex
+    from nbkit.export import singlefile
 
     if mode == "diffusers":
         ex.diffusers_folder(parts, out / "folder", dtype="fp16")

@@ -1,7 +1,7 @@
 """Shared by the export tests: the same-seed picture of a model, and how far two such pictures are apart."""
 
 from nbkit import generate
-from nbkit.takehome import pixel_difference
+from nbkit.export.takehome import pixel_difference
 
 PROMPT = "a photo of zwx star on a green background"
 

@@ -12,7 +12,7 @@ os.environ.setdefault("NBKIT_CACHE", str(ROOT / ".cache" / "nbkit"))
 
 @pytest.fixture(scope="session")
 def offline_dir():
-    from nbkit.offline import offline_model_dir
+    from nbkit.models.offline import offline_model_dir
 
     return offline_model_dir()
 
@@ -26,7 +26,7 @@ def parts(offline_dir):
 
 @pytest.fixture
 def instance_dir(tmp_path):
-    from nbkit.offline import SAMPLE_INSTANCE_DIR
+    from nbkit.models.offline import SAMPLE_INSTANCE_DIR
 
     d = tmp_path / "instance"
     shutil.copytree(SAMPLE_INSTANCE_DIR, d)

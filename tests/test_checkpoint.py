@@ -14,12 +14,20 @@ import torch
 from diffusers.optimization import get_scheduler
 from safetensors.torch import load_file
 
-import nbkit.data
+import nbkit.data.images
 from nbkit import load_parts, train
-from nbkit.checkpoint import (INFO, Checkpoints, ResumeError, Resumable, check_compatible, is_complete, restore,
-                              step_of)
-from nbkit.optim import InBackwardOptimizer
 from nbkit.safeio import save_tensors
+from nbkit.training.checkpoint import (
+    INFO,
+    Checkpoints,
+    Resumable,
+    ResumeError,
+    check_compatible,
+    is_complete,
+    restore,
+    step_of,
+)
+from nbkit.training.optim import InBackwardOptimizer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,17 +84,17 @@ def test_resume_continues_the_loss_log_and_validation_grids(cfg, tmp_path, monke
     c = cfg.replace(method="lora", learning_rate=1e-2, max_train_steps=4, checkpointing_steps=2,
                     validation_prompts=["a photo of zwx star"], validation_steps=1, num_validation_images=1,
                     sample_steps=2, output_dir=str(tmp_path / "stopped"))
-    real = nbkit.data.batch_indices
+    real = nbkit.data.images.batch_indices
 
     def stop_at_step_3(n, bs, step, seed):
         if step == 2:  # 0-based: the third step
             raise KeyboardInterrupt
         return real(n, bs, step, seed)
 
-    monkeypatch.setattr(nbkit.data, "batch_indices", stop_at_step_3)
+    monkeypatch.setattr(nbkit.data.images, "batch_indices", stop_at_step_3)
     with pytest.raises(KeyboardInterrupt):
         train(c, load_parts("offline"), progress=False)
-    monkeypatch.setattr(nbkit.data, "batch_indices", real)
+    monkeypatch.setattr(nbkit.data.images, "batch_indices", real)
     out = Path(c.output_dir)
     assert [r["step"] for r in json.loads((out / "losses.json").read_text())] == [1, 2]  # written with the checkpoint
     m = json.loads((out / "run_manifest.json").read_text())
@@ -241,7 +249,7 @@ def test_any_optimizer_state_round_trips_exactly_through_json(tmp_path):
 
 
 def test_deepspeed_optimizer_is_refused_with_what_to_do(tmp_path):
-    from nbkit.checkpoint import optimizer_state
+    from nbkit.training.checkpoint import optimizer_state
 
     zero = type("DeepSpeedZeroOptimizer", (), {"__module__": "deepspeed.runtime.zero.stage_1_and_2",
                                                "state_dict": lambda self: {}})()
@@ -263,7 +271,8 @@ def test_format_1_checkpoints_still_restore(tmp_path):
     info = json.loads((path / INFO).read_text())
     sd = res.optimizer.state_dict()
     info["format"] = 1
-    info["optimizer"] = {"state": {str(i): {k: {"tensor": f"state/{i}/{k}"} for k in s} for i, s in sd["state"].items()},
+    info["optimizer"] = {"state": {str(i): {k: {"tensor": f"state/{i}/{k}"} for k in s}
+                                   for i, s in sd["state"].items()},
                          "param_groups": json.loads(json.dumps(sd["param_groups"]))}
     save_tensors({f"state/{i}/{k}": v for i, s in sd["state"].items() for k, v in s.items()},
                  path / info["optimizer_files"][0])

@@ -10,7 +10,8 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from nbkit import ConfigError, cli, launch
+from nbkit import ConfigError, cli
+from nbkit.training import accel
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,7 +42,7 @@ def test_bad_config_file_names_the_problem(tmp_path):
 
 
 def test_effective_batch_counts_processes_and_accumulation(cfg):
-    n, text = launch.effective_batch(cfg.replace(train_batch_size=2, gradient_accumulation_steps=3), 2)
+    n, text = accel.effective_batch(cfg.replace(train_batch_size=2, gradient_accumulation_steps=3), 2)
     assert n == 12 and "2 per step x 3 accumulation x 2 processes" in text
 
 
@@ -78,3 +79,56 @@ def test_values_are_typed_by_the_field():
     with pytest.raises(ConfigError, match="max_train_steps='many': expected int"):
         cli.coerce("max_train_steps", "many")
 
+
+
+NEW_COMMANDS = ("pretrain", "judge", "offline", "class-images")
+
+
+def _nbkit(*args: str, cwd=ROOT, timeout=120) -> subprocess.CompletedProcess:
+    """`python -m nbkit.X ...` / `python -m nbkit ...` in a subprocess, on this checkout's nbkit."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), HF_HUB_OFFLINE="1",
+               OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout,
+                          check=False)
+
+
+def test_top_level_help_lists_every_command_on_one_line():
+    p = _nbkit("-m", "nbkit", "--help")
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = p.stdout.splitlines()
+    for name in ("train", "plan", "presets", "calibrate", "sweep", *NEW_COMMANDS):
+        line = next((ln for ln in lines if ln.split()[:1] == [name]), None)
+        assert line and len(line.split()) > 1, f"{name!r} has no one-line help in:\n{p.stdout}"
+    assert set(cli.DELEGATED) | {"train", "plan", "presets"} == {"train", "plan", "presets", "calibrate", "sweep",
+                                                                 *NEW_COMMANDS}
+
+
+@pytest.mark.parametrize("name", NEW_COMMANDS)
+def test_new_command_help_is_the_modules_own(name):
+    p = _nbkit("-m", "nbkit", name, "--help")
+    assert p.returncode == 0, p.stderr[-2000:]
+    usage = p.stdout.splitlines()[0]
+    assert usage.startswith("usage: python -m nbkit") and name.replace("-", "_") in usage.replace("-", "_"), usage
+    option = {"pretrain": "--quick", "judge": "--steps", "offline": "offline model's spec",
+              "class-images": "--prompt"}[name]
+    assert option in p.stdout
+
+
+def test_old_entry_points_still_work():
+    p = _nbkit("-m", "nbkit.toy.pretrain", "--help")
+    assert p.returncode == 0 and "--quick" in p.stdout, p.stderr[-2000:]
+    p = _nbkit(str(ROOT / "tools" / "class_images.py"), "--help")
+    assert p.returncode == 0 and "--prompt" in p.stdout and "class-images" in p.stdout, p.stderr[-2000:]
+
+
+def test_class_images_through_the_one_cli(tmp_path, offline_dir):
+    out = tmp_path / "class"
+    p = _nbkit("-m", "nbkit", "class-images", "--model", "offline", "--prompt", "a photo of a star", "--out", str(out),
+               "--count", "1", "--steps", "2", "--batch-size", "1", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "1 class images for 'a photo of a star'" in p.stdout
+    assert sorted(f.name for f in out.iterdir()) == [".nbkit_class.json", "class_00000.png"]
+    assert json.loads((out / ".nbkit_class.json").read_text())["prompt"] == "a photo of a star"
+    from PIL import Image
+
+    assert Image.open(out / "class_00000.png").size == (64, 64)

@@ -6,15 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from nbkit import colab, course
-from nbkit.runtime import Runtime
+from nbkit.env import colab
+from nbkit.env.runtime import Runtime
+from nbkit.notebook import course
+from nbkit.training import presets
 
 T4 = Runtime("colab", "cuda", "Tesla T4", 1, 14.7, False)
 CPU = Runtime("local", "cpu", None, 0, 0.0, False)
 
 
 def test_check_runtime_on_a_t4_names_gpu_memory_and_preset():
-    text = colab.check_runtime(T4, hub=True)
+    text = colab.check_runtime(T4, hub=True, preset=presets.describe_settings(presets.memory_settings(T4), T4))
     assert "Google Colab" in text and "Tesla T4, 14.7 GB, fp16 only" in text
     assert "fp16 mixed precision" in text and "8-bit AdamW" in text and "reachable" in text
 
@@ -22,7 +24,8 @@ def test_check_runtime_on_a_t4_names_gpu_memory_and_preset():
 @pytest.mark.parametrize("platform,advice", [("colab", "Change runtime type"), ("kaggle", "Accelerator"),
                                              ("local", "offline model")])
 def test_check_runtime_without_gpu_says_what_to_do(platform, advice):
-    text = colab.check_runtime(replace(CPU, platform=platform), hub=False)
+    cpu = replace(CPU, platform=platform)
+    text = colab.check_runtime(cpu, hub=False, preset=presets.describe_settings(presets.memory_settings(cpu), cpu))
     assert "GPU:           none (cpu)" in text and advice in text and "full fp32" in text
 
 
@@ -38,7 +41,8 @@ def test_paths_local_and_on_drive(tmp_path, monkeypatch):
     assert not local.on_drive and local.class_dir == tmp_path / "course" / "class_images"
     assert not local.root.exists() and local.create().exports.is_dir()  # folders only made when asked
     drive = colab.paths(drive=tmp_path / "MyDrive")
-    assert drive.on_drive and drive.output("01_dreambooth") == tmp_path / "MyDrive" / "nbkit" / "outputs" / "01_dreambooth"
+    assert drive.on_drive and (drive.output("01_dreambooth")
+                               == tmp_path / "MyDrive" / "nbkit" / "outputs" / "01_dreambooth")
     assert "Google Drive" in drive.describe() and str(drive.instance_dir) in drive.describe()
 
 
@@ -71,7 +75,7 @@ def test_course_table_marks_fit_and_missing(tmp_path):
 
 
 def test_notebook_files_off_colab_stay_local(tmp_path, monkeypatch, capsys):
-    from nbkit.offline import SAMPLE_INSTANCE_DIR
+    from nbkit.models.offline import SAMPLE_INSTANCE_DIR
 
     monkeypatch.setattr(colab.runtime, "platform", lambda: "local")
     f = colab.notebook_files("01_dreambooth", False, tmp_path / "out")

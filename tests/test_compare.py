@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from nbkit import generate, pipeline
-from nbkit.compare import embedding_shift, pixel_distance, scheduler_grid, side_by_side
+from nbkit.sample.compare import embedding_shift, pixel_distance, scheduler_grid, side_by_side
 
 
 def test_scheduler_grid_has_every_cell_on_the_same_seeds_without_reloading(parts, tmp_path):

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from nbkit import DataError
-from nbkit.data import batch_indices, load_folder, read_image, scan, to_tensor
+from nbkit.data.images import batch_indices, load_folder, read_image, scan, to_tensor
 
 
 def img(path, mode="RGB", size=(96, 72), colour=(200, 10, 10), **save):
@@ -139,7 +139,8 @@ def test_image_too_large_to_read_safely_is_named(tmp_path, monkeypatch):
 def test_16_bit_rgb_png_and_space_in_name(tmp_path):
     arr = np.zeros((20, 30, 3), dtype=np.uint16)
     arr[..., 0] = 65535  # pure red at 16 bits per channel
-    import zlib, struct  # noqa: E401 - a 48-bit PNG written by hand: PIL cannot write one
+    import struct
+    import zlib  # noqa: E401 - a 48-bit PNG written by hand: PIL cannot write one
 
     raw = b"".join(b"\0" + row.astype(">u2").tobytes() for row in arr)
 

@@ -1,4 +1,4 @@
-"""nbkit.evaluate: the DreamBooth paper's metrics on tiny CLIP/DINO models built here (saved and loaded back with
+"""nbkit.scores.evaluate: the DreamBooth paper's metrics on tiny CLIP/DINO models built here (saved and loaded back with
 the real from_pretrained code), known answers that a wrong metric fails, and the toy judge's path."""
 
 import random
@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nbkit import evaluate, toyworld
-from nbkit.offline import OFFLINE_SPEC, SAMPLE_INSTANCE_DIR
-
+from nbkit.models.offline import OFFLINE_SPEC, SAMPLE_INSTANCE_DIR
+from nbkit.scores import evaluate
+from nbkit.toy import world as toyworld
 
 CAPTIONS = ["a photo of a red star", "a photo of a blue circle", "a photo of a green square",
             "a photo of a yellow heart", "a photo of a purple ring", "a photo of a white triangle"]
@@ -103,7 +103,8 @@ def test_metrics_equal_a_direct_computation_from_the_models_outputs(tiny, pictur
     vproc = ViTImageProcessor.from_pretrained(tiny.dino_dir)
     with torch.no_grad():
         cls = F.normalize(vit(**vproc(images=pictures, return_tensors="pt")).last_hidden_state[:, 0], dim=-1)
-    assert evaluate.dino(pictures[:2], pictures[2:], tiny.dino) == pytest.approx((cls[:2] @ cls[2:].T).mean().item(), abs=1e-5)
+    assert evaluate.dino(pictures[:2], pictures[2:], tiny.dino) == pytest.approx((cls[:2] @ cls[2:].T).mean().item(),
+                                                                                 abs=1e-5)
 
 
 def test_clip_t_prefers_matched_prompts_when_the_towers_agree(tiny):

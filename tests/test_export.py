@@ -1,4 +1,4 @@
-"""nbkit.export: every format reloads through diffusers and gives what the in-memory model gives."""
+"""nbkit.export.formats: every format reloads through diffusers and gives what the in-memory model gives."""
 
 import json
 import os
@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from _images import assert_same_picture, draw
 from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from _images import assert_same_picture, draw
-from nbkit import TrainConfig, export, generate, load_parts, pipeline, safeio, train
-from nbkit.offline import SAMPLE_INSTANCE_DIR
-from nbkit.takehome import pixel_difference
-
+from nbkit import TrainConfig, generate, load_parts, pipeline, safeio, train
+from nbkit.export import formats as export
+from nbkit.export.takehome import pixel_difference
+from nbkit.models.offline import SAMPLE_INSTANCE_DIR
 
 PROMPT = "a photo of <zwx> on a green background"
 
@@ -102,7 +102,8 @@ def test_fp16_export_needs_no_second_copy_of_the_model(tmp_path, offline_dir, mo
     """The fp16 export of a ~170 MB model (in a fresh process) adds far less host memory than a copy of it: the
     file is streamed tensor by tensor (the old export held the fp32 file read back, its fp16 copy and the bytes)."""
     root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, str(root / "tests" / "_export_memory_worker.py"), mode, str(tmp_path)],
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
@@ -173,8 +174,10 @@ def test_lora_kohya_keys_alpha_and_reload_through_diffusers(lora_run, tmp_path):
     assert unet_keys and te_keys and len(unet_keys) + len(te_keys) == len(sd)
     assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_out_0.lora_down.weight" in sd
     downs = [k for k in sd if k.endswith(".lora_down.weight")]
-    assert len(downs) == len([k for k in sd if k.endswith(".lora_up.weight")]) == len([k for k in sd if k.endswith(".alpha")])
-    assert all(sd[k.replace(".lora_down.weight", ".alpha")].item() == 8.0 for k in downs)  # the trained alpha, not the rank
+    assert (len(downs) == len([k for k in sd if k.endswith(".lora_up.weight")])
+            == len([k for k in sd if k.endswith(".alpha")]))
+    # the trained alpha, not the rank
+    assert all(sd[k.replace(".lora_down.weight", ".alpha")].item() == 8.0 for k in downs)
     assert all(sd[k].shape[0] == 4 for k in downs)
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
@@ -284,17 +287,19 @@ def test_ti_errors_say_what_to_do(ti_run, parts, tmp_path):
         export.load_embedding(parts, anon)
 
 
-# ---------------------------------------------------------------------------------- take it home (nbkit.takehome)
+# ------------------------------------------------------------------------------ take it home (nbkit.export.takehome)
 
 
 def test_take_home_dreambooth_writes_fp16_folder_and_single_file(parts, tmp_path, capsys):
-    from nbkit import takehome
+    from nbkit.export import takehome
 
     got = takehome.take_home(parts, tmp_path / "export", method="dreambooth", name="zwx", prompt=PROMPT, steps=2,
                              size=64)
     assert list(got) == ["diffusers", "single_file"]
-    assert (tmp_path / "export" / "model_index.json").exists() and got["single_file"].path.name == "zwx_dreambooth.safetensors"
-    assert {v.dtype for v in load_file(tmp_path / "export" / "unet" / "diffusion_pytorch_model.safetensors").values()} == {torch.float16}
+    assert ((tmp_path / "export" / "model_index.json").exists()
+            and got["single_file"].path.name == "zwx_dreambooth.safetensors")
+    assert {v.dtype for v in load_file(tmp_path / "export" / "unet"
+                                       / "diffusion_pytorch_model.safetensors").values()} == {torch.float16}
     assert all(e.ok and e.mean_pixel_diff <= 1.0 for e in got.values()), got  # reloaded: fp16 rounding only
     text = takehome.report(got)
     assert text.count("same picture") == 2 and "export/" in text and "AUTOMATIC1111" in text
@@ -302,7 +307,7 @@ def test_take_home_dreambooth_writes_fp16_folder_and_single_file(parts, tmp_path
 
 
 def test_take_home_lora_and_ti_reload_onto_the_base_model(lora_run, ti_run, ti_image, tmp_path):
-    from nbkit import takehome
+    from nbkit.export import takehome
 
     lora = takehome.take_home(lora_run, tmp_path / "lora", prompt="a star", seed=2, steps=2, size=64, dtype="fp32",
                               reference=draw(lora_run.pipeline(), "a star", seed=2))
@@ -317,7 +322,7 @@ def test_take_home_lora_and_ti_reload_onto_the_base_model(lora_run, ti_run, ti_i
 def test_take_home_reloads_in_fp16_as_on_a_gpu(ti_run, ti_image, parts, tmp_path, monkeypatch):
     """On a GPU every file is reloaded in fp16 (simulated here on the CPU): the embedding comes back rounded to
     fp16 and the pictures differ by rounding; both count as the same model."""
-    from nbkit import takehome
+    from nbkit.export import takehome
 
     monkeypatch.setattr(takehome, "_reload_dtype", lambda: torch.float16)
     vec = export.embedding(ti_run, "<zwx>")
@@ -329,7 +334,7 @@ def test_take_home_reloads_in_fp16_as_on_a_gpu(ti_run, ti_image, parts, tmp_path
 
 
 def test_vectors_note_allows_the_reload_precision_only():
-    from nbkit.takehome import vectors_note
+    from nbkit.export.takehome import vectors_note
 
     torch.manual_seed(0)
     vec = torch.randn(2, 32) * 0.02
@@ -345,7 +350,7 @@ def test_vectors_note_allows_the_reload_precision_only():
 
 
 def test_take_home_says_what_is_wrong(parts, tmp_path, monkeypatch):
-    from nbkit import takehome
+    from nbkit.export import takehome
 
     with pytest.raises(ValueError, match="unknown format.*single_file"):
         takehome.take_home(parts, tmp_path, ["ckpt"])
@@ -362,7 +367,7 @@ def test_take_home_says_what_is_wrong(parts, tmp_path, monkeypatch):
 
 
 def test_push_explains_when_it_cannot_upload_and_builds_the_card(ti_run, tmp_path, monkeypatch, capsys):
-    from nbkit import hub, takehome
+    from nbkit.export import hub, takehome
 
     got = takehome.take_home(ti_run, tmp_path / "ti", check=False)
     assert all(e.ok is None for e in got.values()) and "not reloaded" in takehome.report(got)

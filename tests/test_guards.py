@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
 
-from nbkit import generate, guards, optim, pipeline, train
-from nbkit.checkpoint import Checkpoints
-
+from nbkit import generate, pipeline, train
+from nbkit.training import guards, optim
+from nbkit.training.checkpoint import Checkpoints
 
 
 def test_output_folder_with_a_file_in_the_way(cfg, tmp_path):
@@ -64,7 +64,7 @@ def test_not_enough_disk_is_found_before_class_images_or_training(cfg, parts, tm
 
 
 def test_disk_estimate_grows_with_checkpoints_and_shrinks_with_8bit_adam(cfg, parts):
-    from nbkit import methods
+    from nbkit.training import methods
 
     method = methods.setup(cfg, parts)
     c = cfg.replace(max_train_steps=10, checkpointing_steps=2)

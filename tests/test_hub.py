@@ -7,7 +7,7 @@ import shutil
 import pytest
 import yaml
 
-from nbkit import hub
+from nbkit.export import hub
 
 
 def front_matter(card: str) -> dict:
@@ -18,7 +18,8 @@ def front_matter(card: str) -> dict:
 def test_model_card_has_prompt_base_model_settings_and_grid(cfg):
     settings = cfg.replace(max_train_steps=400, learning_rate=2e-6, with_prior_preservation=True,
                            class_prompt="a photo of a dog", class_dir="/secret/path").to_dict()
-    card = hub.model_card(instance_prompt="a photo of zwx dog", base_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
+    card = hub.model_card(instance_prompt="a photo of zwx dog",
+                          base_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
                           settings=settings, repo_id="me/zwx-dog", files=["model.safetensors", "unet/x.safetensors"])
     meta = front_matter(card)
     assert meta["base_model"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -34,7 +35,8 @@ def test_model_card_has_prompt_base_model_settings_and_grid(cfg):
     assert "lora_rank" not in card and "placeholder_token" not in card  # other methods' settings stay out
 
 
-@pytest.mark.parametrize("method,call", [("lora", "load_lora_weights"), ("textual_inversion", "load_textual_inversion")])
+@pytest.mark.parametrize("method,call", [("lora", "load_lora_weights"),
+                                         ("textual_inversion", "load_textual_inversion")])
 def test_model_card_usage_per_method(method, call):
     card = hub.model_card(instance_prompt="a photo of <zwx>", base_model="base/model", method=method, sample_grid=None)
     assert f'pipe.{call}("your-name/your-model")' in card and 'from_pretrained("base/model")' in card
@@ -91,7 +93,8 @@ def test_logged_in_creates_repo_and_uploads_folder_with_card_and_grid(tmp_path, 
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test")
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     (tmp_path / "model_index.json").write_text("{}")
-    url = hub.push_to_hub(tmp_path, "zwx-dog", card="---\nlicense: x\n---\n# card\n", sample_grid=Image.new("RGB", (8, 8)))
+    url = hub.push_to_hub(tmp_path, "zwx-dog", card="---\nlicense: x\n---\n# card\n",
+                          sample_grid=Image.new("RGB", (8, 8)))
     assert url == "https://huggingface.co/student/zwx-dog"
     assert calls == [("init", "hf_test"), ("create", "student/zwx-dog", True),
                      ("upload", "student/zwx-dog", ["README.md", "model_index.json", "samples.png"])]
@@ -115,7 +118,8 @@ def test_prefetch_file_list_is_enough_to_load_the_model(offline_dir, tmp_path, m
 
     seen = {}
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda model, **kw: seen.update(kw, model=model) or str(repo))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda model, **kw: seen.update(kw, model=model) or str(repo))
     assert hub.prefetch("some/model") == repo
     assert seen["model"] == "some/model" and seen["allow_patterns"] == hub.SD_FILES
     assert not any(p.endswith(".ckpt") or "*" == p for p in hub.SD_FILES)

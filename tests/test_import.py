@@ -1,4 +1,5 @@
-"""`import nbkit` loads no GPU library: bitsandbytes (its setup queries the GPU) and CUDA wait until a run needs them."""
+"""`import nbkit` loads no GPU library: bitsandbytes (its setup queries the GPU) and CUDA wait until a run needs
+them."""
 
 import json
 import subprocess

@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from nbkit import judge, toyworld
-
+from nbkit.toy import judge
+from nbkit.toy import world as toyworld
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,8 @@ def test_judge_is_accurate_on_held_out_scenes(held_out):
 def test_weights_are_small_safetensors_with_their_recipe():
     meta = __import__("json").loads((judge.JUDGE_DIR / "judge.json").read_text())
     assert (judge.JUDGE_DIR / "judge.safetensors").stat().st_size < 2_000_000
-    assert meta["command"].startswith("python -m nbkit.judge") and min(meta["held_out_accuracy"].values()) >= 0.9
+    assert meta["command"].startswith(("python -m nbkit judge", "python -m nbkit.judge"))  # older: the module form
+    assert min(meta["held_out_accuracy"].values()) >= 0.9
 
 
 def test_subject_fidelity_and_drift_on_rendered_ground_truth():
@@ -53,7 +54,8 @@ def test_prompt_fidelity_reads_the_prompt():
     assert judge.prompt_fidelity([img], "a photo of a blue triangle on a green background") == 0.0
     assert judge.prompt_fidelity([img], "a photo of a red circle", ("colour",)) == 1.0
     subject = toyworld.subject_scene("zwx", rng, "purple").render(64)
-    assert judge.prompt_fidelity([subject], "a photo of a zwx star on a purple background", ("shape", "background")) == 1.0
+    assert judge.prompt_fidelity([subject], "a photo of a zwx star on a purple background",
+                                 ("shape", "background")) == 1.0
 
 
 def test_scores_from_images_already_drawn():

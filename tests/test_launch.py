@@ -1,4 +1,5 @@
-"""nbkit.launch: the Accelerator's DDP options, DeepSpeed's refusals, and `launch.notebook` (new processes, any kernel)."""
+"""nbkit.training.launch: the Accelerator's DDP options, DeepSpeed's refusals, and `launch.notebook` (new processes,
+any kernel)."""
 
 import dataclasses
 import json
@@ -11,13 +12,14 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from nbkit import ConfigError, TrainConfig, TrainResult, cli, launch, load_parts, manifest, presets
+from nbkit import ConfigError, TrainConfig, TrainResult, cli, load_parts
+from nbkit.training import accel, launch, manifest, presets
 
 
 def test_ddp_keeps_gradients_in_its_buckets(cfg, monkeypatch):
     from accelerate.utils import DistributedDataParallelKwargs
 
-    acc = launch.make_accelerator(cfg, "no", cpu=True)
+    acc = accel.make_accelerator(cfg, "no", cpu=True)
     assert acc.ddp_handler.gradient_as_bucket_view is True and acc.ddp_handler.find_unused_parameters is False
     assert acc.ddp_handler.to_kwargs() == {"gradient_as_bucket_view": True}  # what DDP(...) is given
     import accelerate
@@ -25,7 +27,7 @@ def test_ddp_keeps_gradients_in_its_buckets(cfg, monkeypatch):
     monkeypatch.setattr(accelerate, "Accelerator", lambda **kw: kw)  # what a 2-process run would be given
     monkeypatch.setenv("WORLD_SIZE", "2")
     for steps, unused in ((None, False), (10, True)):  # the text encoder stops part-way: DDP must not wait for it
-        kw = launch.make_accelerator(dataclasses.replace(cfg, text_encoder_steps=steps), "no", cpu=True)
+        kw = accel.make_accelerator(dataclasses.replace(cfg, text_encoder_steps=steps), "no", cpu=True)
         ddp = [h for h in kw["kwargs_handlers"] if isinstance(h, DistributedDataParallelKwargs)]
         assert len(ddp) == 1 and ddp[0].gradient_as_bucket_view is True and ddp[0].find_unused_parameters is unused
 
@@ -39,7 +41,7 @@ def test_deepspeed_refuses_what_it_cannot_train_before_asking_for_deepspeed(cfg)
         with pytest.raises(ConfigError, match=says):
             c.validate()
         with pytest.raises(ConfigError, match=says):  # the settings error, not "DeepSpeed is not installed"
-            launch.deepspeed_plugin(c)
+            accel.deepspeed_plugin(c)
     for fine in (dataclasses.replace(lora_te, lora_text_encoder=False, checkpointing_steps=0),
                  dataclasses.replace(ti, deepspeed_config=""),
                  dataclasses.replace(lora_te, deepspeed_config="")):
@@ -72,7 +74,7 @@ def test_notebook_trains_two_cpu_processes_in_new_processes(cfg, capsys):
     """Kaggle's 2x T4 path, on the CPU: accelerate launch, torchrun, DDP over gloo, whatever this kernel holds."""
     from accelerate.state import AcceleratorState
 
-    launch.make_accelerator(cfg, "no", cpu=True)  # as after an nbkit.train here (notebook_launcher refused then)
+    accel.make_accelerator(cfg, "no", cpu=True)  # as after an nbkit.train here (notebook_launcher refused then)
     assert AcceleratorState._shared_state
     c = dataclasses.replace(cfg, max_train_steps=2, checkpointing_steps=0)
     out = launch.notebook(c, num_processes=2, cpu=True)

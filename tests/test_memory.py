@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from nbkit import memory
-from nbkit.memory import GiB, adam_state_bytes, budget, compare_settings, count_params, track_peak
+from nbkit.memory import budget as memory
+from nbkit.memory.budget import GiB, adam_state_bytes, budget, compare_settings, count_params, track_peak
 
 
 def _state_bytes(opt) -> int:

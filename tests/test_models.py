@@ -5,7 +5,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from nbkit import ModelNotFound, load_parts, pipeline
-from nbkit.offline import OFFLINE_SPEC, offline_model_dir
+from nbkit.models.offline import OFFLINE_SPEC, offline_model_dir
 
 
 def test_offline_model_is_a_real_diffusers_folder(offline_dir):
@@ -61,7 +61,7 @@ def test_pipeline_shares_parts(parts):
 
 
 def test_no_network_and_no_such_model_are_told_apart(monkeypatch):
-    from nbkit import runtime
+    from nbkit.env import runtime
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(runtime, "hub_reachable", lambda timeout=3.0: False)  # the cable is out
@@ -78,4 +78,5 @@ def test_no_network_and_no_such_model_are_told_apart(monkeypatch):
     monkeypatch.setattr(CLIPTokenizer, "from_pretrained", missing)
     with pytest.raises(ModelNotFound) as e:
         load_parts("nobody/no-such-model")
-    assert "no such model" in str(e.value) and "check the spelling" in str(e.value) and "MODEL='offline'" in str(e.value)
+    assert ("no such model" in str(e.value) and "check the spelling" in str(e.value)
+            and "MODEL='offline'" in str(e.value))

@@ -59,7 +59,7 @@ def test_opens_on_a_gpu_runtime(path):
     assert meta.get("kernelspec", {}).get("name") == "python3"
 
 
-# The take-home files of each method (notebooks' "Take it home" section, nbkit.takehome), in OUTPUT_DIR/export.
+# The take-home files of each method (notebooks' "Take it home" section, nbkit.export.takehome), in OUTPUT_DIR/export.
 TAKE_HOME = {
     "dreambooth": ["export/model_index.json", "export/unet/diffusion_pytorch_model.safetensors",
                    "export/text_encoder/model.safetensors", "export/zwx_dreambooth.safetensors"],
@@ -82,7 +82,8 @@ EXPECTED = {
     "06_lora": ["lora/model/pytorch_lora_weights.safetensors", "lora/losses.json", "lora/validation/step_00002.png",
                 "zwx_lora.safetensors", "scales.png", "samples/after_000.png", "samples/before_000.png",
                 "dreambooth/model/model_index.json"],
-    "02_prior_preservation": ["class_images/a_photo_of_a_star-*/class_0000[0-3].png", "without_prior/model/model_index.json",
+    "02_prior_preservation": ["class_images/a_photo_of_a_star-*/class_0000[0-3].png",
+                              "without_prior/model/model_index.json",
                               "with_prior/model/unet/diffusion_pytorch_model.safetensors", "with_prior/losses.json",
                               "comparison_instance.png", "comparison_class.png", "drift.json"],
     "03_schedulers": ["run/model/model_index.json", "scheduler_grid.png", "scheduler_grid.json",
@@ -127,7 +128,7 @@ def _check_text_encoder(out):
     import torch
     from safetensors.torch import load_file
 
-    from nbkit.offline import offline_model_dir
+    from nbkit.models.offline import offline_model_dir
 
     base = offline_model_dir()
     te, unet = "text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors"
@@ -173,7 +174,8 @@ def check_take_home(out, text):
     assert text.count("reloaded: same picture") >= 2 and "DIFFERENT" not in text
 
 
-CHECKS = {"02_prior_preservation": _check_prior, "07_finding_the_sweet_spot": _check_sweep, "03_schedulers": _check_grid, "04_text_encoder": _check_text_encoder}
+CHECKS = {"02_prior_preservation": _check_prior, "07_finding_the_sweet_spot": _check_sweep,
+          "03_schedulers": _check_grid, "04_text_encoder": _check_text_encoder}
 
 
 def images_shown(nb):
@@ -200,3 +202,50 @@ def test_notebook_runs_in_smoke_mode(path, tmp_path):
         check_take_home(out, text)
     if path.stem in CHECKS:
         CHECKS[path.stem](out)
+
+
+def _curated_api_problems(source: str, allowed: set[str]) -> list[str]:
+    """What in one code cell goes around `import nbkit as nb` + `nb.<name in __all__>`, or calls a private name."""
+    problems = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "nbkit":
+            problems.append(f"`{ast.unparse(node)}`: use `import nbkit as nb` and nb.<name>")
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.split(".")[0] == "nbkit" and (a.name, a.asname) != ("nbkit", "nb"):
+                    problems.append(f"`{ast.unparse(node)}`: use `import nbkit as nb`")
+        elif isinstance(node, ast.Attribute):
+            if isinstance(node.value, ast.Name) and node.value.id in ("nb", "nbkit") and node.attr not in allowed:
+                problems.append(f"`{node.value.id}.{node.attr}` is not in nbkit.__all__")
+            if node.attr.startswith("_") and not (node.attr.startswith("__") and node.attr.endswith("__")):
+                problems.append(f"`.{node.attr}` is private")
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id.startswith("_"):
+            problems.append(f"`{node.func.id}()` is private")
+    return problems
+
+
+def test_curated_api_check_catches_what_it_should():
+    allowed = {"train"}
+    assert _curated_api_problems("import nbkit as nb\nnb.train(cfg)", allowed) == []
+    bad = ["from nbkit import colab", "from nbkit.notebook.widgets import upload_box", "import nbkit",
+           "import nbkit.export.formats", "nbkit.data.images.load_folder(x)", "nb.export.human_size(p)", "nb.hidden()",
+           "x._repr_markdown_()", "_helper()"]
+    for src in bad:
+        assert _curated_api_problems(src, allowed), src
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_uses_only_the_curated_api(path):
+    """Notebooks survive a package restructure: `import nbkit as nb`, then only names of nbkit.__all__, and nothing
+    private; the first code cell after the parameters is a short nb.setup(...) cell."""
+    import nbkit
+
+    allowed = set(nbkit.__all__)
+    nb = load(path)
+    problems = [f"cell {i}: {p}" for i, c in enumerate(nb.cells) if c.cell_type == "code"
+                for p in _curated_api_problems(c.source, allowed)]
+    assert not problems, "\n".join(problems)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    derived = code[code.index(params_cell(nb)) + 1].source
+    assert "import nbkit as nb" in derived and "nb.setup(" in derived, "the derived-settings cell calls nb.setup"
+    assert "offline_model_dir" not in derived and "OFFLINE_RESOLUTION" not in derived, "setup decides what is small"

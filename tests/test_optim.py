@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nbkit import load_parts, train
-from nbkit.optim import InBackwardOptimizer, in_backward_active, make_optimizer
+from nbkit.training.optim import InBackwardOptimizer, in_backward_active, make_optimizer
 
 
 def _weights(parts):
@@ -99,7 +99,8 @@ def test_fp16_loss_scale_is_undone_and_overflow_handled():
 def test_fallbacks_are_explained(cfg, capsys):
     ok, why = in_backward_active(cfg.replace(optimizer_in_backward=True))
     assert not ok and "max_grad_norm=1.0" in why
-    ok, why = in_backward_active(cfg.replace(optimizer_in_backward=True, max_grad_norm=0.0, gradient_accumulation_steps=2))
+    ok, why = in_backward_active(cfg.replace(optimizer_in_backward=True, max_grad_norm=0.0,
+                                             gradient_accumulation_steps=2))
     assert not ok and "gradient_accumulation_steps=2" in why
     ok, why = in_backward_active(cfg.replace(optimizer_in_backward=True, max_grad_norm=0.0), num_processes=2)
     assert not ok and "2 processes" in why

@@ -7,8 +7,10 @@ import warnings
 import pytest
 import torch
 
-from nbkit import TrainConfig, actmodel, load_parts, memtrace, planner, sd15, train
-from nbkit.offline import OFFLINE_SPEC
+from nbkit import TrainConfig, load_parts, train
+from nbkit.memory import actmodel, memtrace, planner
+from nbkit.models import sd15
+from nbkit.models.offline import OFFLINE_SPEC
 
 GiB = 2**30
 SD15 = TrainConfig(model="sd15", mixed_precision="fp16")
@@ -82,7 +84,8 @@ def test_activations_grow_with_pixels_and_samples_and_shrink_with_checkpointing(
 # that one model explains all of them; benchmarks/RESULTS.md checks it against this kit's own measured peaks.
 ANCHORS = [
     # diffusers PR #2039: text encoder + 8-bit Adam + fp16 + xformers + checkpointing, batch 1, VAE on the GPU
-    (dict(train_text_encoder=True, use_8bit_adam=True, gradient_checkpointing=True, cache_latents=False), 11_124 / 1024),
+    (dict(train_text_encoder=True, use_8bit_adam=True, gradient_checkpointing=True, cache_latents=False),
+     11_124 / 1024),
     # the T4 table of the DreamBooth 16 GB recipe (UNet only, fp16; batch, accumulation, checkpointing, 8-bit)
     (dict(use_8bit_adam=True, gradient_checkpointing=True), 9.92),
     (dict(use_8bit_adam=True, gradient_checkpointing=True, train_batch_size=2), 10.4),

@@ -4,7 +4,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-from nbkit.plots import loss_terms  # noqa: E402
+from nbkit.notebook.plots import loss_terms
 
 
 def test_loss_terms_plots_the_logged_terms_only(tmp_path):

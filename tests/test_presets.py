@@ -5,8 +5,10 @@ import json
 import pytest
 import yaml
 
-from nbkit import TrainConfig, presets, runtime
-from nbkit.runtime import Runtime
+from nbkit import TrainConfig
+from nbkit.env.runtime import Runtime
+from nbkit.memory import tuning
+from nbkit.training import presets
 
 T4 = Runtime("colab", "cuda", "Tesla T4", 1, 14.75, False)
 P100 = Runtime("kaggle", "cuda", "Tesla P100-PCIE-16GB", 1, 15.89, False)
@@ -55,15 +57,15 @@ def test_what_each_preset_switches():
         presets.settings("nope", T4)
 
 
-def test_runtime_memory_settings_come_from_the_presets():
+def test_memory_settings_come_from_the_presets_table():
     for rt in (T4, A100, CPU, CARD_8GB):
         s = presets.settings(presets.choose(rt), rt, TrainConfig(train_text_encoder=True))
-        assert runtime.memory_settings(rt, train_text_encoder=True) == {
+        assert presets.memory_settings(rt, train_text_encoder=True) == {
             k: s[k] for k in ("mixed_precision", "use_8bit_adam", "gradient_checkpointing")}
 
 
 def test_auto_on_a_t4_fits_dreambooth_with_text_encoder_and_prior():
-    t = presets.tune(SD15_TE_PRIOR, "auto", T4)
+    t = tuning.tune(SD15_TE_PRIOR, "auto", T4)
     assert t.preset == "16gb" and t.plan.fits and t.plan.capacity
     c = t.config
     assert c.mixed_precision == "fp16" and c.use_8bit_adam and c.gradient_checkpointing and c.cache_latents
@@ -76,19 +78,19 @@ def test_auto_on_t4s_keeps_checkpointing_only_where_the_plan_needs_it():
     pass and it does not (~17 GiB), so checkpointing stays on. With the text encoder it stays on for both."""
     prior = TrainConfig(model="sd15", with_prior_preservation=True, class_prompt="a photo of a dog", class_dir="c",
                         instance_prompt="a photo of zwx dog")
-    one = presets.tune(prior, "auto", T4)
+    one = tuning.tune(prior, "auto", T4)
     assert not one.config.gradient_checkpointing and one.plan.fits and one.plan.headroom >= 0.05
     assert any("gradient checkpointing off" in c for c in one.changes)
-    two = presets.tune(prior, "auto", KAGGLE_2xT4, num_processes=2)
+    two = tuning.tune(prior, "auto", KAGGLE_2xT4, num_processes=2)
     assert two.config.gradient_checkpointing and two.plan.fits
     assert any(what.startswith("DDP buckets") for what, _ in two.plan.rows)
     assert not any(what.startswith("DDP buckets") for what, _ in one.plan.rows)
     for rt, n in ((T4, 1), (KAGGLE_2xT4, 2)):
-        assert presets.tune(SD15_TE_PRIOR, "auto", rt, num_processes=n).config.gradient_checkpointing
+        assert tuning.tune(SD15_TE_PRIOR, "auto", rt, num_processes=n).config.gradient_checkpointing
 
 
 def test_auto_on_an_8gb_card_uses_the_optimizer_in_backward():
-    t = presets.tune(SD15_TE_PRIOR, "auto", CARD_8GB)
+    t = tuning.tune(SD15_TE_PRIOR, "auto", CARD_8GB)
     assert t.preset == "8gb" and t.config.optimizer_in_backward and t.config.max_grad_norm == 0
     assert t.plan.allocated < 8 * 2**30  # the issue's target: peak allocated under 8 GiB, no CPU offload
     assert any("one parameter at a time" in what for what, _ in t.plan.rows)
@@ -98,23 +100,23 @@ def test_auto_on_an_8gb_card_uses_the_optimizer_in_backward():
 
 def test_auto_drops_checkpointing_when_it_fits_without_and_keeps_explicit_choices():
     unet_only = TrainConfig(model="sd15", gradient_checkpointing=True)
-    t = presets.tune(unet_only, "auto", A100)
+    t = tuning.tune(unet_only, "auto", A100)
     assert not t.config.gradient_checkpointing and t.plan.fits
-    kept = presets.tune(unet_only, "auto", A100, keep={"gradient_checkpointing"})
+    kept = tuning.tune(unet_only, "auto", A100, keep={"gradient_checkpointing"})
     assert kept.config.gradient_checkpointing
 
 
 def test_auto_adds_memory_savers_until_it_fits():
     big = TrainConfig(model="sd15", train_text_encoder=True, train_batch_size=4)
-    named = presets.tune(big, "12gb", CARD_12GB)
+    named = tuning.tune(big, "12gb", CARD_12GB)
     assert not named.plan.fits and named.advice and not named.changes
-    t = presets.tune(big, "auto", CARD_12GB)
+    t = tuning.tune(big, "auto", CARD_12GB)
     assert t.changes and t.plan.fits and t.plan.needed < named.plan.needed
     assert t.config.train_batch_size * t.config.gradient_accumulation_steps == 4 or t.config.optimizer_in_backward
 
 
 def test_named_preset_is_not_changed_but_advice_says_what_to_change():
-    t = presets.tune(SD15_TE_PRIOR, "40gb", CARD_8GB)
+    t = tuning.tune(SD15_TE_PRIOR, "40gb", CARD_8GB)
     assert not t.plan.fits and not t.changes
     assert not t.config.use_8bit_adam  # as the preset says
     assert t.advice and any("use_8bit_adam=True" in a for a in t.advice)
@@ -124,14 +126,14 @@ def test_named_preset_is_not_changed_but_advice_says_what_to_change():
 
 def test_deepspeed_preset_rejects_the_text_encoder_and_mentions_host_ram():
     with pytest.raises(ValueError, match="UNet only"):
-        presets.tune(SD15_TE_PRIOR, "8gb-deepspeed", CARD_8GB)
-    t = presets.tune(TrainConfig(model="sd15"), "8gb-deepspeed", CARD_8GB)
+        tuning.tune(SD15_TE_PRIOR, "8gb-deepspeed", CARD_8GB)
+    t = tuning.tune(TrainConfig(model="sd15"), "8gb-deepspeed", CARD_8GB)
     assert t.config.deepspeed_config and any("25 GB of RAM" in a for a in t.advice)
     assert t.plan.allocated < 8 * 2**30
 
 
 def test_deepspeed_and_accelerate_configs_parse_and_the_preset_points_at_them():
-    from nbkit.launch import load_deepspeed_config
+    from nbkit.training.accel import load_deepspeed_config
 
     ds = load_deepspeed_config(presets.deepspeed_config_path())
     z = ds["zero_optimization"]
@@ -151,21 +153,21 @@ def test_deepspeed_and_accelerate_configs_parse_and_the_preset_points_at_them():
 
 
 def test_describe_lists_every_preset():
-    text = presets.describe()
+    text = tuning.describe()
     assert all(f"| {n} |" in text for n in presets.NAMES)
 
 
 def test_sdpa_is_the_attention_everywhere(parts):
-    backends = presets.attention_backends(parts)
+    backends = tuning.attention_backends(parts)
     assert backends == {"unet": "AttnProcessor2_0", "text_encoder": "sdpa"}
 
 
 def test_preview_plans_sd15_on_a_named_gpu_from_a_cpu_session(cfg):
-    t = presets.preview(cfg, "T4")  # the offline notebook's config, as SD 1.5 at 512 px on a Colab T4
+    t = tuning.preview(cfg, "T4")  # the offline notebook's config, as SD 1.5 at 512 px on a Colab T4
     assert t.preset == "16gb" and t.config.model == "sd15" and t.config.resolution == 512 and t.plan.fits
     assert t.config.instance_dir == cfg.instance_dir and t.plan.capacity == int(14.75 * 2**30)
     assert not any(what.startswith("DDP") for what, _ in t.plan.rows)
-    kaggle = presets.preview(cfg, "2xT4")  # one DDP process per T4
+    kaggle = tuning.preview(cfg, "2xT4")  # one DDP process per T4
     assert kaggle.plan.settings["num_processes"] == 2 and any(w.startswith("DDP") for w, _ in kaggle.plan.rows)
     with pytest.raises(ValueError, match="gpu='H200'"):
-        presets.preview(cfg, "H200")
+        tuning.preview(cfg, "H200")

@@ -1,5 +1,6 @@
-"""nbkit.pretrain on a tiny budget: the whole path writes a loadable pipeline, a killed run resumes to the same weights,
-and the learning rate follows its warm-up, stable and cool-down phases (the shipped model: data/toy-sd/README.md)."""
+"""nbkit.toy.pretrain on a tiny budget: the whole path writes a loadable pipeline, a killed run resumes to the same
+weights, and the learning rate follows its warm-up, stable and cool-down phases (the shipped model:
+data/toy-sd/README.md)."""
 
 import json
 
@@ -7,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nbkit import generate, load_parts, pipeline, pretrain
+from nbkit import generate, load_parts, pipeline
+from nbkit.toy import pretrain
 
 TINY = dict(vae_steps=4, vae_batch=4, n_scenes=16, steps=6, batch=4, warmup=2, cooldown=2, checkpoint_every=2,
             threads=1)
@@ -27,7 +29,7 @@ def test_pretraining_writes_a_pipeline_the_kit_loads(finished):
     files = [p for p in finished.rglob("*") if p.is_file()]
     assert not any(p.suffix in (".bin", ".pt", ".ckpt", ".pkl") for p in files)
     assert json.loads((finished / "pretrain_config.json").read_text())["steps"] == TINY["steps"]
-    assert "python -m nbkit.pretrain" in (finished / "README.md").read_text()
+    assert "python -m nbkit pretrain" in (finished / "README.md").read_text()
     image = generate(pipeline(load_parts(str(finished)), "ddim"), "a photo of a red star", seeds=[0], steps=2)[0]
     assert image.size == (64, 64)
 

@@ -3,9 +3,11 @@ import shutil
 import pytest
 from PIL import Image
 
-from nbkit import prior, train
-from nbkit.data import DataError
-from nbkit.prior import choose_class_images, colab_drive_dir, default_class_dir, ensure_class_images
+from nbkit import train
+from nbkit.data.class_images import choose_class_images, default_class_dir, ensure_class_images
+from nbkit.data.images import DataError
+from nbkit.env import colab
+from nbkit.env.colab import drive_folder
 
 
 def test_default_class_dir_is_stable_readable_and_keyed_by_settings(tmp_path):
@@ -67,8 +69,8 @@ def test_bad_user_class_folders_are_explained(tmp_path):
 
 
 def test_drive_is_never_mounted_headless(tmp_path, monkeypatch):
-    monkeypatch.setattr(prior, "DRIVE_ROOT", tmp_path / "drive")
-    folder, why = colab_drive_dir("nbkit/class_images")
+    monkeypatch.setattr(colab, "DRIVE_MOUNTPOINT", str(tmp_path / "drive"))
+    folder, why = drive_folder("nbkit/class_images")
     assert folder is None and "not mounted" in why  # returned at once, no consent prompt waited for
     c = choose_class_images("generate", "a photo of a dog", "m", 64, 4, cache_root=tmp_path / "local",
                             drive_subfolder="nbkit/class_images")
@@ -76,7 +78,7 @@ def test_drive_is_never_mounted_headless(tmp_path, monkeypatch):
 
 
 def test_drive_already_mounted_is_used(tmp_path, monkeypatch):
-    monkeypatch.setattr(prior, "DRIVE_ROOT", tmp_path / "drive")
+    monkeypatch.setattr(colab, "DRIVE_MOUNTPOINT", str(tmp_path / "drive"))
     (tmp_path / "drive" / "MyDrive").mkdir(parents=True)
     c = choose_class_images("generate", "a photo of a dog", "m", 64, 4, cache_root=tmp_path / "local",
                             drive_subfolder="nbkit/class_images")

@@ -7,7 +7,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from nbkit import generate, load_parts, manifest, train
+from nbkit import generate, load_parts, train
+from nbkit.training import manifest
 
 
 def test_same_seed_same_weights_and_images_and_a_manifest(cfg, tmp_path):

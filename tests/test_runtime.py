@@ -1,5 +1,6 @@
-from nbkit import runtime
-from nbkit.runtime import Runtime
+from nbkit.env import runtime
+from nbkit.env.runtime import Runtime
+from nbkit.training import presets
 
 T4 = Runtime("colab", "cuda", "Tesla T4", 1, 15.0, False)
 A100 = Runtime("local", "cuda", "A100", 1, 40.0, True)
@@ -25,14 +26,44 @@ def test_hub_offline_env_is_respected(monkeypatch):
     assert runtime.hub_reachable() is False
 
 
+def test_one_precision_rule_for_runs_plans_and_presets():
+    import warnings
+
+    import pytest
+
+    from nbkit.config import TrainConfig
+    from nbkit.memory import planner
+    from nbkit.training import presets
+
+    want = {  # runtime -> what auto, no, fp16, bf16 become
+        T4: ("fp16", "no", "fp16", "fp16"), A100: ("bf16", "no", "fp16", "bf16"),
+        CPU: ("no", "no", "no", "bf16"),  # CPU autocast does bf16
+        runtime.T4_REHEARSAL: ("fp16", "no", "fp16", "fp16"),
+    }
+    for rt, got in want.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert tuple(runtime.resolve_precision(p, rt) for p in ("auto", "no", "fp16", "bf16")) == got
+        assert presets.settings("cpu", rt)["mixed_precision"] == got[0] == rt.default_precision()
+        if not rt.rehearsal:  # the planner knows device and bf16 only
+            assert planner.resolve_precision(TrainConfig(mixed_precision="bf16"), rt.device, rt.bf16) == got[3]
+    with pytest.warns(UserWarning, match="no bf16"):
+        runtime.resolve_precision("bf16", T4)
+    with pytest.warns(UserWarning, match="needs a CUDA GPU"):
+        runtime.resolve_precision("fp16", CPU)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert runtime.resolve_precision("fp16", CPU, warn=False) == "no"
+
+
 def test_precision_and_memory_settings_fit_the_gpu():
     assert T4.default_precision() == "fp16" and A100.default_precision() == "bf16" and CPU.default_precision() == "no"
-    t4 = runtime.memory_settings(T4, train_text_encoder=True)
+    t4 = presets.memory_settings(T4, train_text_encoder=True)
     assert t4["use_8bit_adam"] and t4["gradient_checkpointing"]
-    assert not runtime.memory_settings(A100)["use_8bit_adam"]
-    assert not runtime.memory_settings(T4)["gradient_checkpointing"]
-    assert runtime.memory_settings(T4, with_prior_preservation=True)["gradient_checkpointing"]  # twice the images
-    assert runtime.memory_settings(CPU)["mixed_precision"] == "no"
+    assert not presets.memory_settings(A100)["use_8bit_adam"]
+    assert not presets.memory_settings(T4)["gradient_checkpointing"]
+    assert presets.memory_settings(T4, with_prior_preservation=True)["gradient_checkpointing"]  # twice the images
+    assert presets.memory_settings(CPU)["mixed_precision"] == "no"
     assert "fp16 only" in T4.describe() and "no GPU" in CPU.describe()
 
 

@@ -25,7 +25,8 @@ def test_every_torch_load_is_weights_only():
     for path in SOURCES:
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module == "torch" and any(a.name == "load" for a in node.names):
+            if (isinstance(node, ast.ImportFrom) and node.module == "torch"
+                    and any(a.name == "load" for a in node.names)):
                 bad.append(f"{path.name}:{node.lineno}: `from torch import load` hides torch.load from this check")
         for node, name in calls(path):
             if name.endswith("torch.load") and not any(
@@ -116,8 +117,9 @@ def test_save_streaming_writes_a_safetensors_file_tensor_by_tensor(tmp_path):
 
     from nbkit.safeio import save_streaming
 
-    tensors = {"w": torch.randn(3, 5), "ids": torch.arange(7), "h": torch.randn(2).half(), "mask": torch.tensor([True, False]),
-               "empty": torch.zeros(0, 4), "scalar": torch.tensor(3.5, dtype=torch.bfloat16), "q": torch.arange(5, dtype=torch.uint8)}
+    tensors = {"w": torch.randn(3, 5), "ids": torch.arange(7), "h": torch.randn(2).half(),
+               "mask": torch.tensor([True, False]), "empty": torch.zeros(0, 4),
+               "scalar": torch.tensor(3.5, dtype=torch.bfloat16), "q": torch.arange(5, dtype=torch.uint8)}
     asked = []
     path = save_streaming(tmp_path / "x.safetensors", {k: (v.dtype, v.shape) for k, v in tensors.items()},
                           lambda k: asked.append(k) or tensors[k], {"format": "pt"})
@@ -127,6 +129,7 @@ def test_save_streaming_writes_a_safetensors_file_tensor_by_tensor(tmp_path):
     assert all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in tensors.items())
     with safe_open(str(path), "pt") as f:
         assert f.metadata() == {"format": "pt"}
-    with pytest.raises(ValueError, match="w: got a torch.float32 tensor of shape \\(3, 5\\), the header says torch.float16"):
+    with pytest.raises(ValueError,
+                       match="w: got a torch.float32 tensor of shape \\(3, 5\\), the header says torch.float16"):
         save_streaming(tmp_path / "bad.safetensors", {"w": (torch.float16, (3, 5))}, lambda k: tensors[k])
     assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]  # no half-written file left behind

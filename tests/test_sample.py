@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from nbkit import SCHEDULERS, generate, grid, pipeline, set_scheduler
-from nbkit.sample import make_scheduler
+from nbkit.sample.sampling import make_scheduler
 
 
 @pytest.mark.parametrize("name", list(SCHEDULERS))
@@ -65,8 +65,9 @@ def test_a_freshly_loaded_fp32_model_samples_in_the_gpus_half_precision(parts, m
     on a plain CPU it stays fp32; after training, LoRA's fp32 adapters in an fp16 UNet count as mixed."""
     import torch
 
-    from nbkit import runtime, sample
-    from nbkit.models import pipeline as make_pipe
+    from nbkit.env import runtime
+    from nbkit.models.parts import pipeline as make_pipe
+    from nbkit.sample import sampling as sample
 
     pipe = make_pipe(parts, device=None)
     cpu = torch.device("cpu")

@@ -7,10 +7,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from _images import assert_same_picture, draw
-from nbkit import singlefile as sf
-from nbkit.takehome import pixel_difference
+
+from nbkit.export import singlefile as sf
+from nbkit.export.takehome import pixel_difference
 
 # Keys and shapes of the original SD 1.5 checkpoint (v1-5-pruned-emaonly), a sample covering every renaming rule.
 _REFERENCE = json.loads((Path(__file__).parent / "data" / "sd15_original_keys.json").read_text())
@@ -67,9 +67,15 @@ def test_sd15_layout_matches_the_original_checkpoint():
 def test_round_trip_through_diffusers_converters(version):
     """diffusers' own single-file code recognises the export (SD 1 vs 2, CLIP vs OpenCLIP), and its
     original -> diffusers converters give back every key with its shape."""
-    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
-                                                     convert_ldm_vae_checkpoint, convert_open_clip_checkpoint,
-                                                     infer_diffusers_model_type, is_clip_model, is_open_clip_model)
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
+        infer_diffusers_model_type,
+        is_clip_model,
+        is_open_clip_model,
+    )
 
     unet, vae, te = empty_models(version)
     sd = convert(unet, vae, te)
@@ -94,8 +100,11 @@ def test_round_trip_through_diffusers_converters(version):
 
 def test_round_trip_keeps_every_value(parts):
     """On real tensors (the offline model): diffusers' converters give back exactly the weights we exported."""
-    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
-                                                     convert_ldm_vae_checkpoint)
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+    )
 
     sd = sf.to_original(parts)
     for back, module in ((convert_ldm_unet_checkpoint(sd, parts.unet.config), parts.unet),
@@ -141,6 +150,9 @@ def test_lora_is_merged_into_the_checkpoint(cfg, tmp_path):
 
 
 def test_clear_errors(parts, tmp_path):
+    from nbkit.export import formats
+
+    assert sf.ExportError is formats.ExportError  # one class: `except ExportError` catches every exporter's errors
     with pytest.raises(sf.ExportError, match="safetensors"):
         sf.save_single_file(parts, tmp_path / "model.ckpt")
     parts.tokenizer.add_tokens(["<zwx>"])

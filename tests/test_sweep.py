@@ -1,4 +1,4 @@
-"""nbkit.sweep: a notebook over a grid with papermill, resumable, collected into a CSV and plots.
+"""nbkit.notebook.sweep: a notebook over a grid with papermill, resumable, collected into a CSV and plots.
 
 The runs execute tests/data/sweep_probe.ipynb (a real kernel per run): with TRAIN=False it writes made-up
 losses/metrics/images at once, with TRAIN=True it fine-tunes the offline model for a step or two.
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from nbkit import sweep
+from nbkit.notebook import sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBE = ROOT / "tests" / "data" / "sweep_probe.ipynb"
@@ -119,7 +119,7 @@ def test_sweep_of_real_training_on_the_offline_model(tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from nbkit.offline import offline_model_dir
+    from nbkit.models.offline import offline_model_dir
 
     report = sweep.run(spec(tmp_path, {"MAX_TRAIN_STEPS": [2]}, TRAIN=True, LEARNING_RATE=1e-3), progress=False)
     assert not report.failed and len(report.rows) == 1
@@ -153,9 +153,11 @@ def _write_yaml(tmp_path, data) -> Path:
     (f"notebook: {PROBE}\noutput: o\ngrid: {{OUTPUT_DIR: [a, b]}}\n", "set by the sweep"),
     (f"notebook: {PROBE}\noutput: o\ngrids: {{FAIL: [true]}}\n", "unknown keys ['grids']"),
     ("notebook: notebooks/nope.ipynb\noutput: o\ngrid: {A: [1]}\n", "not found"),
-    (f"notebook: {PROBE}\noutput: o\ngrid: {{LEARNIN_RATE: [1e-4], MAX_TRAIN_STEPS: [2]}}\n", "has no parameter LEARNIN_RATE"),
+    (f"notebook: {PROBE}\noutput: o\ngrid: {{LEARNIN_RATE: [1e-4], MAX_TRAIN_STEPS: [2]}}\n",
+     "has no parameter LEARNIN_RATE"),
     (f"notebook: {PROBE}\noutput: o\ngrid: {{MAX_TRAIN_STEPS: [2.5]}}\n", "expected a whole number"),
-    (f"notebook: {PROBE}\noutput: o\nfixed: {{TRAIN: yes please}}\ngrid: {{MAX_TRAIN_STEPS: [2]}}\n", "expected true or false"),
+    (f"notebook: {PROBE}\noutput: o\nfixed: {{TRAIN: yes please}}\ngrid: {{MAX_TRAIN_STEPS: [2]}}\n",
+     "expected true or false"),
 ])
 def test_bad_sweep_files_are_refused_before_anything_runs(tmp_path, text, message, counted):
     p = tmp_path / "bad.yaml"
@@ -196,7 +198,8 @@ def test_cli_dry_run_and_collect(tmp_path, counted, capsys):
     assert counted.calls == [] and not (tmp_path / "sweep" / "runs").exists()
     from nbkit import cli
 
-    assert cli.main(["sweep", str(p), "--dry-run"]) == 0 and "2 to run" in capsys.readouterr().out  # python -m nbkit sweep
+    # python -m nbkit sweep
+    assert cli.main(["sweep", str(p), "--dry-run"]) == 0 and "2 to run" in capsys.readouterr().out
     assert sweep.main(["run", str(p), "--set", "MAX_TRAIN_STEPS=3"]) == 0
     assert len(counted.calls) == 2
     (tmp_path / "sweep" / "results.csv").unlink()
@@ -230,7 +233,8 @@ def test_collect_reads_nested_runs_failures_and_after_the_fact_scores(tmp_path):
         if status == "failed":
             continue
         for sub in ("without_prior", "with_prior"):
-            log = [{"step": s, "loss": lr * 1e5 / s, "lr": lr, **({"instance": 0.1, "prior": 0.2} if sub == "with_prior" else {})}
+            log = [{"step": s, "loss": lr * 1e5 / s, "lr": lr,
+                    **({"instance": 0.1, "prior": 0.2} if sub == "with_prior" else {})}
                    for s in (1, 2, 3)]
             (run_dir / sub / "validation").mkdir(parents=True)
             (run_dir / sub / "losses.json").write_text(json.dumps(log))
@@ -244,7 +248,8 @@ def test_collect_reads_nested_runs_failures_and_after_the_fact_scores(tmp_path):
     assert (out / "images.png").exists() and (out / "curves.png").exists()
 
     seen = []
-    assert sweep.score(out, lambda run_dir, params: seen.append(params) or {"subject_fidelity": params["LEARNING_RATE"] * 1e5}) == 2
+    assert sweep.score(out, lambda run_dir, params: seen.append(params)
+                       or {"subject_fidelity": params["LEARNING_RATE"] * 1e5}) == 2
     assert sweep.score(out, lambda run_dir, params: 1 / 0) == 0, "runs measured before are not measured again"
     rows = sweep.collect(out, plots=False)
     assert [r.get("subject_fidelity") for r in rows] == [pytest.approx(0.1), pytest.approx(0.2), None]
@@ -256,3 +261,10 @@ def test_collect_reads_nested_runs_failures_and_after_the_fact_scores(tmp_path):
     except ImportError:
         return
     assert len(sweep.collect(out, plots=False, as_frame=True)) == 3
+
+
+def test_a_notebook_of_the_kit_is_found_from_any_folder(tmp_path, monkeypatch):
+    from nbkit.notebook import sweep_spec
+
+    monkeypatch.chdir(tmp_path)  # a sweep started elsewhere still finds notebooks/ of the kit
+    assert sweep_spec._resolve_notebook("notebooks/01_dreambooth.ipynb", None).is_file()

@@ -6,7 +6,6 @@ those lines on CPU kernels; benchmarks/gpu_check.py repeats the same checks on a
 """
 
 import pytest
-import torch
 
 from benchmarks import t4_path
 
@@ -27,7 +26,7 @@ def workdir(tmp_path_factory):
 def instance(offline_dir, tmp_path_factory):
     import shutil
 
-    from nbkit.offline import SAMPLE_INSTANCE_DIR
+    from nbkit.models.offline import SAMPLE_INSTANCE_DIR
 
     d = tmp_path_factory.mktemp("instance") / "zwx"
     shutil.copytree(SAMPLE_INSTANCE_DIR, d)

@@ -1,18 +1,19 @@
-"""The toy world and the pretrained toy model: the course's findings, measured (with margins; the figures: docs/findings.md).
+"""The toy world and the pretrained toy model: the course's findings, measured (with margins; the figures:
+docs/findings.md).
 
 The model-level tests share one base model and four short fine-tunes (module-scoped fixtures) and draw few
 pictures with few steps, so that the file stays around two minutes on 2 CPU cores.
 """
 
 import random
-import time
 
 import numpy as np
 import pytest
 
-from nbkit import judge, load_parts, pipeline, toyworld
-from nbkit.offline import NEW_CONTEXTS, PRETRAINED_TOY, SAMPLE_BACKGROUNDS, offline_model_dir
-
+from nbkit import load_parts, pipeline
+from nbkit.models.offline import NEW_CONTEXTS, PRETRAINED_TOY, SAMPLE_BACKGROUNDS, offline_model_dir
+from nbkit.toy import judge
+from nbkit.toy import world as toyworld
 
 # The toy DreamBooth recipes the tests compare (measured in docs/findings.md): the sweet spot, the same run pushed
 # harder (the prior-preservation pair: drift shows fast), and an overfitting one. All at the toy batch size (4).
@@ -44,8 +45,9 @@ def test_varied_captions_always_name_the_shape_and_parse_back():
 
 
 def test_names_are_made_up_words_each_for_one_look_and_never_an_identifier():
-    from nbkit.offline import OFFLINE_SPEC
     from transformers import CLIPTokenizer
+
+    from nbkit.models.offline import OFFLINE_SPEC
 
     tok = CLIPTokenizer.from_pretrained(OFFLINE_SPEC / "tokenizer")
     assert len(set(toyworld.NAMES.values())) == len(toyworld.NAMES)  # one name per look
@@ -89,8 +91,8 @@ def test_parse_prompt_names_the_subject_and_background():
 
 
 def test_sample_instance_pictures_show_the_subject_on_few_backgrounds():
-    from nbkit.data import load_folder
-    from nbkit.offline import SAMPLE_INSTANCE_DIR
+    from nbkit.data.images import load_folder
+    from nbkit.models.offline import SAMPLE_INSTANCE_DIR
 
     images = [e.image for e in load_folder(SAMPLE_INSTANCE_DIR, 64)]
     assert 4 <= len(images) <= 6
@@ -110,7 +112,7 @@ def test_pretrained_toy_model_is_the_offline_default_and_small():
     assert not any(p.suffix in (".bin", ".pt", ".ckpt") for p in files)
     assert any((PRETRAINED_TOY / "tokenizer" / f).exists() for f in ("tokenizer.json", "vocab.json"))
     readme = (PRETRAINED_TOY / "README.md").read_text()
-    assert "python -m nbkit.pretrain" in readme and "seed" in readme
+    assert "python -m nbkit pretrain" in readme and "seed" in readme
 
 
 @pytest.fixture(scope="module")

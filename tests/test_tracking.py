@@ -1,4 +1,5 @@
-"""Scores while training (nbkit.tracking in the one loop): metrics.json, the best model, the overfit warning, resume."""
+"""Scores while training (nbkit.scores.tracking in the one loop): metrics.json, the best model, the overfit warning,
+resume."""
 
 import json
 import math
@@ -11,8 +12,10 @@ from safetensors.torch import load_file
 
 matplotlib.use("Agg")
 
-import nbkit.data  # noqa: E402
-from nbkit import evaluate, load_parts, plots, tracking, train  # noqa: E402
+import nbkit.data.images  # noqa: E402
+from nbkit import load_parts, train
+from nbkit.notebook import plots
+from nbkit.scores import evaluate, tracking
 
 
 def rows(*scores):
@@ -38,7 +41,8 @@ def test_overfit_fires_after_a_fall_from_the_peak_and_not_on_a_rise():
     noisy = rows((0, 1), zero, zero, one, zero, zero, one, zero, zero, three, zero)
     assert tracking.overfit(noisy) is None and tracking.best_row(noisy)["step"] == 18
     # step 0 (the untrained model) is a baseline, never the best or the peak
-    assert tracking.best_row(rows((0.9, 0.9))) is None and tracking.overfit(rows((0.9, 0.9), (0.1, 0.1), (0.1, 0.1))) is None
+    assert (tracking.best_row(rows((0.9, 0.9))) is None
+            and tracking.overfit(rows((0.9, 0.9), (0.1, 0.1), (0.1, 0.1))) is None)
 
 
 def test_eval_settings_are_checked(cfg):
@@ -120,7 +124,7 @@ def test_dreambooth_best_model_overfit_warning_and_resume(cfg, monkeypatch, caps
     monkeypatch.setattr(evaluate.JudgeEvaluator, "draw", lambda self, pipe: None)
     monkeypatch.setattr(evaluate.JudgeEvaluator, "_score", fake_score)
     monkeypatch.setattr(tracking, "model_saver", saver)
-    real_batches = nbkit.data.batch_indices
+    real_batches = nbkit.data.images.batch_indices
 
     def stop_at_step_3(n, bs, step, seed):
         if step == 2:
@@ -129,10 +133,10 @@ def test_dreambooth_best_model_overfit_warning_and_resume(cfg, monkeypatch, caps
 
     c = cfg.replace(max_train_steps=6, eval_steps=2, checkpointing_steps=2, checkpoints_total_limit=None)
     out = Path(c.output_dir)
-    monkeypatch.setattr(nbkit.data, "batch_indices", stop_at_step_3)
+    monkeypatch.setattr(nbkit.data.images, "batch_indices", stop_at_step_3)
     with pytest.raises(KeyboardInterrupt):
         train(c, load_parts("offline"), progress=False)
-    monkeypatch.setattr(nbkit.data, "batch_indices", real_batches)
+    monkeypatch.setattr(nbkit.data.images, "batch_indices", real_batches)
     first = json.loads((out / tracking.METRICS_FILE).read_text())
     assert scored == [0, 2] and [row["step"] for row in first] == [0, 2]
     ckpt = json.loads((out / "checkpoints" / "step_000002" / "checkpoint.json").read_text())
@@ -159,11 +163,13 @@ def test_dreambooth_best_model_overfit_warning_and_resume(cfg, monkeypatch, caps
 
 
 def test_table_lists_every_scored_step_and_marks_the_best():
-    from nbkit.tracking import table
+    from nbkit.scores.tracking import table
 
     rows = [dict(step=0, subject_fidelity=0.0, prompt_fidelity=0.9, class_drift=0.0, tradeoff=0.0, scorer="toy judge"),
-            dict(step=100, subject_fidelity=0.8, prompt_fidelity=0.7, class_drift=0.2, tradeoff=0.75, scorer="toy judge"),
-            dict(step=200, subject_fidelity=0.9, prompt_fidelity=0.3, class_drift=0.5, tradeoff=0.45, scorer="toy judge")]
+            dict(step=100, subject_fidelity=0.8, prompt_fidelity=0.7, class_drift=0.2, tradeoff=0.75,
+                 scorer="toy judge"),
+            dict(step=200, subject_fidelity=0.9, prompt_fidelity=0.3, class_drift=0.5, tradeoff=0.45,
+                 scorer="toy judge")]
     lines = table(rows).splitlines()
     assert len(lines) == 1 + 3 + 1 and "toy judge" in lines[-1]
     assert lines[2].startswith("   100") and lines[2].endswith("<- best")
@@ -171,7 +177,7 @@ def test_table_lists_every_scored_step_and_marks_the_best():
 
 
 def test_overfit_message_says_stayed_when_a_score_did_not_move():
-    from nbkit.tracking import overfit_message
+    from nbkit.scores.tracking import overfit_message
 
     peak = dict(step=300, subject_fidelity=0.11, prompt_fidelity=1.0, class_drift=1.0)
     now = dict(step=400, subject_fidelity=0.08, prompt_fidelity=1.0, class_drift=1.0)

@@ -9,7 +9,7 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from safetensors.torch import load_file
 
 from nbkit import generate, load_parts, pipeline, train
-from nbkit.data import load_folder, to_tensor
+from nbkit.data.images import load_folder, to_tensor
 
 
 def snapshot(module):
@@ -68,7 +68,8 @@ def test_lora_trains_only_adapters_and_reloads(cfg, parts):
     assert not changed(te0, r.parts.text_encoder)
     assert r.saved.name == "pytorch_lora_weights.safetensors" and r.saved.stat().st_size < 1_000_000
     sd = load_file(r.saved)
-    assert all("lora" in k for k in sd) and any(v.abs().sum() > 0 for k, v in sd.items() if "lora_B" in k or "lora.up" in k)
+    assert all("lora" in k for k in sd) and any(v.abs().sum() > 0 for k, v in sd.items()
+                                                if "lora_B" in k or "lora.up" in k)
     pipe = StableDiffusionPipeline.from_pretrained(load_parts("offline").source)
     pipe.load_lora_weights(r.saved.parent, weight_name=r.saved.name)
     a = generate(pipeline(r.parts, "ddim"), "a star", seeds=[2], steps=3)[0]
@@ -112,12 +113,13 @@ def test_v_prediction_target_is_used_when_the_scheduler_says_so(cfg, parts, monk
 def test_noise_offset_shifts_each_channel_of_the_noise(cfg, parts, monkeypatch):
     seen = []
     orig = DDPMScheduler.add_noise
-    monkeypatch.setattr(DDPMScheduler, "add_noise", lambda self, x, noise, t: seen.append(noise) or orig(self, x, noise, t))
+    monkeypatch.setattr(DDPMScheduler, "add_noise",
+                        lambda self, x, noise, t: seen.append(noise) or orig(self, x, noise, t))
     train(cfg.replace(max_train_steps=4, noise_offset=0.0), parts, progress=False)
     plain = torch.cat(seen).mean(dim=(2, 3)).abs().mean().item()
     seen.clear()
-    train(cfg.replace(max_train_steps=4, noise_offset=1.0, output_dir=cfg.output_dir + "-offset"), load_parts("offline"),
-          progress=False)
+    train(cfg.replace(max_train_steps=4, noise_offset=1.0, output_dir=cfg.output_dir + "-offset"),
+          load_parts("offline"), progress=False)
     offset = torch.cat(seen).mean(dim=(2, 3)).abs().mean().item()
     assert plain < 0.2 and offset > 0.4, (plain, offset)  # per-channel means: ~1/side without, ~N(0, 1) with
 
@@ -166,7 +168,8 @@ def _fixed_loss(parts, instance_dir):
         for t in (100, 300, 500, 700):
             noise = torch.randn(lat.shape, generator=g)
             ts = torch.full((len(lat),), t)
-            total += F.mse_loss(parts.unet(parts.noise_scheduler.add_noise(lat, noise, ts), ts, emb).sample, noise).item()
+            total += F.mse_loss(parts.unet(parts.noise_scheduler.add_noise(lat, noise, ts), ts, emb).sample,
+                                noise).item()
     return total / 4
 
 

@@ -2,7 +2,7 @@ import io
 
 from PIL import Image
 
-from nbkit.widgets import save_uploads, upload_box
+from nbkit.notebook.widgets import save_uploads, upload_box
 
 
 def png_bytes():
@@ -28,7 +28,7 @@ def test_prompt_playground_builds_headless_and_draws(parts, tmp_path):
     import numpy as np
 
     import nbkit
-    from nbkit.widgets import prompt_playground
+    from nbkit.notebook.widgets import prompt_playground
 
     pipe = nbkit.pipeline(parts)
     pg = prompt_playground(pipe, prompt="", steps=2, images=2, size=64, save_dir=tmp_path)

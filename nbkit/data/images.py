@@ -1,0 +1,151 @@
+"""Instance (and class) images from a folder, read the way a student's uploads need.
+
+- hidden files and folders (`.ipynb_checkpoints`, `.DS_Store`, `__MACOSX`) are ignored;
+- EXIF orientation is applied; any mode becomes RGB (transparency composited on white, 16-bit scaled);
+- a `name.txt` next to `name.jpg` is that image's caption;
+- anything that is not a readable image is reported by name, never silently dropped;
+- an image smaller than the training resolution is upscaled, with a warning naming it (decided: a student's
+  phone crop is better used than refused; the warning says the result may be soft).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+IGNORED_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
+Image.MAX_IMAGE_PIXELS = 16_000 * 16_000  # bigger than any camera; PIL's own limit would call a 100 MP photo a bomb
+
+
+class DataError(ValueError):
+    """The image folder cannot be used as it is; the message lists every problem and what to do."""
+
+
+@dataclass
+class Example:
+    path: Path
+    image: Image.Image  # RGB, original size
+    caption: str | None  # from name.txt, if there is one
+
+
+def _ignored(p: Path, root: Path) -> bool:
+    return any(part.startswith(".") or part in IGNORED_NAMES for part in p.relative_to(root).parts)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB; transparent pixels become white."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """Open, check, orient (EXIF) and convert to RGB; raise DataError naming the file if that fails."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.load()  # reads every byte: a truncated file fails here, not mid-training
+            img = ImageOps.exif_transpose(img)
+            return to_rgb(img)
+    except Image.DecompressionBombError as err:
+        raise DataError(f"{path.name}: too large to read safely ({err}). Resize it to a few thousand pixels a side "
+                        "(training crops it to the training resolution anyway) or remove it.") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"{path.name}: cannot be read as an image ({err}). Re-export it as JPEG/PNG or "
+                        "remove it.") from err
+
+
+def scan(folder: str | Path, what: str = "instance") -> tuple[list[Path], list[str]]:
+    """The image files of a folder (sorted, hidden ones ignored) and a list of problems with the rest."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"The {what} folder {str(folder)!r} does not exist or is not a folder.")
+    images, problems = [], []
+    for p in sorted(folder.rglob("*")):
+        if p.is_dir() or _ignored(p, folder):
+            continue
+        if p.suffix.lower() in IMAGE_SUFFIXES:
+            images.append(p)
+        elif p.suffix.lower() == ".txt" and any(p.with_suffix(s).exists()
+                                                for s in IMAGE_SUFFIXES | {s.upper() for s in IMAGE_SUFFIXES}):
+            continue  # a caption
+        else:
+            problems.append(f"{p.relative_to(folder)}: not an image (expected {', '.join(sorted(IMAGE_SUFFIXES))})")
+    return images, problems
+
+
+def load_folder(folder: str | Path, resolution: int, what: str = "instance", skip_bad: bool = False) -> list[Example]:
+    """Read every image of a folder; raise DataError listing all problems (or warn and skip them if skip_bad)."""
+    paths, problems = scan(folder, what)
+    examples = []
+    for p in paths:
+        try:
+            img = read_image(p)
+        except DataError as err:
+            problems.append(str(err))
+            continue
+        if min(img.size) < resolution:
+            warnings.warn(f"{p.name} is {img.size[0]}x{img.size[1]}, smaller than the training resolution "
+                          f"{resolution}: it is upscaled and may look soft. Use pictures of at least {resolution} px.")
+        cap = next((p.with_suffix(s) for s in (".txt", ".TXT") if p.with_suffix(s).exists()), None)
+        examples.append(Example(p, img, cap.read_text(encoding="utf-8").strip() if cap else None))
+    if problems and not skip_bad:
+        raise DataError(f"Problems in the {what} folder {str(folder)!r}:\n  - " + "\n  - ".join(problems)
+                        + "\nFix or remove these files (or pass skip_bad=True to train on the rest).")
+    if problems:
+        warnings.warn("Skipped: " + "; ".join(problems))
+    if not examples:
+        raise DataError(f"The {what} folder {str(folder)!r} has no images. Put 3-10 JPEG/PNG pictures of your "
+                        "subject there (hidden files and folders are ignored).")
+    return examples
+
+
+def to_tensor(img: Image.Image, resolution: int, center_crop: bool = True, flip: bool = False,
+              rng: np.random.Generator | None = None) -> torch.Tensor:
+    """Resize the short side to `resolution`, crop a square, maybe flip; a CHW tensor in [-1, 1]."""
+    w, h = img.size
+    scale = resolution / min(w, h)
+    img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
+    w, h = img.size
+    if center_crop or rng is None:
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+    else:
+        left, top = int(rng.integers(0, w - resolution + 1)), int(rng.integers(0, h - resolution + 1))
+    img = img.crop((left, top, left + resolution, top + resolution))
+    if flip:
+        img = ImageOps.mirror(img)
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def thumbnail(img: Image.Image, size: int) -> Image.Image:
+    """A centre-cropped square of side `size` (what the model trains on, for display)."""
+    return ImageOps.fit(img, (size, size), Image.BICUBIC)
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Which examples form the batch of `step`: a fresh shuffle every epoch, a pure function of (seed, step).
+
+    Being a function of the step (not of hidden iterator state) is what makes a resumed run see the same
+    data as an uninterrupted one.
+    """
+    out = []
+    for k in range(step * batch_size, (step + 1) * batch_size):
+        epoch, pos = divmod(k, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.append(int(perm[pos]))
+    return out

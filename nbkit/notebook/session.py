@@ -1,0 +1,97 @@
+"""The first code cell of every notebook, in one call: `s = nb.setup("01_dreambooth", model=MODEL, ...)`.
+
+What it decides, in order (and prints, once):
+
+1. the runtime: platform, GPU and its memory, the memory preset (`colab.check_runtime`);
+2. the model: `MODEL = "auto"` is SD 1.5 on a GPU with the hub, the small offline model otherwise, and why;
+3. `small`: is that the offline model (asked for by name, or its folder)? Its numbers differ from SD 1.5's:
+   64 px, higher learning rates, `s.pick(offline_value, sd_value)` chooses;
+4. the folders: photos, outputs, exports, in Google Drive with `use_drive` on Colab (`colab.notebook_files`);
+   the output folder is made; a checkpoints folder in Drive mounts Drive;
+5. smoke mode (CI): `s.smoke(smoke_value, real_value)` chooses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from nbkit.env import colab, runtime
+from nbkit.models import offline
+from nbkit.training import presets
+
+# Scenes for a subject on SD 1.5: ones its pictures never show, so what is learned is the subject, not a scene.
+SD_SCENES = ("a photo of {s} on the beach", "a photo of {s} in the snow", "a photo of {s} in a forest",
+             "an oil painting of {s} in the style of van gogh")
+OFFLINE_BACKGROUNDS = (*offline.NEW_CONTEXTS, "black", "white")  # the offline world: shapes on plain backgrounds
+
+
+def is_offline_model(model: str | Path) -> bool:
+    """True for the kit's small offline model: asked for as "offline", or given as its folder."""
+    return str(model) == "offline" or Path(str(model)).resolve() == offline.offline_model_dir().resolve()
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What a notebook runs on, decided once by `setup()`."""
+
+    notebook: str  # e.g. "01_dreambooth"
+    rt: runtime.Runtime  # where we run: platform, device, GPU
+    model: str  # the model to load: a hub id, a folder, or "offline"
+    why: str  # why that model (one sentence, printed)
+    report: str  # the runtime check, as printed
+    small: bool  # the small offline model (64 px, toy shapes): pick() chooses its values
+    files: colab.NotebookFiles  # where the notebook reads and writes (Drive when asked)
+    instance_dir: Path  # the photos of the subject
+    out: Path  # the notebook's output folder (made)
+    resolution: int  # training and sampling size: the offline model's 64, else as asked
+    is_smoke: bool  # smoke mode: tiny settings, only to check the notebook runs
+
+    def pick(self, offline_value, sd_value):
+        """`offline_value` on the small offline model, else `sd_value`:
+        `s.pick(OFFLINE_LEARNING_RATE, LEARNING_RATE)`."""
+        return offline_value if self.small else sd_value
+
+    def smoke(self, smoke_value, real_value):
+        """`smoke_value` in smoke mode, else `real_value`: `s.smoke(4, MAX_TRAIN_STEPS)`."""
+        return smoke_value if self.is_smoke else real_value
+
+    @property
+    def device(self) -> str:
+        """Where a freshly loaded pipeline goes: "cuda" on a GPU, else "cpu"."""
+        return "cuda" if self.rt.device == "cuda" else "cpu"
+
+    @property
+    def sample_dtype(self):
+        """fp16 for sampling on a GPU (half the memory and time), None (fp32) elsewhere."""
+        import torch
+
+        return torch.float16 if self.rt.device == "cuda" else None
+
+    def contexts(self, subject: str, backgrounds: tuple[str, ...] = OFFLINE_BACKGROUNDS) -> list[str]:
+        """Four prompts with `subject` in new scenes: plain backgrounds on the offline model, places on SD 1.5."""
+        if self.small:
+            return [f"a photo of a {subject} on a {bg} background" for bg in backgrounds]
+        return [scene.format(s=subject) for scene in SD_SCENES]
+
+
+def setup(notebook: str, *, model: str = "auto", instance_dir: str | Path = "sample",
+          output_dir: str | Path | None = None, use_drive: bool = False, smoke: bool = False, resolution: int = 512,
+          checkpoints_dir: str | Path = "") -> Setup:
+    """Decide what `notebook` runs on and where its files go; print the runtime check and the model's reason.
+
+    model, instance_dir, output_dir (default outputs/<notebook>), use_drive, smoke, resolution, checkpoints_dir: the
+    notebook's MODEL, INSTANCE_DIR, OUTPUT_DIR, USE_DRIVE, SMOKE, RESOLUTION and CHECKPOINTS_DIR parameters.
+    """
+    rt = runtime.detect()
+    chosen, why = runtime.choose_model(model, rt)
+    report = colab.check_runtime(rt, preset=presets.describe_settings(presets.memory_settings(rt), rt))
+    print(report)  # the GPU, its memory and the memory preset the runs use
+    print(why)
+    files = colab.notebook_files(notebook, use_drive, output_dir or f"outputs/{notebook}", instance_dir)
+    files.output_dir.mkdir(parents=True, exist_ok=True)
+    if str(checkpoints_dir).startswith(colab.DRIVE_MOUNTPOINT) and rt.platform == "colab":
+        colab.mount_drive(True)  # checkpoints in Drive outlive the runtime
+    small = is_offline_model(chosen)
+    return Setup(notebook, rt, chosen, why, report, small, files, files.instance_dir, files.output_dir,
+                 offline.OFFLINE_RESOLUTION if small else resolution, smoke)
