@@ -1,6 +1,6 @@
 """Full size, on a CPU, once: one step of DreamBooth + text encoder + prior preservation at 512 px on SD 1.5.
 
-    python benchmarks/fullsize_cpu.py            # SD 1.5 (random weights), 512 px: ~30-60 min, ~20 GiB RAM
+    python benchmarks/fullsize_cpu.py            # SD 1.5 (random weights), 512 px: ~19 min on 2 cores, 14 GiB
     python benchmarks/fullsize_cpu.py --smoke    # the offline model at 64 px, the same code (seconds; tested)
 
 Not CI (too slow there). It proves nothing in the real-size path breaks: SD 1.5 from data/sd15-arch (random
@@ -111,8 +111,8 @@ class Recorder:
         out: dict[str, dict] = {}
         for s in self.segments:
             o = out.setdefault(s["phase"], dict(s, seconds=0.0))
-            o.update(seconds=o["seconds"] + s["seconds"], peak_rss_gib=max(o["peak_rss_gib"], s["peak_rss_gib"]),
-                     peak_anon_gib=max(o.get("peak_anon_gib", 0), s.get("peak_anon_gib", 0)), end_rss_gib=s["end_rss_gib"])
+            o.update(seconds=o["seconds"] + s["seconds"], end_rss_gib=s["end_rss_gib"],
+                     **{k: max(o.get(k, 0), s.get(k, 0)) for k in ("peak_rss_gib", "peak_anon_gib")})
         return list(out.values())
 
 
@@ -158,22 +158,11 @@ def build_scorers(root: Path, smoke: bool, clip: str) -> tuple[Path, Path]:
     return clip_dir, dino_dir
 
 
-def instance_images(folder: Path, size: int) -> Path:
-    """Toy-world stars drawn at full size (the smoke run uses the kit's sample pictures: the toy judge's)."""
-    from nbkit.toy import world as toyworld
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, bg in enumerate(("black", "white")):
-        toyworld.Scene("star", "red", bg).render(size).save(folder / f"zwx_{i}.png")
-    return folder
-
-
 def train_config(args, work: Path, model_dir: Path, instance_dir: Path):
     from nbkit import TrainConfig
 
     return TrainConfig(
-        model=str(model_dir), instance_dir=str(instance_dir), output_dir=str(work / "run"),
-        class_dir=str(work / "class"),
+        model=str(model_dir), instance_dir=str(instance_dir), output_dir=str(work / "run"), class_dir=str(work / "c"),
         method="dreambooth", train_text_encoder=True, with_prior_preservation=True, instance_prompt=PROMPT,
         class_prompt=CLASS_PROMPT, num_class_images=1, class_batch_size=1, sample_steps=2, resolution=args.resolution,
         max_train_steps=1, eval_steps=1, eval_seeds=1, use_8bit_adam=True, gradient_checkpointing=True,
@@ -239,11 +228,10 @@ def instrumented(rec: Recorder, seen: dict, fp32: bool):
             return dataclasses.replace(m, save=phase("train: save the model (fp16)", "train: after the step")(m.save))
         return run
 
-    def keep(key, then=lambda x: None):  # seen[key] = what the call returned
+    def keep(key, then=lambda x: x):  # seen[key] = what the call returned (passed through `then`)
         def make(f):
             def run(*a, **kw):
-                seen[key] = out = f(*a, **kw)
-                then(out)
+                seen[key] = out = then(f(*a, **kw))
                 return out
             return run
         return make
@@ -253,7 +241,7 @@ def instrumented(rec: Recorder, seen: dict, fp32: bool):
             _wrap(stack, sample, "_autocast", lambda f: lambda pipe, device: contextlib.nullcontext())
         _wrap(stack, methods, "setup", setup)
         _wrap(stack, optim, "make_optimizer",
-              keep("optimizer", lambda opt: _counting_step(opt, seen["parts"], seen.setdefault("counted", {}))))
+              keep("optimizer", lambda opt: _counting_step(opt, seen["parts"], seen.setdefault("counted", {})) or opt))
         _wrap(stack, guards, "run_disk_needs", keep("disk_needs"))
         _wrap(stack, tracking.Tracker, "for_training",
               lambda f: classmethod(phase("scorer: load CLIP + DINO", "train: before class images")(f.__func__)))
@@ -336,15 +324,13 @@ def tables(r: dict) -> str:
                   "counted / measured here GiB |", "|---|---:|---:|---:|"]
     for k in ("weights", "optimizer state", "gradients", "activations", "other", "peak allocated"):
         lines.append(f"| {k} | {_f(c['t4'][k])} | {_f(c['same_precision'][k])} | {_f(c['measured'][k])} |")
-    lines += ["", f"RSS at the step's start {c['train_step_start_rss_gib']:.2f} GiB, peak "
-                  f"{c['train_step_peak_rss_gib']:.2f} GiB: activations = peak - start - gradients - optimizer "
-                  f"state. VAE {c['vae_weights_gib']:.2f} GiB."]
+    lines += ["", f"Step RSS {c['train_step_start_rss_gib']:.2f} GiB at start, {c['train_step_peak_rss_gib']:.2f} peak"
+                  f" (activations = peak - start - gradients - optimizer); VAE {c['vae_weights_gib']:.2f} GiB."]
     lines += ["", "| disk check item | expected GB | written GB |", "|---|---:|---:|"]
     lines += [f"| {d['what']} | {d['expected_gb']:.3f} | {_f(d['written_gb'], '.3f')} |" for d in r.get("disk", [])]
     lines += ["", "| export | size | seconds | pixel diff mean / max | ok |", "|---|---:|---:|---:|---|"]
     lines += [f"| {e['format']} | {e['size']} | {e['seconds']:.1f} | {_f(e['mean_pixel_diff'])} / "
-              f"{e['max_pixel_diff']} "
-              f"| {e['ok']} |" for e in r.get("export", [])]
+              f"{e['max_pixel_diff']} | {e['ok']} |" for e in r.get("export", [])]
     return "\n".join(lines)
 
 
@@ -352,13 +338,17 @@ def _prepare(rec: Recorder, args, work: Path) -> tuple:
     """Build and save the model, build the scorers, load the model back with the notebooks' loader."""
     from nbkit import load_parts
     from nbkit.models.offline import SAMPLE_INSTANCE_DIR
+    from nbkit.toy.world import Scene
 
     rec.switch("build + save (fp32 + fp16 variant)")
     files = build_model(work / "sd15", args.smoke)
     rec.switch("build scorers (CLIP, DINO)")
     clip_dir, dino_dir = build_scorers(work / "scorers", args.smoke, args.clip)
     os.environ["NBKIT_CLIP_MODEL"], os.environ["NBKIT_DINO_MODEL"] = str(clip_dir), str(dino_dir)
-    instance = SAMPLE_INSTANCE_DIR if args.smoke else instance_images(work / "instance", args.resolution)
+    instance = SAMPLE_INSTANCE_DIR if args.smoke else work / "instance"  # smoke: the toy judge's own pictures
+    for i, bg in enumerate(() if args.smoke else ("black", "white")):  # full size: toy-world stars at 512 px
+        instance.mkdir(exist_ok=True)
+        Scene("star", "red", bg).render(args.resolution).save(instance / f"zwx_{i}.png")
     rec.switch("load (load_parts, variant=fp16)")
     parts = load_parts(str(work / "sd15"), variant="fp16")
     # diffusers upcasts what it reads to fp32 unless given torch_dtype (load_parts passes none); transformers keeps
