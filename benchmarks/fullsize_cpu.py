@@ -1,6 +1,6 @@
 """Full size, on a CPU, once: one step of DreamBooth + text encoder + prior preservation at 512 px on SD 1.5.
 
-    python benchmarks/fullsize_cpu.py            # SD 1.5 (random weights), 512 px: ~30-60 min, ~20 GiB RAM
+    python benchmarks/fullsize_cpu.py            # SD 1.5 (random weights), 512 px: ~19 min on 2 cores, 14 GiB
     python benchmarks/fullsize_cpu.py --smoke    # the offline model at 64 px, the same code (seconds; tested)
 
 Not CI (too slow there). It proves nothing in the real-size path breaks: SD 1.5 from data/sd15-arch (random
@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import gc
+import importlib
 import json
 import os
 import resource
@@ -31,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import types
 from pathlib import Path
 
@@ -41,6 +43,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 GiB = 2**30
+VERSIONS = ("torch", "diffusers", "transformers", "accelerate", "bitsandbytes")
 PROMPT, CLASS_PROMPT = "a photo of zwx star", "a photo of a star"
 _L = lambda h, n, heads, **kw: dict(hidden_size=h, intermediate_size=4 * h, num_hidden_layers=n,  # noqa: E731
                                     num_attention_heads=heads, **kw)
@@ -67,35 +70,38 @@ def _reset_peak() -> bool:
 
 
 class Recorder:
-    """Flat phases, one at a time: seconds and peak RSS of each, plus an RSS sample every `interval` seconds."""
+    """Flat phases, one at a time: seconds and peak RSS of each (VmHWM: anonymous + file-backed pages, e.g. mmap'd
+    safetensors), plus RSS and anonymous RSS sampled every `interval` seconds (the timeline; the sampled peak)."""
 
     def __init__(self, interval: float = 1.0):
         self.segments: list[dict] = []
-        self.timeline: list[tuple[float, float, str]] = []
-        self.t0 = time.perf_counter()
-        self.label: str | None = None
-        self._start, self._sampled, self._hwm_ok = 0.0, 0, False
+        self.timeline: list[tuple[float, float, float, str]] = []  # seconds, RSS GiB, anonymous RSS GiB, phase
+        self.t0, self.label = time.perf_counter(), None
+        self._start, self._sampled, self._anon, self._hwm_ok = 0.0, 0, 0, False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, args=(interval,), daemon=True)
         self._thread.start()
 
     def _sample(self, interval: float) -> None:
         while not self._stop.wait(interval):
-            rss, label = _status("VmRSS"), self.label
-            self._sampled = max(self._sampled, rss) if label == self.label else self._sampled
-            self.timeline.append((round(time.perf_counter() - self.t0, 2), round(rss / GiB, 3), label or ""))
+            rss, anon, label = _status("VmRSS"), _status("RssAnon"), self.label
+            if label == self.label:
+                self._sampled, self._anon = max(self._sampled, rss), max(self._anon, anon)
+            self.timeline.append((round(time.perf_counter() - self.t0, 2), round(rss / GiB, 3), round(anon / GiB, 3),
+                                  label or ""))
 
     def switch(self, label: str | None) -> None:
         """End the current phase (if any) and start `label` (None: none)."""
-        now, rss = time.perf_counter(), _status("VmRSS")
+        now, rss, anon = time.perf_counter(), _status("VmRSS"), _status("RssAnon")
         if self.label is not None:
             peak = max(_status("VmHWM") if self._hwm_ok else self._sampled, rss)  # HWM exact, samples fallback
             self.segments.append({"phase": self.label, "seconds": now - self._start, "peak_rss_gib": peak / GiB,
-                                  "start_rss_gib": self._rss0 / GiB, "end_rss_gib": rss / GiB})
+                                  "start_rss_gib": self._rss0 / GiB, "end_rss_gib": rss / GiB,
+                                  "peak_anon_gib": max(self._anon, anon) / GiB})
             print(f"   [{now - self.t0:7.1f} s] {self.label}: {now - self._start:.1f} s, peak RSS {peak / GiB:.2f} GiB",
                   flush=True)
         self.label, self._start, self._rss0 = label, now, rss
-        self._hwm_ok, self._sampled = _reset_peak(), rss
+        self._hwm_ok, self._sampled, self._anon = _reset_peak(), rss, anon
 
     def close(self) -> None:
         self.switch(None), self._stop.set(), self._thread.join()
@@ -105,8 +111,8 @@ class Recorder:
         out: dict[str, dict] = {}
         for s in self.segments:
             o = out.setdefault(s["phase"], dict(s, seconds=0.0))
-            o.update(seconds=o["seconds"] + s["seconds"], peak_rss_gib=max(o["peak_rss_gib"], s["peak_rss_gib"]),
-                     end_rss_gib=s["end_rss_gib"])
+            o.update(seconds=o["seconds"] + s["seconds"], end_rss_gib=s["end_rss_gib"],
+                     **{k: max(o.get(k, 0), s.get(k, 0)) for k in ("peak_rss_gib", "peak_anon_gib")})
         return list(out.values())
 
 
@@ -152,22 +158,11 @@ def build_scorers(root: Path, smoke: bool, clip: str) -> tuple[Path, Path]:
     return clip_dir, dino_dir
 
 
-def instance_images(folder: Path, size: int) -> Path:
-    """Toy-world stars drawn at full size (the smoke run uses the kit's sample pictures: the toy judge's)."""
-    from nbkit.toy import world as toyworld
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, bg in enumerate(("black", "white")):
-        toyworld.Scene("star", "red", bg).render(size).save(folder / f"zwx_{i}.png")
-    return folder
-
-
 def train_config(args, work: Path, model_dir: Path, instance_dir: Path):
     from nbkit import TrainConfig
 
     return TrainConfig(
-        model=str(model_dir), instance_dir=str(instance_dir), output_dir=str(work / "run"),
-        class_dir=str(work / "class"),
+        model=str(model_dir), instance_dir=str(instance_dir), output_dir=str(work / "run"), class_dir=str(work / "c"),
         method="dreambooth", train_text_encoder=True, with_prior_preservation=True, instance_prompt=PROMPT,
         class_prompt=CLASS_PROMPT, num_class_images=1, class_batch_size=1, sample_steps=2, resolution=args.resolution,
         max_train_steps=1, eval_steps=1, eval_seeds=1, use_8bit_adam=True, gradient_checkpointing=True,
@@ -233,11 +228,10 @@ def instrumented(rec: Recorder, seen: dict, fp32: bool):
             return dataclasses.replace(m, save=phase("train: save the model (fp16)", "train: after the step")(m.save))
         return run
 
-    def keep(key, then=lambda x: None):  # seen[key] = what the call returned
+    def keep(key, then=lambda x: x):  # seen[key] = what the call returned (passed through `then`)
         def make(f):
             def run(*a, **kw):
-                seen[key] = out = f(*a, **kw)
-                then(out)
+                seen[key] = out = then(f(*a, **kw))
                 return out
             return run
         return make
@@ -247,7 +241,7 @@ def instrumented(rec: Recorder, seen: dict, fp32: bool):
             _wrap(stack, sample, "_autocast", lambda f: lambda pipe, device: contextlib.nullcontext())
         _wrap(stack, methods, "setup", setup)
         _wrap(stack, optim, "make_optimizer",
-              keep("optimizer", lambda opt: _counting_step(opt, seen["parts"], seen.setdefault("counted", {}))))
+              keep("optimizer", lambda opt: _counting_step(opt, seen["parts"], seen.setdefault("counted", {})) or opt))
         _wrap(stack, guards, "run_disk_needs", keep("disk_needs"))
         _wrap(stack, tracking.Tracker, "for_training",
               lambda f: classmethod(phase("scorer: load CLIP + DINO", "train: before class images")(f.__func__)))
@@ -314,10 +308,13 @@ def disk_check(needs, cfg) -> list[dict]:
 _f = lambda x, spec=".2f": "-" if x is None else format(x, spec)  # noqa: E731
 
 def tables(r: dict) -> str:
-    lines = ["| phase | seconds | peak RSS GiB | RSS at end GiB |", "|---|---:|---:|---:|"]
-    lines += [f"| {p['phase']} | {p['seconds']:.1f} | {p['peak_rss_gib']:.2f} | {p['end_rss_gib']:.2f} |"
-              for p in r["phases"]]
-    lines.append(f"| **whole run** | **{r['seconds']:.1f}** | **{r['ru_maxrss_gib']:.2f}** (ru_maxrss) | |")
+    lines = ["| phase | seconds | peak RSS GiB | peak anonymous RSS GiB (sampled) | RSS at end GiB |",
+             "|---|---:|---:|---:|---:|"]
+    lines += [f"| {p['phase']} | {p['seconds']:.1f} | {p['peak_rss_gib']:.2f} | {_f(p.get('peak_anon_gib'))} | "
+              f"{p['end_rss_gib']:.2f} |" for p in r["phases"]]
+    top = lambda k: max((p[k] for p in r["phases"] if p.get(k)), default=None)  # noqa: E731 - not ru_maxrss (reset)
+    lines.append(f"| **whole run** | **{r['seconds']:.1f}** | **{_f(top('peak_rss_gib'))}** | "
+                 f"**{_f(top('peak_anon_gib'))}** | |")
     if r.get("error"):
         lines += ["", "FAILED: " + r["error"].strip().splitlines()[-1]]
     c = r.get("planner")
@@ -327,36 +324,31 @@ def tables(r: dict) -> str:
                   "counted / measured here GiB |", "|---|---:|---:|---:|"]
     for k in ("weights", "optimizer state", "gradients", "activations", "other", "peak allocated"):
         lines.append(f"| {k} | {_f(c['t4'][k])} | {_f(c['same_precision'][k])} | {_f(c['measured'][k])} |")
-    lines += ["", f"RSS at the step's start {c['train_step_start_rss_gib']:.2f} GiB, peak "
-                  f"{c['train_step_peak_rss_gib']:.2f} GiB: activations = peak - start - gradients - optimizer "
-                  f"state. VAE {c['vae_weights_gib']:.2f} GiB."]
+    lines += ["", f"Step RSS {c['train_step_start_rss_gib']:.2f} GiB at start, {c['train_step_peak_rss_gib']:.2f} peak"
+                  f" (activations = peak - start - gradients - optimizer); VAE {c['vae_weights_gib']:.2f} GiB."]
     lines += ["", "| disk check item | expected GB | written GB |", "|---|---:|---:|"]
     lines += [f"| {d['what']} | {d['expected_gb']:.3f} | {_f(d['written_gb'], '.3f')} |" for d in r.get("disk", [])]
     lines += ["", "| export | size | seconds | pixel diff mean / max | ok |", "|---|---:|---:|---:|---|"]
     lines += [f"| {e['format']} | {e['size']} | {e['seconds']:.1f} | {_f(e['mean_pixel_diff'])} / "
-              f"{e['max_pixel_diff']} "
-              f"| {e['ok']} |" for e in r.get("export", [])]
+              f"{e['max_pixel_diff']} | {e['ok']} |" for e in r.get("export", [])]
     return "\n".join(lines)
-
-
-def _versions() -> dict:
-    import importlib
-
-    return {m: importlib.import_module(m).__version__ for m in ("torch", "diffusers", "transformers", "accelerate",
-                                                                "bitsandbytes")}
 
 
 def _prepare(rec: Recorder, args, work: Path) -> tuple:
     """Build and save the model, build the scorers, load the model back with the notebooks' loader."""
     from nbkit import load_parts
     from nbkit.models.offline import SAMPLE_INSTANCE_DIR
+    from nbkit.toy.world import Scene
 
     rec.switch("build + save (fp32 + fp16 variant)")
     files = build_model(work / "sd15", args.smoke)
     rec.switch("build scorers (CLIP, DINO)")
     clip_dir, dino_dir = build_scorers(work / "scorers", args.smoke, args.clip)
     os.environ["NBKIT_CLIP_MODEL"], os.environ["NBKIT_DINO_MODEL"] = str(clip_dir), str(dino_dir)
-    instance = SAMPLE_INSTANCE_DIR if args.smoke else instance_images(work / "instance", args.resolution)
+    instance = SAMPLE_INSTANCE_DIR if args.smoke else work / "instance"  # smoke: the toy judge's own pictures
+    for i, bg in enumerate(() if args.smoke else ("black", "white")):  # full size: toy-world stars at 512 px
+        instance.mkdir(exist_ok=True)
+        Scene("star", "red", bg).render(args.resolution).save(instance / f"zwx_{i}.png")
     rec.switch("load (load_parts, variant=fp16)")
     parts = load_parts(str(work / "sd15"), variant="fp16")
     # diffusers upcasts what it reads to fp32 unless given torch_dtype (load_parts passes none); transformers keeps
@@ -390,13 +382,12 @@ def _train_and_export(rec: Recorder, cfg, parts, work: Path, seen: dict) -> list
 
 def run(args, work: Path) -> dict:
     """Every phase; a failure is recorded (with the figures up to it) rather than raised."""
-    import traceback
-
     rec, seen, t0 = Recorder(0.1 if args.smoke else 1.0), {}, time.perf_counter()
     out = {"date": dt.datetime.now().isoformat(timespec="seconds"), "mode": args.mode, "smoke": args.smoke,
            "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                        "ram_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB},
-           "versions": _versions(), "clip": args.clip, "resolution": args.resolution}
+           "versions": {m: importlib.import_module(m).__version__ for m in VERSIONS}, "clip": args.clip,
+           "resolution": args.resolution}
     rec.switch("start (imports)")  # the libraries' own memory, before any model
     try:
         parts, out["saved_files"], out["loaded"], instance = _prepare(rec, args, work)
@@ -409,7 +400,7 @@ def run(args, work: Path) -> dict:
     rec.close()
     result, cfg = seen.pop("result", None), seen.get("cfg")
     out.update(seconds=time.perf_counter() - t0, phases=rec.phases(), segments=rec.segments,
-               ru_maxrss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB,
+               ru_maxrss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB,  # since the last reset
                timeline=rec.timeline[:: 1 if args.smoke else 5])
     if result is not None:
         out.update(losses=result.losses, metrics=result.metrics,
