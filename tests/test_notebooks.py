@@ -249,3 +249,40 @@ def test_uses_only_the_curated_api(path):
     derived = code[code.index(params_cell(nb)) + 1].source
     assert "import nbkit as nb" in derived and "nb.setup(" in derived, "the derived-settings cell calls nb.setup"
     assert "offline_model_dir" not in derived and "OFFLINE_RESOLUTION" not in derived, "setup decides what is small"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("platform", ["colab", "kaggle"])
+def test_install_cell_is_safe_to_run_twice(path, platform, monkeypatch):
+    """Colab/Kaggle's install cell, run twice as students do: one clone, the same absolute folder both times (a
+    second run used to clone inside the first clone and move the relative output folders), torch never touched."""
+    import os
+    import subprocess
+    import sys
+    import types
+
+    nb = json.loads(path.read_text())
+    cell = next("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"
+                and "".join(c["source"]).startswith("# Colab / Kaggle only"))
+    calls, made, cwd = [], set(), []
+    if platform == "colab":
+        monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    else:
+        monkeypatch.delitem(sys.modules, "google.colab", raising=False)
+        monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Interactive")
+
+    def run(cmd, check=False):
+        calls.append(cmd)
+        if cmd[:2] == ["git", "clone"]:
+            made.add(os.path.join(cmd[-1], "nbkit"))  # what the clone brings
+
+    monkeypatch.setattr(subprocess, "run", run)
+    monkeypatch.setattr(os.path, "exists", lambda p: p in made)
+    monkeypatch.setattr(os, "chdir", cwd.append)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    for _ in range(2):
+        exec(compile(cell, str(path), "exec"), {})
+    clones = [c for c in calls if c[:2] == ["git", "clone"]]
+    assert len(clones) == 1 and len(set(cwd)) == 1 and os.path.isabs(cwd[0]), (clones, cwd)
+    assert sys.path.count(cwd[0]) == 1
+    assert not any("torch" in arg for c in calls for arg in c if "requirements" not in arg)
