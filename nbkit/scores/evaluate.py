@@ -79,27 +79,38 @@ def _features(out) -> torch.Tensor:
 
 
 @dataclass
-class Clip:
-    """CLIP's image and text towers (transformers CLIPModel + CLIPProcessor), for CLIP-I and CLIP-T."""
+class _Scorer:
+    """A transformers model and its processor on a device (fp16 on a GPU), loaded by hub id or folder."""
 
     model: object
     processor: object
     device: torch.device
 
     @classmethod
+    def _from(cls, what: str, model_id: str, load_model, load_processor, device: str | None):
+        dev = _device(device)
+        model = _load(what, model_id, load_model)
+        processor = _load(what, model_id, load_processor)
+        return cls(model.to(dev, torch.float16 if dev.type == "cuda" else torch.float32).eval(), processor, dev)
+
+    def _pixels(self, images: list) -> torch.Tensor:
+        px = self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt").pixel_values
+        return px.to(self.device, self.model.dtype)
+
+
+class Clip(_Scorer):
+    """CLIP's image and text towers (transformers CLIPModel + CLIPProcessor), for CLIP-I and CLIP-T."""
+
+    @classmethod
     def load(cls, model_id: str = CLIP_ID, device: str | None = None) -> Clip:
         from transformers import CLIPModel, CLIPProcessor
 
-        dev = _device(device)
-        model = _load("CLIP", model_id, CLIPModel.from_pretrained)
-        processor = _load("CLIP", model_id, CLIPProcessor.from_pretrained)
-        return cls(model.to(dev, torch.float16 if dev.type == "cuda" else torch.float32).eval(), processor, dev)
+        return cls._from("CLIP", model_id, CLIPModel.from_pretrained, CLIPProcessor.from_pretrained, device)
 
     @torch.no_grad()
     def images(self, images: list) -> torch.Tensor:
         """Unit-length image embeddings, [n, d] float32."""
-        px = self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt").pixel_values
-        f = _features(self.model.get_image_features(pixel_values=px.to(self.device, self.model.dtype)))
+        f = _features(self.model.get_image_features(pixel_values=self._pixels(images)))
         return torch.nn.functional.normalize(f.float(), dim=-1).cpu()
 
     @torch.no_grad()
@@ -111,28 +122,22 @@ class Clip:
         return torch.nn.functional.normalize(f.float(), dim=-1).cpu()
 
 
-@dataclass
-class Dino:
+class Dino(_Scorer):
     """A self-supervised ViT (DINO): its CLS embedding tells apart individual objects of one class."""
-
-    model: object
-    processor: object
-    device: torch.device
 
     @classmethod
     def load(cls, model_id: str = DINO_ID, device: str | None = None) -> Dino:
         from transformers import AutoImageProcessor, AutoModel
 
-        dev = _device(device)
-        model = _load("DINO", model_id, lambda s, **kw: AutoModel.from_pretrained(s, add_pooling_layer=False, **kw))
-        processor = _load("DINO", model_id, AutoImageProcessor.from_pretrained)
-        return cls(model.to(dev, torch.float16 if dev.type == "cuda" else torch.float32).eval(), processor, dev)
+        def model(source, **kw):
+            return AutoModel.from_pretrained(source, add_pooling_layer=False, **kw)
+
+        return cls._from("DINO", model_id, model, AutoImageProcessor.from_pretrained, device)
 
     @torch.no_grad()
     def images(self, images: list) -> torch.Tensor:
         """Unit-length CLS embeddings, [n, d] float32."""
-        px = self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt").pixel_values
-        cls_token = self.model(pixel_values=px.to(self.device, self.model.dtype)).last_hidden_state[:, 0]
+        cls_token = self.model(pixel_values=self._pixels(images)).last_hidden_state[:, 0]
         return torch.nn.functional.normalize(cls_token.float(), dim=-1).cpu()
 
 
