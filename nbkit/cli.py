@@ -18,8 +18,11 @@
 (`python -m nbkit.toy.pretrain`, `python -m nbkit.notebook.sweep`, ...), and `python tools/class_images.py` still works.
 
 The config file (YAML or JSON) holds TrainConfig fields (and optionally `preset`); any field can also be given
-as a flag (`--max_train_steps 800 --train_text_encoder true`), flags winning over the file. Settings given
+as a flag (`--max_train_steps 800 --train_text_encoder`), flags winning over the file. Settings given
 explicitly are kept; the preset ("auto": from the GPU) fills in the memory settings that were not given.
+diffusers' train_dreambooth.py command lines run as they are (`python -m nbkit train
+--pretrained_model_name_or_path ... --instance_data_dir ... --instance_prompt "a photo of sks dog" ...`): see
+DIFFUSERS_FLAGS for what each of its flags becomes.
 """
 
 from __future__ import annotations
@@ -267,9 +270,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
         known = [o for a in ap.commands[args.command]._actions for o in a.option_strings]
         word = next((r for r in rest if r.startswith("-")), rest[0]).split("=")[0]
         close = difflib.get_close_matches(word, known, n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]}?" if close else ""
         raise ConfigError(f"python -m nbkit {args.command}: unknown {'flag' if word[:1] == '-' else 'argument'} "
-                          f"{word!r}" + (
-            f"; did you mean {close[0]}?" if close else "") + f" (python -m nbkit {args.command} --help lists them)")
+                          f"{word!r}{hint} (python -m nbkit {args.command} --help lists them all)")
     return args
 
 
@@ -290,7 +293,7 @@ def _typed(name: str, value, actions: dict):
 
 def _diffusers_flags(args: argparse.Namespace, given: dict) -> None:
     """Warn about diffusers' flags nbkit ignores, refuse the ones it cannot honour, and name the identifier."""
-    used = {k[10:]: v for k, v in vars(args).items() if k.startswith("diffusers_")}
+    used = [k.removeprefix("diffusers_") for k in vars(args) if k.startswith("diffusers_")]
     refused = [f"--{f}: {DIFFUSERS_FLAGS[f][1]}." for f in used if DIFFUSERS_FLAGS[f][0] == "refuse"]
     if refused:
         raise ConfigError("These diffusers flags have no nbkit equivalent:\n  - " + "\n  - ".join(refused))
@@ -300,12 +303,14 @@ def _diffusers_flags(args: argparse.Namespace, given: dict) -> None:
     if given.get("resume") == "latest":  # diffusers' word for the latest checkpoint
         given["resume"] = "auto"
     words = str(given.get("instance_prompt", "")).split()
-    if words and "identifier" not in given and TrainConfig.identifier not in words:
+    if (words and "identifier" not in given and TrainConfig.identifier not in words
+            and given.get("method") != "textual_inversion"):
         # diffusers has no identifier setting: the word the class prompt lacks, else the one before the class noun
         extra = [w for w in words if w not in str(given.get("class_prompt", "")).split()]
         given["identifier"] = extra[0] if len(extra) == 1 else words[-2 if len(words) > 1 else 0]
-        say and print(f"identifier {given['identifier']!r} (the word of the instance prompt that names the subject; "
-              "--identifier chooses another)")
+        if say:
+            print(f"identifier {given['identifier']!r} (the word of the instance prompt that names the subject; "
+                  "--identifier chooses another)")
 
 
 def build_config(args: argparse.Namespace) -> tuple[TrainConfig, str, set[str]]:

@@ -30,6 +30,9 @@ def test_config_from_yaml_and_flags(tmp_path, instance_dir):
     j.write_text(json.dumps({"max_train_steps": 5}))
     cfg, preset, _ = cli.build_config(cli.parse(["plan", "--config", str(j)]))
     assert cfg.max_train_steps == 5 and preset == "auto"
+    c = TrainConfig(instance_dir="x", validation_prompts=["a b"], lora_alpha=8.0, noise_offset=0.1, resume=None)
+    j.write_text(json.dumps(c.to_dict()))  # nbkit.training.launch's file: every field, None and lists included
+    assert cli.build_config(cli.parse(["train", "--config", str(j)]))[0] == c
 
 
 def test_bad_config_file_names_the_problem(tmp_path):
