@@ -13,6 +13,8 @@ from pathlib import Path
 METHODS = ("dreambooth", "lora", "textual_inversion")
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 PREDICTIONS = ("auto", "epsilon", "v_prediction")
+TRACKERS = ("none", "all", "tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab",
+            "trackio")  # accelerate's LoggerType names, and "none"
 
 
 class ConfigError(ValueError):
@@ -56,10 +58,10 @@ class TrainConfig:
     learning_rate: float = 2e-6  # peak learning rate
     lr_scheduler: str = "constant"  # any of diffusers.optimization's names
     lr_warmup_steps: int = 0  # warm-up updates
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
+    adam_beta1: float = 0.9  # AdamW's first-moment decay
+    adam_beta2: float = 0.999  # AdamW's second-moment decay
+    adam_weight_decay: float = 1e-2  # AdamW's decoupled weight decay
+    adam_epsilon: float = 1e-8  # AdamW's denominator epsilon
     max_grad_norm: float = 1.0  # gradient clipping (0: off)
     prediction_type: str = "auto"  # "auto" (the model's scheduler says), "epsilon" or "v_prediction"
     # offset noise (diffusers' --noise_offset); "auto": as the model was pretrained (toy-sd 0.1, SD 1.5 0)
@@ -83,6 +85,9 @@ class TrainConfig:
     eval_steps: int = 0  # score the model every this many steps into metrics.json (nbkit.evaluate; 0: off)
     eval_seeds: int = 4  # pictures per evaluation prompt (fixed seeds 0, 1, ...)
     keep_best: bool = True  # with eval_steps: keep the best-scoring model in output_dir/best (DreamBooth SD 1.5: ~4 GB)
+    # trackers for losses and samples (accelerate's names, comma-separated): "none", "tensorboard", "wandb", "all", ...
+    report_to: str = "none"
+    logging_dir: str = ""  # the trackers' folder; "" = output_dir/logs
     save_dtype: str = "fp32"  # "fp32" or "fp16": precision of the saved weights
     seed: int = 0  # one seed for data order, noise and samples
     # --- checkpoints and resume (nothing lost when a runtime disconnects)
@@ -91,6 +96,30 @@ class TrainConfig:
     checkpoints_dir: str = ""  # where checkpoints go; "" = output_dir/checkpoints (on Colab: a Drive folder survives)
     # "auto": from the latest complete checkpoint; a checkpoint folder; None/"never": start over
     resume: str | None = "auto"
+
+    @staticmethod
+    def field_help() -> dict[str, str]:
+        """Each field's comment (on its line, or the comment lines just above it): the CLI's --help text."""
+        import ast
+        import io
+        import tokenize
+
+        try:
+            src = Path(__file__).read_text()
+        except OSError:  # no source (a zipped install): the CLI then shows the field names only
+            return {}
+        tokens = [t for t in tokenize.generate_tokens(io.StringIO(src).readline) if t.type == tokenize.COMMENT]
+        comments = {t.start[0]: t.string.lstrip("#").strip() for t in tokens}
+        alone = {t.start[0] for t in tokens if t.line.lstrip().startswith("#")}  # a line of its own
+        cls = next(n for n in ast.parse(src).body if isinstance(n, ast.ClassDef) and n.name == "TrainConfig")
+        helps = {}
+        for node in (n for n in cls.body if isinstance(n, ast.AnnAssign)):
+            above, line = [], node.lineno - 1
+            while line in alone and not comments[line].startswith("---"):  # "# --- section" headers are not help
+                above.insert(0, comments[line])
+                line -= 1
+            helps[node.target.id] = comments.get(node.lineno) or " ".join(above)
+        return helps
 
     def replace(self, **changes) -> TrainConfig:
         """A copy with some settings changed (validated)."""
@@ -132,6 +161,10 @@ class TrainConfig:
                      "weighting off).")
         if self.prediction_type not in PREDICTIONS:
             e.append(f"prediction_type={self.prediction_type!r}: choose one of {', '.join(PREDICTIONS)}.")
+        unknown = [t for t in self.report_to.split(",") if t.strip() not in TRACKERS]
+        if unknown:
+            e.append(f"report_to={self.report_to!r}: {', '.join(map(repr, unknown))} is not a tracker; use 'none' or "
+                     f"comma-separated names of {', '.join(TRACKERS[1:])}.")
         if self.save_dtype not in ("fp32", "fp16"):
             e.append(f"save_dtype={self.save_dtype!r}: choose 'fp32' or 'fp16'.")
         if self.checkpointing_steps < 0:

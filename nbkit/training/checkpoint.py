@@ -46,7 +46,7 @@ MAY_CHANGE = {
     "output_dir", "checkpoints_dir", "checkpointing_steps", "checkpoints_total_limit", "resume", "max_train_steps",
     "mixed_precision", "gradient_checkpointing", "validation_prompts", "validation_steps", "num_validation_images",
     "sample_scheduler", "sample_steps", "guidance_scale", "save_dtype", "instance_dir", "class_dir",
-    "eval_steps", "eval_seeds", "keep_best",
+    "eval_steps", "eval_seeds", "keep_best", "report_to", "logging_dir",
 }
 
 
