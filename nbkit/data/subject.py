@@ -109,11 +109,14 @@ def fetch_dog_photos(folder: str | Path | None = None, model: str = "") -> tuple
 
     try:
         snapshot_download(DOG_DATASET, repo_type="dataset", local_dir=str(folder), allow_patterns=PATTERNS)
-        n = len(load_folder(folder, 0, "downloaded sample"))
-    except Exception as err:  # noqa: BLE001 - network, hub, offline mode, a bad file: one message, the cause in it
+    except Exception as err:  # noqa: BLE001 - network, hub, offline mode, disk: one message, the cause in it
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise DataError(_unavailable(f"downloading them failed ({type(err).__name__}: {first})", folder,
                                      model)) from err
+    try:
+        n = len(load_folder(folder, 0, "downloaded sample"))
+    except DataError as err:
+        raise DataError(_unavailable(f"what came cannot all be read:\n{err}\n", folder, model)) from err
     (folder / DONE).write_text(f"{DOG_DATASET}: {n} pictures\n")
     return folder, n
 
