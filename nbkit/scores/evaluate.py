@@ -370,7 +370,7 @@ def for_run(model, instance_dir: str | Path, identifier: str, class_noun: str, *
         if subject is None:
             err = Unscorable(f"the pictures in {instance_dir} show none of the toy world's subjects, so the toy judge "
                              "cannot score them (it reads the shapes, colours and stripes of its own world, not "
-                             f"photos), and CLIP and DINO cannot read the offline model's {px} px toy pictures")
+                             f"photos), and CLIP and DINO mean nothing on the offline model's {px} px toy pictures")
             if not optional:
                 raise err
             print(f"No scores for this run: {err}.")
