@@ -13,7 +13,7 @@ from pathlib import Path
 METHODS = ("dreambooth", "lora", "textual_inversion")
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 PREDICTIONS = ("auto", "epsilon", "v_prediction")
-TRACKERS = ("none", "all", "tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab",
+TRACKERS = ("none", "auto", "all", "tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab",
             "trackio")  # accelerate's LoggerType names, and "none"
 
 
@@ -85,8 +85,9 @@ class TrainConfig:
     eval_steps: int = 0  # score the model every this many steps into metrics.json (nbkit.evaluate; 0: off)
     eval_seeds: int = 4  # pictures per evaluation prompt (fixed seeds 0, 1, ...)
     keep_best: bool = True  # with eval_steps: keep the best-scoring model in output_dir/best (DreamBooth SD 1.5: ~4 GB)
-    # trackers for losses and samples (accelerate's names, comma-separated): "none", "tensorboard", "wandb", "all", ...
-    report_to: str = "none"
+    # trackers for losses, scores and samples: "auto" (TensorBoard when installed), "none", or accelerate's names
+    # comma-separated: "tensorboard", "wandb", "all", ...
+    report_to: str = "auto"
     logging_dir: str = ""  # the trackers' folder; "" = output_dir/logs
     save_dtype: str = "fp32"  # "fp32" or "fp16": precision of the saved weights
     seed: int = 0  # one seed for data order, noise and samples

@@ -30,7 +30,7 @@ from nbkit.env import runtime
 from nbkit.models.parts import SDParts, load_parts, pipeline
 from nbkit.sample.sampling import generate, grid
 from nbkit.scores import tracking
-from nbkit.training import accel, batches, checkpoint, guards, manifest, methods, optim, placement
+from nbkit.training import accel, batches, checkpoint, guards, manifest, methods, optim, placement, trackers
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
 
@@ -79,6 +79,7 @@ def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifes
            live: placement.Live) -> TrainResult:
     """The stages of a run, in order; each is a function below."""
     s = _setup(cfg, run)  # settings, folders, the checkpoint to resume from, precision, accelerator
+    live.trackers = s.trackers  # TensorBoard/wandb flushed however the run ends
     parts, method, obj = _model(cfg, parts, s, live)  # which parameters train, where the parts sit, the loss terms
     s.tracker = (tracking.Tracker.for_training(cfg, parts, method, s.out)  # its models load now: fail early
                  if cfg.eval_steps and s.accelerator.is_main_process else None)
@@ -102,6 +103,7 @@ class _Setup:
     ckpts: checkpoint.Checkpoints
     out: Path
     resume_from: Path | None
+    trackers: trackers.Trackers  # TensorBoard, wandb, ... (report_to)
     tracker: object = None  # nbkit.scores.tracking.Tracker with eval_steps (main process)
     resumable: checkpoint.Resumable | None = None  # what a checkpoint saves and restores
     fingerprint: dict | None = None  # the pictures and prompts a resumed run must find again
@@ -135,7 +137,8 @@ def _setup(cfg: TrainConfig, run: manifest.Run) -> _Setup:
         print(f"optimizer_in_backward: using the normal optimizer instead, because of {why_not}.")
     if accelerator.is_main_process:
         print(accel.effective_batch(cfg, procs)[1])
-    return _Setup(t0, rt, precision, DTYPES[precision], accelerator, in_backward, ckpts, out, resume_from)
+    return _Setup(t0, rt, precision, DTYPES[precision], accelerator, in_backward, ckpts, out, resume_from,
+                  trackers.Trackers(accelerator, cfg))
 
 
 @dataclass
@@ -246,6 +249,7 @@ def _resume(cfg, parts, method, s: _Setup, b: batches.Batches, o: _Opt, run: man
         if not s.resume_from:  # the untrained model: the baseline of every curve
             with _sampling(cfg, parts, s.device, s.precision, s.weight_dtype) as pipe:
                 s.tracker.update(0, pipe)
+            s.trackers.scores(s.tracker.rows[-1])
     return state
 
 
@@ -265,6 +269,7 @@ def _steps(cfg, parts, method, s: _Setup, b, o: _Opt, obj, state, run: manifest.
             total, terms = _update(cfg, parts, method, s, b, o, obj, step, te_trains)
         s.step_seconds.append(time.perf_counter() - t_step)
         state.log.append({"step": step + 1, "loss": total, "lr": o.lr_sched.get_last_lr()[0], **terms})
+        s.trackers.step(state.log[-1])
         bar.set_postfix(loss=f"{total:.4f}")
         run.steps_done = step + 1
         _after_step(cfg, parts, method, s, state, run, step + 1)
@@ -308,9 +313,11 @@ def _after_step(cfg, parts, method, s: _Setup, state, run: manifest.Run, done: i
     main, last = s.accelerator.is_main_process, done == cfg.max_train_steps
     if main and cfg.validation_prompts and cfg.validation_steps and (done % cfg.validation_steps == 0 or last):
         state.validation[done] = _validate(cfg, parts, s.out, done, s.device, s.precision, s.weight_dtype)
+        s.trackers.image(state.validation[done], done)
     if s.tracker and (done % cfg.eval_steps == 0 or last):
         with _sampling(cfg, parts, s.device, s.precision, s.weight_dtype) as pipe:
             s.tracker.update(done, pipe)  # metrics.json, best/, the overfit warning
+        s.trackers.scores(s.tracker.rows[-1] if s.tracker.rows else None)
     if main and cfg.checkpointing_steps and done % cfg.checkpointing_steps == 0:
         saved_at = s.ckpts.save(done, s.resumable, {
             "method": method.name, "config": cfg.to_dict(), "data": s.fingerprint, "log": state.log,
@@ -334,6 +341,7 @@ def _save(cfg, parts, method, s: _Setup, o: _Opt, obj: _Objective, state, run: m
     (out / "losses.json").write_text(json.dumps(state.log))
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     run.finish("finished", steps_done=cfg.max_train_steps, saved=str(saved))
+    s.trackers.end()
     if s.tracker:
         print(s.tracker.summary())
     opt = o.optimizer
