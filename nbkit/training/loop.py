@@ -30,7 +30,7 @@ from nbkit.env import runtime
 from nbkit.models.parts import SDParts, load_parts, pipeline
 from nbkit.sample.sampling import generate, grid
 from nbkit.scores import tracking
-from nbkit.training import accel, batches, checkpoint, guards, manifest, methods, optim, placement
+from nbkit.training import accel, batches, checkpoint, ema, guards, manifest, methods, optim, placement
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
 
@@ -104,6 +104,7 @@ class _Setup:
     resume_from: Path | None
     tracker: object = None  # nbkit.scores.tracking.Tracker with eval_steps (main process)
     resumable: checkpoint.Resumable | None = None  # what a checkpoint saves and restores
+    ema: ema.Ema | None = None  # use_ema: the average of the trained weights (saved, sampled and scored)
     fingerprint: dict | None = None  # the pictures and prompts a resumed run must find again
     scales: list = field(default_factory=list)  # fp16: the loss scale after each step
     skipped: list = field(default_factory=list)  # fp16: steps whose gradients overflowed (not applied)
@@ -234,8 +235,9 @@ def _loss(cfg: TrainConfig, parts: SDParts, s: _Setup, b: batches.Batches, o: _O
 
 
 def _resume(cfg, parts, method, s: _Setup, b: batches.Batches, o: _Opt, run: manifest.Run) -> checkpoint.Progress:
-    s.resumable = checkpoint.Resumable(checkpoint.trainable_params(parts, method), o.optimizer, o.lr_sched,
-                                       s.accelerator.scaler)
+    named = checkpoint.trainable_params(parts, method)
+    s.ema = ema.make(cfg, named)  # from the weights as they start; a checkpoint's average replaces it
+    s.resumable = checkpoint.Resumable(named, o.optimizer, o.lr_sched, s.accelerator.scaler, s.ema)
     s.fingerprint = b.fingerprint()
     state = checkpoint.Progress()
     if s.resume_from:
@@ -300,17 +302,22 @@ def _update(cfg, parts, method, s: _Setup, b, o: _Opt, obj, step: int, te_trains
     o.lr_sched.step()
     o.optimizer.zero_grad(set_to_none=True)
     method.after_step()
+    if s.ema:  # after the method's own fix-ups (TI's untouched rows put back)
+        s.ema.step()
     return total, terms
 
 
 def _after_step(cfg, parts, method, s: _Setup, state, run: manifest.Run, done: int) -> None:
     """What is due after step `done`: validation pictures, scores (best model, overfit warning), a checkpoint."""
     main, last = s.accelerator.is_main_process, done == cfg.max_train_steps
-    if main and cfg.validation_prompts and cfg.validation_steps and (done % cfg.validation_steps == 0 or last):
-        state.validation[done] = _validate(cfg, parts, s.out, done, s.device, s.precision, s.weight_dtype)
-    if s.tracker and (done % cfg.eval_steps == 0 or last):
-        with _sampling(cfg, parts, s.device, s.precision, s.weight_dtype) as pipe:
-            s.tracker.update(done, pipe)  # metrics.json, best/, the overfit warning
+    show = main and cfg.validation_prompts and cfg.validation_steps and (done % cfg.validation_steps == 0 or last)
+    score = s.tracker and (done % cfg.eval_steps == 0 or last)
+    with ema.applied(s.ema if show or score else None):  # pictures and scores of the average; then the raw weights
+        if show:
+            state.validation[done] = _validate(cfg, parts, s.out, done, s.device, s.precision, s.weight_dtype)
+        if score:
+            with _sampling(cfg, parts, s.device, s.precision, s.weight_dtype) as pipe:
+                s.tracker.update(done, pipe)  # metrics.json, best/, the overfit warning
     if main and cfg.checkpointing_steps and done % cfg.checkpointing_steps == 0:
         saved_at = s.ckpts.save(done, s.resumable, {
             "method": method.name, "config": cfg.to_dict(), "data": s.fingerprint, "log": state.log,
@@ -322,6 +329,8 @@ def _after_step(cfg, parts, method, s: _Setup, state, run: manifest.Run, done: i
 
 def _save(cfg, parts, method, s: _Setup, o: _Opt, obj: _Objective, state, run: manifest.Run) -> TrainResult:
     """The trained parts as plain modules again, the result written, the manifest finished, the run's facts."""
+    if s.ema:
+        s.ema.copy_in()  # the average is what the run saves and returns
     for m in (parts.unet, parts.text_encoder):
         m.eval()
     parts.unet = placement.unprepare(o.unet)
