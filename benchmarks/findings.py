@@ -201,7 +201,8 @@ def verdicts(m: dict) -> list[tuple[str, str, str, bool]]:
             f"balance {pct(balance(on))} with EMA, {pct(balance(off))} without (subject {pct(on['subject_fidelity'])} "
             f"vs {pct(off['subject_fidelity'])}, new contexts {pct(on['prompt_fidelity'])} vs "
             f"{pct(off['prompt_fidelity'])}, class drift {pct(on['class_drift'])} vs {pct(off['class_drift'])})",
-            f"LR {slr:g} x {sst}, `use_ema=True` (diffusers' EMAModel, decay 0.9999 after its warm-up)",
+            f"LR {slr:g} x {sst}, `use_ema=True` (diffusers' EMAModel: decay min(0.9999, n / (n + 9)) at update n, "
+            f"{min(0.9999, sst / (sst + 9)):.3f} at the last)",
             abs(balance(on) - balance(off)) <= 1 / m["seeds"]))
     return rows
 
@@ -247,21 +248,27 @@ def _today() -> str:
     return time.strftime("%Y-%m-%d")
 
 
+def load(out: Path) -> dict:
+    """The results in out's .json as `measure` returned them (`write(load(out), quick, out)` re-renders them)."""
+    raw = json.loads(out.with_suffix(".json").read_text())
+    m = {k: {ast.literal_eval(kk) if kk.startswith("(") else kk: vv for kk, vv in v.items()}  # tuple keys back
+         if isinstance(v, dict) else v for k, v in raw.items()}
+    m["grid"] = {float(lr): {int(n): s for n, s in c.items()} for lr, c in raw["grid"].items()}
+    made = re.search(r" on (\d{4}-\d{2}-\d{2}) in ", out.read_text()) if out.is_file() else None
+    m.setdefault("date", made.group(1) if made else "an earlier date")
+    return m
+
+
 def merge(names: list[str], out: Path, quick: bool) -> dict:
     """Run only the experiments `names` and merge them into the results in out's .json (the rest kept as is)."""
     unknown = [n for n in names if n not in EXPERIMENTS]
     if unknown or not out.with_suffix(".json").is_file():
         raise SystemExit(f"--only: {unknown} not among {sorted(EXPERIMENTS)}" if unknown else
                          f"--only needs {out.with_suffix('.json')}: run the whole benchmark once first.")
-    raw = json.loads(out.with_suffix(".json").read_text())
-    if (raw["seeds"] == 8) != quick:
-        raise SystemExit(f"{out.with_suffix('.json')} has {raw['seeds']} seeds: pass --quick as it was made "
-                         f"({'with' if raw['seeds'] == 8 else 'without'} --quick).")
-    m = {k: {ast.literal_eval(kk) if kk.startswith("(") else kk: vv for kk, vv in v.items()}  # tuple keys back
-         if isinstance(v, dict) else v for k, v in raw.items()}
-    m["grid"] = {float(lr): {int(n): s for n, s in c.items()} for lr, c in raw["grid"].items()}
-    made = re.search(r" on (\d{4}-\d{2}-\d{2}) in ", out.read_text()) if out.is_file() else None
-    m.setdefault("date", made.group(1) if made else "an earlier date")
+    m = load(out)
+    if (m["seeds"] == 8) != quick:
+        raise SystemExit(f"{out.with_suffix('.json')} has {m['seeds']} seeds: pass --quick as it was made "
+                         f"({'with' if m['seeds'] == 8 else 'without'} --quick).")
     t0, work = time.perf_counter(), Path(tempfile.mkdtemp(prefix="findings-"))
     for name in names:
         m.update(EXPERIMENTS[name](m, work))

@@ -119,3 +119,24 @@ def test_settings_planner_advice_and_cli():
     assert any(c.settings == {"use_ema": False} and not c.automatic for c in advice)
     cli_cfg, _, given = build_config(_parser().parse_args(["train", "--use_ema", "true", "--ema_decay", "0.999"]))
     assert (cli_cfg.use_ema, cli_cfg.ema_decay) == (True, 0.999) and {"use_ema", "ema_decay"} <= given
+
+
+@pytest.mark.parametrize("method", ["lora", "textual_inversion"])
+def test_lora_and_ti_save_their_average(cfg, parts, method):
+    """Only what the method trains is averaged: LoRA's adapters; TI's embedding, whose other rows stay exact."""
+    n_old = len(parts.tokenizer)
+    emb0 = parts.text_encoder.get_input_embeddings().weight.detach().clone()
+    extra = dict(instance_prompt="a photo of <zwx>", learning_rate=5e-2) if method == "textual_inversion" else {}
+    r = train(cfg.replace(method=method, use_ema=True, ema_decay=0.5, checkpointing_steps=2, **extra), parts,
+              progress=False)
+    ckpt = r.output_dir / "checkpoints" / "step_000002"
+    average, weights = (load_file(ckpt / f"{k}-00001.safetensors") for k in ("ema", "weights"))
+    assert sorted(average) == sorted(f"ema.{k}" for k in weights)  # exactly the trained tensors
+    assert any(not torch.equal(average[f"ema.{k}"], w) for k, w in weights.items())  # the average is not the raw
+    live = dict(r.parts.unet.named_parameters(prefix="unet")) | dict(r.parts.text_encoder.named_parameters(
+        prefix="text_encoder"))
+    assert all(torch.equal(live[k.removeprefix("ema.")].detach(), v) for k, v in average.items())  # the result holds it
+    if method == "textual_inversion":
+        emb = r.parts.text_encoder.get_input_embeddings().weight.detach()
+        assert torch.equal(emb[:n_old], emb0[:n_old])  # the average of rows put back every step is them, bit for bit
+        assert torch.equal(load_file(r.saved)["<zwx>"][0], emb[n_old])  # the saved vector is the average

@@ -5,7 +5,9 @@ folders checked first: writable, the checkpoint to resume from; precision; the a
 parameters train, frozen weights in half precision, the loss terms) -> the scorer (eval_steps) -> the data
 (nbkit.training.batches: latents and prompt embeddings cached once) -> `_optimizer` -> `_resume` -> `_steps` (each
 step an `_update` guarded against out of memory and non-finite losses, built from `_loss`; then `_after_step`:
-validation pictures, scores and the best model (nbkit.scores.tracking), checkpoints) -> `_save`.
+validation pictures, scores and the best model (nbkit.scores.tracking), checkpoints) -> `_save`. With use_ema,
+nbkit.training.ema's average of the trained weights is stepped after each update and is what is sampled, scored and
+saved; training continues on the raw weights.
 
 A step is a pure function of (seed, step): the batch, the noise and the timesteps are drawn from generators
 seeded by the step, so runs are repeatable, and a run resumed from a checkpoint (nbkit.training.checkpoint) ends with
