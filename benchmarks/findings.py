@@ -194,17 +194,23 @@ def verdicts(m: dict) -> list[tuple[str, str, str, bool]]:
         f"{m['plain_seconds']:.0f} s; balance {pct(balance(m['lora']))} vs {pct(balance(m['plain']))}",
         f"rank 8, LR {LORA_RATE * slr:g} x {sst}",
         m["lora_bytes"] * 4 < m["plain_bytes"] and m["lora_seconds"] < m["plain_seconds"]))
-    if "ema" in m:  # held: the balances differ by at most one seed's share of a score (noise at this many seeds)
-        on, off = m["ema"]["on"], m["ema"]["off"]
-        rows.append((
-            "EMA made no difference",
-            f"balance {pct(balance(on))} with EMA, {pct(balance(off))} without (subject {pct(on['subject_fidelity'])} "
-            f"vs {pct(off['subject_fidelity'])}, new contexts {pct(on['prompt_fidelity'])} vs "
-            f"{pct(off['prompt_fidelity'])}, class drift {pct(on['class_drift'])} vs {pct(off['class_drift'])})",
-            f"LR {slr:g} x {sst}, `use_ema=True` (diffusers' EMAModel: decay min(0.9999, n / (n + 9)) at update n, "
-            f"{min(0.9999, sst / (sst + 9)):.3f} at the last)",
-            abs(balance(on) - balance(off)) <= 1 / m["seeds"]))
+    if "ema" in m:
+        rows.append(_ema_row(m))
     return rows
+
+
+def _ema_row(m: dict) -> tuple[str, str, str, bool]:
+    """The EMA claim; held: the balances differ by at most one seed's share of a score (noise at this many seeds)."""
+    pct = lambda x: f"{x:.0%}"  # noqa: E731
+    (slr, sst), on, off = m["sweet"], m["ema"]["on"], m["ema"]["off"]
+    return (
+        "EMA made no difference",
+        f"balance {pct(balance(on))} with EMA, {pct(balance(off))} without (subject {pct(on['subject_fidelity'])} "
+        f"vs {pct(off['subject_fidelity'])}, new contexts {pct(on['prompt_fidelity'])} vs "
+        f"{pct(off['prompt_fidelity'])}, class drift {pct(on['class_drift'])} vs {pct(off['class_drift'])})",
+        f"LR {slr:g} x {sst}, `use_ema=True` (diffusers' EMAModel: decay min(0.9999, n / (n + 9)) at update n, "
+        f"{min(0.9999, sst / (sst + 9)):.3f} at the last)",
+        abs(balance(on) - balance(off)) <= 1 / m["seeds"])
 
 
 def markdown(m: dict, quick: bool) -> str:
