@@ -49,7 +49,8 @@ class Live:
             getattr(self.parts, name).train(training)
         if self.trackers is not None:
             self.trackers.end()
-        self.parts, self.params, self.optimizer, self.trackers = None, [], None, None  # the error's frames must not keep them alive
+        # the error's frames must not keep them alive
+        self.parts, self.params, self.optimizer, self.trackers = None, [], None, None
 
 
 def unprepare(model: torch.nn.Module) -> torch.nn.Module:
