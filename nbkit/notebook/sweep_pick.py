@@ -75,8 +75,12 @@ def _key(rows: list[dict], given: str | None, words: tuple[str, ...], avoid: tup
     return None
 
 
+def _name(row: dict) -> str:
+    return str(row.get("run", "?"))
+
+
 def _names(rows: list[dict]) -> str:
-    return ", ".join(str(r.get("run", "?")) for r in rows)
+    return ", ".join(_name(r) for r in rows)
 
 
 def _usable(rows: list[dict], prefix: str, notes: list[str], left_out: dict[str, str]) -> tuple[list[dict], list[str]]:
@@ -86,7 +90,7 @@ def _usable(rows: list[dict], prefix: str, notes: list[str], left_out: dict[str,
         if r.get("status", OK) == OK:
             ok.append(r)
         else:
-            left_out[str(r.get("run", "?"))] = f"status {r.get('status')}"
+            left_out[_name(r)] = f"status {r.get('status')}"
     used = []
     for c in (SUBJECT, PROMPT, DRIFT):
         missing = [r for r in ok if _number(r, prefix + c) is None]
@@ -96,14 +100,14 @@ def _usable(rows: list[dict], prefix: str, notes: list[str], left_out: dict[str,
             continue
         used.append(c)
         for r in missing:
-            left_out[str(r.get("run", "?"))] = f"no {prefix + c}, which the other runs have"
-    return [r for r in ok if str(r.get("run", "?")) not in left_out], used
+            left_out[_name(r)] = f"no {prefix + c}, which the other runs have"
+    return [r for r in ok if _name(r) not in left_out], used
 
 
 def _label(row: dict, rate_key: str | None, steps_key: str | None) -> str:
     parts = ([f"{rate_key} = {_fmt(row[rate_key])}"] if rate_key in row else []) + (
         [f"{_fmt(row[steps_key])} steps"] if steps_key in row else [])
-    return ", ".join(parts) or str(row.get("run", "?"))
+    return ", ".join(parts) or _name(row)
 
 
 def _drift_pool(close: list[dict], runs: list[dict], base: dict | None, d: str, drift_rise: float, near: float,
@@ -125,54 +129,66 @@ def _drift_pool(close: list[dict], runs: list[dict], base: dict | None, d: str, 
     return close, f"class drift {{drift:.2f}}, over the limit {limit:.2f}"
 
 
+def _no_pick(reason: str, notes: list[str], left_out: dict[str, str], **kw) -> SweetSpot:
+    return SweetSpot(None, f"No pick: {reason} Choose by eye in the picture grid: the fewest steps and the lowest "
+                           "rate that clearly show your subject.", fell_back=notes, left_out=left_out, **kw)
+
+
 def pick(rows: list[dict], base: dict | None = None, *, rate_key: str | None = None, steps_key: str | None = None,
          prefix: str = "", near: float = NEAR, drift_rise: float | None = DRIFT_RISE) -> SweetSpot:
     """The sweet spot of a sweep's rows (collect()) by RULE, given the base model's scores (baseline(); None: the
     rule falls back and says so). `rate_key`/`steps_key`: the grid's learning-rate and steps parameters (found by
-    name when not given); `prefix`: a subfolder's scores ("with_prior/"); `drift_rise=None`: no drift limit."""
+    name when not given); `prefix`: a subfolder's scores ("with_prior/"); `drift_rise=None`: no drift limit.
+    No pick (row None, and why) when no run has both fidelities, or none beats the base model's balance."""
     notes: list[str] = []
     left_out: dict[str, str] = {}
     runs, used = _usable(rows, prefix, notes, left_out)
-    rate_key = _key(runs, rate_key, ("LEARNING_RATE",))
-    steps_key = _key(runs, steps_key, ("STEPS",), ("VALIDATION", "CHECKPOINT", "SAMPLE", "EVAL"))
     if SUBJECT not in used or PROMPT not in used or not runs:
-        why = ("No pick: " + (" ".join(notes) if notes else "no finished run to compare.") +
-               " Choose by eye in the picture grid: the fewest steps and the lowest rate that clearly show your "
-               "subject.")
-        return SweetSpot(None, why, fell_back=notes, left_out=left_out)
+        return _no_pick(" ".join(notes) if notes else "no finished run to compare.", notes, left_out)
+    keys = (_key(runs, rate_key, ("LEARNING_RATE",)),
+            _key(runs, steps_key, ("STEPS",), ("VALIDATION", "CHECKPOINT", "SAMPLE", "EVAL")))
     s, p, d = prefix + SUBJECT, prefix + PROMPT, prefix + DRIFT
     ref, against = _number(base, p), "the base model's"
     if ref is None or ref <= 0:
         ref, against = max(r[p] for r in runs), "the best run's"
         notes.append(f"no base-model {p}: prompt fidelity is compared with the best run's ({ref:.2f}) instead.")
 
-    def kept(row: dict) -> float:
-        return min(1.0, row[p] / ref) if ref > 0 else 0.0
+    def balance(row: dict) -> float:
+        return round(min(row[s], min(1.0, row[p] / ref) if ref > 0 else 0.0), 6)
 
-    name = lambda r: str(r.get("run", "?"))  # noqa: E731
-    bal = {name(r): round(min(r[s], kept(r)), 6) for r in runs}
-    close = [r for r in runs if bal[name(r)] >= near * max(bal.values()) - 1e-9]
+    bal = {_name(r): balance(r) for r in runs}
+    base_bal = balance(base) if _number(base, s) is not None and _number(base, p) is not None else None
+    if base_bal is not None and max(bal.values()) <= base_bal:
+        top = max(runs, key=lambda r: bal[_name(r)])
+        return _no_pick(f"no run has a higher balance than the base model's ({base_bal:.2f}; the best run, "
+                        f"{_label(top, *keys)}, has {bal[_name(top)]:.2f}): none has learned the subject yet. Train "
+                        "longer or at a higher rate.", notes, left_out, balances=bal, base_balance=base_bal)
+    close = [r for r in runs if bal[_name(r)] >= near * max(bal.values()) - 1e-9]
     pool, drift_note = close, ""
     if DRIFT in used and drift_rise is not None:
         pool, drift_note = _drift_pool(close, runs, base, d, drift_rise, near, notes)
     elif drift_rise is None:
         notes.append("class drift is not limited (drift_rise=None).")
+    chosen = max(pool, key=lambda r: (bal[_name(r)], -(_number(r, keys[1]) or 0), -(_number(r, keys[0]) or 0)))
+    why = _explain(chosen, runs, pool, bal, keys, (s, p, d), against, ref, drift_note)
+    return SweetSpot(chosen, why, bal[_name(chosen)], bal, base_bal, notes, left_out)
 
-    def order(r: dict):
-        return (bal[name(r)], -(_number(r, steps_key) or 0), -(_number(r, rate_key) or 0))
 
-    chosen, top = max(pool, key=order), max(runs, key=order)
-    b = bal[name(chosen)]
-    why = (f"Sweet spot: {_label(chosen, rate_key, steps_key)}: balance {b:.2f} (subject "
-           f"fidelity {chosen[s]:.2f}, prompt fidelity {chosen[p]:.2f} = {kept(chosen):.0%} of {against})")
+def _explain(chosen: dict, runs: list[dict], pool: list[dict], bal: dict, keys: tuple, names: tuple, against: str,
+             ref: float, drift_note: str) -> str:
+    """The sentence of a pick: its balance and scores, its drift, a better-balanced run it passed over, its ties."""
+    s, p, d = names
+    b = bal[_name(chosen)]
+    why = (f"Sweet spot: {_label(chosen, *keys)}: balance {b:.2f} (subject fidelity {chosen[s]:.2f}, prompt "
+           f"fidelity {chosen[p]:.2f} = {min(1.0, chosen[p] / ref):.0%} of {against})")
     why += f", {drift_note.format(drift=chosen[d])}" if drift_note else ""
-    if bal[name(top)] > b:
-        why += f"; the best balance, {bal[name(top)]:.2f} at {_label(top, rate_key, steps_key)}, drifts {top[d]:.2f}"
-    ties = [r for r in pool if r is not chosen and bal[name(r)] == b]
+    top = max(runs, key=lambda r: bal[_name(r)])
+    if bal[_name(top)] > b:
+        why += f"; the best balance, {bal[_name(top)]:.2f} at {_label(top, *keys)}, drifts {top[d]:.2f}"
+    ties = [r for r in pool if r is not chosen and bal[_name(r)] == b]
     if ties:
         why += f"; tied with {_names(ties)}: fewer steps, then the lower rate, wins"
-    base_bal = round(min(base[s], kept(base)), 6) if _number(base, s) is not None and _number(base, p) else None
-    return SweetSpot(chosen, why + ".", b, bal, base_bal, notes, left_out)
+    return why + "."
 
 
 def toy_findings(path: str | Path = FINDINGS_FILE) -> dict:
