@@ -27,7 +27,8 @@ final row of metrics.json when the notebook wrote one) and three figures: `final
 the steps, one line per learning rate or other grid value), `curves.png` (loss and metric curves of every run)
 and `images.png` (each run's last validation grid, laid out as the grid). From a notebook:
 `nbkit.notebook.sweep.run(spec)` and `nbkit.notebook.sweep.collect(folder)` (a list of dicts; `as_frame=True` for \
-pandas).
+pandas). The base model's scores are step 0 of the runs' own metrics (sweep_results.baseline), and the sweet spot is
+picked by the written rule of nbkit.notebook.sweep_pick, which says why and when it fell back.
 """
 
 from __future__ import annotations
