@@ -172,3 +172,40 @@ def test_notebook_07_quotes_the_findings_it_shows():
     first = grid[rates[0]][min(grid[rates[0]])]["class_drift"]
     assert f"class drift is {pct(drifts[1])} to {pct(drifts[-1])} in every cell but the first" in text
     assert f"({lr_text(rates[0])} × {min(grid[rates[0]])}: {pct(first)})" in text
+
+
+def test_notebook_07_on_sd15_with_drive_puts_the_sweep_in_drive_and_cleans_best(monkeypatch, tmp_path):
+    """07's parameters and derived cells, run as on Colab with a T4 and USE_DRIVE = True (Drive faked in tmp_path):
+    the sweep's folder and the photos are in Drive, every run scores itself (EVAL_STEPS), and a finished run's
+    model/ and best/ (2-4 GB each on SD 1.5) are deleted with its checkpoints unless KEEP_MODELS."""
+    import nbformat
+
+    import nbkit as nb
+    from nbkit.env import colab, runtime
+
+    drive = tmp_path / "drive" / "MyDrive"
+    (drive / "nbkit" / "instance" / "my_dog").mkdir(parents=True)
+    monkeypatch.setattr(runtime, "detect", lambda: runtime.Runtime("colab", "cuda", "Tesla T4", 1, 14.75, False))
+    monkeypatch.setattr(runtime, "hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(colab, "mount_drive", lambda use=True, mountpoint=None: drive if use else None)
+    monkeypatch.setattr(colab, "hub_cache_on_drive", lambda d, project=colab.PROJECT: d / project / "hf-cache")
+    monkeypatch.chdir(tmp_path)
+    cells = [c for c in nbformat.read(ROOT / "notebooks" / "07_finding_the_sweet_spot.ipynb", as_version=4).cells
+             if c.cell_type == "code"]
+    i = next(k for k, c in enumerate(cells) if "parameters" in c.metadata.get("tags", []))
+    env: dict = {}
+    exec(cells[i].source, env)
+    env.update(USE_DRIVE=True, INSTANCE_DIR="my_dog")
+    exec(cells[i + 1].source, env)
+    spec = env["spec"]
+    assert env["setup"].model == runtime.SD15 and env["lr_key"] == "LEARNING_RATE"
+    assert spec["output"] == str(drive / "nbkit" / "outputs" / "07_finding_the_sweet_spot")
+    assert spec["fixed"]["INSTANCE_DIR"] == str(drive / "nbkit" / "instance" / "my_dog")
+    assert spec["fixed"]["EVAL_STEPS"] == env["EVAL_STEPS"] > 0 and spec["fixed"]["EXPORT"] is False
+    assert spec["cleanup"] == ["checkpoints", "model", "best"]
+    assert set(spec["grid"]) == {"LEARNING_RATE", "MAX_TRAIN_STEPS"} and max(spec["grid"]["LEARNING_RATE"]) < 1e-5
+    checked = nb.load_sweep(spec)  # notebook 01 has every parameter 07 sets
+    assert checked.output == drive / "nbkit" / "outputs" / "07_finding_the_sweet_spot"
+    env.update(KEEP_MODELS=True)
+    exec(cells[i + 1].source, env)
+    assert env["spec"]["cleanup"] == ["checkpoints"]
