@@ -139,7 +139,7 @@ def test_one_toy_grid_for_notebook_07_the_yaml_and_findings():
     assert rate_key == "OFFLINE_LEARNING_RATE" and rates == [1e-4, 5e-4, 2e-3] and steps == [100, 200, 400]
     assert findings.grid(quick=True) == (tuple(rates), tuple(steps))
     measured = json.loads((ROOT / "docs" / "findings.json").read_text())["grid"]
-    assert sorted(float(lr) for lr in measured) == rates
+    assert sorted(float(lr) for lr in measured) == rates, "docs/findings.json: remake it with findings --quick"
     assert all(sorted(int(n) for n in c) == steps for c in measured.values())
     params = sweep.notebook_parameters(ROOT / "notebooks" / "07_finding_the_sweet_spot.ipynb")
     offline_lists = {k: v for k, v in params.items() if k.startswith("OFFLINE") and isinstance(v, list)}
