@@ -32,6 +32,8 @@ import torch
 from nbkit import load_parts
 from nbkit.export import formats as export
 from nbkit.models.offline import OFFLINE_BATCH_SIZE, offline_model_dir
+from nbkit.notebook.sweep_pick import pick
+from nbkit.notebook.sweep_spec import toy_grid
 from nbkit.toy import judge
 
 from . import toy_results as tr
@@ -60,11 +62,26 @@ def ema(m: dict, work: Path) -> dict:
 EXPERIMENTS = {"ema": ema}
 
 
+def grid(quick: bool) -> tuple[tuple[float, ...], tuple[int, ...]]:
+    """The learning rates and steps measured: --quick measures the kit's toy grid, the one notebook 07 runs
+    (configs/sweeps/toy_lr_steps.yaml); the full run a finer and longer one."""
+    if quick:
+        rates, steps = toy_grid().values()
+        return tuple(rates), tuple(steps)
+    return (5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3), (100, 200, 400, 800)
+
+
+def sweet_spot(curves: dict, base: dict):
+    """The pick of notebook 07 (nbkit.notebook.sweep_pick.pick) over the grid {lr: {steps: scores}}."""
+    rows = [{"run": f"{lr:g} x {n}", "LEARNING_RATE": lr, "STEPS": n, **s} for lr, c in curves.items()
+            for n, s in c.items()]
+    return pick(rows, base, rate_key="LEARNING_RATE", steps_key="STEPS").row
+
+
 def measure(quick: bool = False, lrs=None, steps=None, work: Path | None = None) -> dict:
     """Run every experiment; return the raw results (also what the tests read)."""
     seeds = 8 if quick else 16
-    lrs = lrs or ((1e-4, 5e-4, 2e-3) if quick else (5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3))
-    steps = steps or ((100, 200, 400) if quick else (100, 200, 400, 800))
+    lrs, steps = lrs or grid(quick)[0], steps or grid(quick)[1]
     work = Path(work or tempfile.mkdtemp(prefix="findings-"))
     out: dict = {"seeds": seeds, "t0": time.perf_counter()}
     base = load_parts("offline")
@@ -77,8 +94,8 @@ def measure(quick: bool = False, lrs=None, steps=None, work: Path | None = None)
 
     # 1. learning rate x steps: one constant-LR run per rate, judged at every step count of the grid
     out["grid"] = {lr: tr.dreambooth_curve(lr, steps, seeds, workdir=work) for lr in lrs}
-    cells = [(lr, n, s) for lr, curve in out["grid"].items() for n, s in curve.items()]
-    sweet_lr, sweet_steps, _ = max(cells, key=lambda c: (balance(c[2]), -c[1]))
+    sweet = sweet_spot(out["grid"], out["base"])
+    sweet_lr, sweet_steps = sweet["LEARNING_RATE"], sweet["STEPS"]
     hot_lr, hot_steps = max(lrs), max(steps)
     out["sweet"], out["hot"] = (sweet_lr, sweet_steps), (hot_lr, hot_steps)
 
@@ -148,7 +165,8 @@ def verdicts(m: dict) -> list[tuple[str, str, str, bool]]:
         "base model, one picture per prompt", f["shape_colour"] >= 0.7))
     rows.append((
         "DreamBooth overfits fast: there is a sweet spot of learning rate x steps",
-        f"best balance {pct(balance(sweet))} at LR {slr:g} x {sst} steps (subject {pct(sweet['subject_fidelity'])}, "
+        f"sweet spot (notebook 07's pick rule): balance {pct(balance(sweet))} at LR {slr:g} x {sst} steps "
+        f"(subject {pct(sweet['subject_fidelity'])}, "
         f"new contexts {pct(sweet['prompt_fidelity'])}); the hottest cell, LR {hlr:g} x {hst}: new contexts "
         f"{pct(hot['prompt_fidelity'])}",
         f"grid below; UNet only, batch {OFFLINE_BATCH_SIZE}",
