@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Make .venv with everything the kit needs, exactly as pinned in requirements-lock.txt (every package; tools/lock.sh).
-# Keeps a torch that is already there (a GPU build stays); otherwise installs TORCH_SPEC (default torch==2.13.0: a CPU build on the course machines).
+# Keeps a torch that is already there (a GPU build stays); otherwise installs TORCH_SPEC (default torch==2.13.0:
+# a CPU build on the course machines).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
