@@ -81,6 +81,11 @@ def command(cfg: TrainConfig, num_processes: int, cpu: bool = False) -> tuple[li
     return cmd, env
 
 
+# What a run file always spells out, default or not: the settings a learner checks and edits first.
+SHOWN = ("model", "instance_dir", "identifier", "instance_prompt", "resolution", "max_train_steps", "learning_rate",
+         "train_batch_size", "seed", "output_dir")
+
+
 def deepspeed_command(cfg: TrainConfig, file: str | Path) -> tuple[Path, str]:
     """The 8gb-deepspeed recipe, for a shell: writes `file` (cfg's settings as JSON, without the memory settings the
     preset sets when the run starts) and returns (file, the `accelerate launch` line that trains it). Run that line
@@ -94,7 +99,7 @@ def deepspeed_command(cfg: TrainConfig, file: str | Path) -> tuple[Path, str]:
                          "accelerate prepares one model for DeepSpeed. For the text encoder on 8 GB use PRESET='8gb'.")
     by_preset = set(settings("8gb-deepspeed", Runtime("local", "cuda", "GPU", 1, 8.0, False), cfg))
     default = TrainConfig().to_dict()
-    fields = {k: v for k, v in cfg.to_dict().items() if k not in by_preset and v != default[k]}
+    fields = {k: v for k, v in cfg.to_dict().items() if k not in by_preset and (v != default[k] or k in SHOWN)}
     if fields.get("model") == "sd15":  # the planner's name for SD 1.5's architecture: train the real one
         fields["model"] = SD15
     file = Path(file)
