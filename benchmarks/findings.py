@@ -40,6 +40,16 @@ from . import toy_results as tr
 
 ROOT = Path(__file__).resolve().parent.parent
 LORA_RATE = 20  # LoRA's rate as a multiple of the DreamBooth sweet spot's
+TI_RATE, TI_STEPS = 1e-2, 4  # textual inversion: its own rate, for 4x the sweet spot's steps
+
+
+def settings(m: dict) -> dict[str, tuple[float, int]]:
+    """(learning rate, steps) of each experiment, from the measured sweet spot and prior setting: what every
+    notebook's offline defaults must be (tests/test_findings_defaults.py)."""
+    slr, sst = m["sweet"]
+    return {"sweet": (slr, sst), "prior": tuple(m["prior_setting"]), "overfit": tuple(m["overfit"]),
+            "text_encoder": (slr, sst), "ti": (TI_RATE, TI_STEPS * sst), "ti_db": (slr / 2, sst),
+            "lora": (LORA_RATE * slr, sst)}
 
 
 def balance(s: dict) -> float:
@@ -129,23 +139,25 @@ def measure(quick: bool = False, lrs=None, steps=None, work: Path | None = None)
     _, out["text_encoder"] = db(train_text_encoder=True)
 
     # 5. textual inversion, then TI -> DreamBooth from the learned word
-    ti = tr.dreambooth(1e-2, 4 * sweet_steps, workdir=work, method="textual_inversion", placeholder_token="<zwx>",
+    run = settings(out)
+    ti = tr.dreambooth(*run["ti"], workdir=work, method="textual_inversion", placeholder_token="<zwx>",
                        initializer_token="star", instance_prompt="a photo of <zwx> star")
     ti_pipe = ti.pipeline("ddim")
     out["ti"] = judge.scores(ti_pipe, identifier="<zwx>", seeds=seeds, **tr.SAMPLE)
     out["ti_seconds"], out["ti_bytes"] = ti.seconds, _size(ti.saved)
     parts = load_parts("offline")
     export.load_embedding(parts, ti.saved, "<zwx>")
-    ti_db = tr.dreambooth(sweet_lr / 2, sweet_steps, workdir=work / "ti_db", instance_prompt="a photo of <zwx> star",
+    ti_db = tr.dreambooth(*run["ti_db"], workdir=work / "ti_db", instance_prompt="a photo of <zwx> star",
                           identifier="<zwx>", parts=parts)
     out["ti_db"] = judge.scores(ti_db.pipeline("ddim"), identifier="<zwx>", seeds=seeds, **tr.SAMPLE)
 
     # 6. LoRA: small adapters, a far higher rate (20x: the best of 5e-3 to 5e-2 tried on the toy model)
-    lora = tr.dreambooth(LORA_RATE * sweet_lr, sweet_steps, workdir=work, method="lora", lora_rank=8, save_dtype="fp16")
+    lora = tr.dreambooth(*run["lora"], workdir=work, method="lora", lora_rank=8, save_dtype="fp16")
     out["lora"] = tr.judge_run(lora.pipeline("ddim"), seeds)
     out["lora_seconds"], out["lora_bytes"] = lora.seconds, _size(lora.saved)
     for experiment in EXPERIMENTS.values():
         out.update(experiment(out, work))
+    out["settings"] = settings(out)  # (learning rate, steps) of each experiment, as run
     out["seconds"] = time.perf_counter() - out.pop("t0")
     shutil.rmtree(work, ignore_errors=True)
     return out

@@ -37,6 +37,7 @@ from nbkit.models.parts import ModelNotFound, SDParts, load_parts, pipeline
 from nbkit.notebook.course import NOTEBOOKS
 from nbkit.notebook.course import plot_memory as plot_course_memory
 from nbkit.notebook.course import table as course_table
+from nbkit.notebook.inside import step_source
 from nbkit.notebook.plots import image_rows, loss_curve, loss_terms, metric_curves
 from nbkit.notebook.session import Setup, setup
 from nbkit.notebook.sweep import collect as collect_sweep
@@ -62,6 +63,7 @@ from nbkit.toy.judge import format_scores
 from nbkit.toy.judge import scores as judge_scores
 from nbkit.training.checkpoint import ResumeError
 from nbkit.training.guards import DiskSpaceError, NotWritable, OutOfMemory
+from nbkit.training.launch import deepspeed_command
 from nbkit.training.loop import TrainResult, train
 from nbkit.training.manifest import summary as manifest_summary
 from nbkit.version import __version__
@@ -75,7 +77,7 @@ __all__ = [
     "save_images", "load_folder", "thumbnail", "upload_box", "prompt_playground",
     # training and memory
     "TrainConfig", "TrainResult", "train", "tune", "preview", "memory_budgets", "sd15_on_meta", "budget_table",
-    "track_peak", "choose_class_images", "ensure_class_images",
+    "track_peak", "choose_class_images", "ensure_class_images", "step_source", "deepspeed_command",
     # looking at results
     "loss_curve", "loss_terms", "metric_curves", "image_rows", "side_by_side", "pixel_distance", "pixel_difference",
     "embedding_shift", "scheduler_grid", "read_metrics", "metrics_table", "manifest_summary", "evaluator_for_run",

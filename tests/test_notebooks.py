@@ -99,17 +99,25 @@ EXPECTED = {
 
 
 def _check_prior(out):
-    """Both runs on the same steps; only the prior run logged the two loss terms; four class images."""
+    """The three runs on the same steps; only the prior runs logged the two loss terms; four class images; only run 3
+    (prior + text encoder) changed the text encoder."""
+    from safetensors.torch import load_file
+
     plain = json.loads((out / "without_prior" / "losses.json").read_text())
     prior = json.loads((out / "with_prior" / "losses.json").read_text())
-    assert len(plain) == len(prior) == 4
-    assert all("prior" not in r for r in plain) and all({"instance", "prior"} <= set(r) for r in prior)
+    both = json.loads((out / "with_prior_and_text_encoder" / "losses.json").read_text())
+    assert len(plain) == len(prior) == len(both) == 4
+    assert all("prior" not in r for r in plain) and all({"instance", "prior"} <= set(r) for r in prior + both)
+    te = "model/text_encoder/model.safetensors"
+    same = lambda a, b: all(a[k].equal(b[k]) for k in b)  # noqa: E731
+    assert same(load_file(out / "with_prior" / te), load_file(out / "without_prior" / te))
+    assert not same(load_file(out / "with_prior_and_text_encoder" / te), load_file(out / "with_prior" / te))
     assert len(list(out.glob("class_images/*/class_*.png"))) == 4
     drift = json.loads((out / "drift.json").read_text())
-    assert set(drift) == {"without prior", "with prior"}
+    assert set(drift) == {"without prior", "with prior", "prior + text encoder"}
     assert all(0 <= v <= 1 for d in drift.values() for v in d.values())
     scores = json.loads((out / "scores.json").read_text())  # the toy judge's numbers, before and after each run
-    assert set(scores) == {"before", "without prior", "with prior"}
+    assert set(scores) == {"before", "without prior", "with prior", "prior + text encoder"}
     assert all(0 <= s[k] <= 1 for s in scores.values() for k in ("subject_fidelity", "prompt_fidelity", "class_drift"))
 
 

@@ -59,7 +59,8 @@ def test_smoke_values(cpu, tmp_path):
 def test_offline_contexts_are_plain_backgrounds(cpu, tmp_path):
     s = nb.setup("01_dreambooth", output_dir=tmp_path)
     assert s.contexts("zwx star") == [f"a photo of a zwx star on a {bg} background" for bg in OFFLINE_BACKGROUNDS]
-    assert OFFLINE_BACKGROUNDS[:2] == offline.NEW_CONTEXTS  # colours the sample pictures never show
+    assert OFFLINE_BACKGROUNDS == offline.NEW_CONTEXTS  # what the judge and docs/findings.md call new contexts
+    assert not set(OFFLINE_BACKGROUNDS) & set(offline.SAMPLE_BACKGROUNDS)  # never a background of the pictures
     assert s.contexts("zwx", backgrounds=("green",)) == ["a photo of a zwx on a green background"]
 
 

@@ -27,7 +27,9 @@ from nbkit.training import presets
 # Scenes for a subject on SD 1.5: ones its pictures never show, so what is learned is the subject, not a scene.
 SD_SCENES = ("a photo of {s} on the beach", "a photo of {s} in the snow", "a photo of {s} in a forest",
              "an oil painting of {s} in the style of van gogh")
-OFFLINE_BACKGROUNDS = (*offline.NEW_CONTEXTS, "black", "white")  # the offline world: shapes on plain backgrounds
+# The offline world: shapes on plain backgrounds. Only those the sample pictures never show are new contexts (the
+# toy judge, docs/findings.md and the notebooks all call these two "new"; black, white and yellow are in the pictures).
+OFFLINE_BACKGROUNDS = offline.NEW_CONTEXTS
 
 
 def is_offline_model(model: str | Path) -> bool:
@@ -79,7 +81,8 @@ class Setup:
         return torch.float16 if self.rt.device == "cuda" else None
 
     def contexts(self, subject: str, backgrounds: tuple[str, ...] = OFFLINE_BACKGROUNDS) -> list[str]:
-        """Four prompts with `subject` in new scenes: plain backgrounds on the offline model, places on SD 1.5."""
+        """Prompts with `subject` in new scenes: the plain backgrounds its pictures never show on the offline model
+        (two), places on SD 1.5 (four)."""
         if self.small:
             return [f"a photo of a {subject} on a {bg} background" for bg in backgrounds]
         return [scene.format(s=subject) for scene in SD_SCENES]
