@@ -7,6 +7,7 @@ do about it: a run that would fail after twenty minutes of class-image generatio
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +53,8 @@ class TrainConfig:
     resolution: int = 512  # training image side, a multiple of 8
     center_crop: bool = True  # centre crop (else random crop)
     random_flip: bool = False  # random horizontal flips
+    bucketing: bool = False  # aspect-ratio buckets: each picture trains at the (height, width) nearest its shape
+    buckets: str = ""  # with bucketing: "h,w;h,w;..." in pixels; "" = a 1:2-to-2:1 ladder of ~resolution^2 pixels
     train_batch_size: int = 1  # images per step per GPU
     gradient_accumulation_steps: int = 1  # steps summed per optimizer update
     max_train_steps: int = 400  # optimizer updates
@@ -151,6 +154,7 @@ class TrainConfig:
                      "prior_loss_weight"):
             if getattr(self, name) < 0:
                 e.append(f"{name}={getattr(self, name)}: must not be negative.")
+        e += self._bucket_problems()
         if self.eval_steps and self.eval_seeds < 1:
             e.append(f"eval_seeds={self.eval_seeds}: must be at least 1 when eval_steps is on.")
         if self.mixed_precision not in PRECISIONS:
@@ -229,6 +233,24 @@ class TrainConfig:
         if e:
             raise ConfigError("These settings need fixing:\n  - " + "\n  - ".join(e))
         return self
+
+    def _bucket_problems(self) -> list[str]:
+        """cfg.buckets in diffusers' "h,w;h,w" format, each side a multiple of 8, none over resolution^2 pixels (the
+        memory planner's bound); the model's own multiple (SD 1.5: 64) is checked when it is loaded."""
+        if not self.buckets.strip():
+            return []
+        if not self.bucketing:
+            return [f"buckets={self.buckets!r} but bucketing=False: set bucketing=True to use them, or buckets=''."]
+        pairs = [re.fullmatch(r"\s*(\d+)\s*,\s*(\d+)\s*", p) for p in self.buckets.strip().split(";")]
+        if not all(pairs):
+            return [f"buckets={self.buckets!r}: write height,width pairs separated by ';', e.g. '512,512;640,384;"
+                    "384,640'."]
+        sizes = [(int(m[1]), int(m[2])) for m in pairs]
+        e = [f"buckets: {h},{w} is not a positive multiple of 8 on each side (SD 1.5 needs multiples of 64)."
+             for h, w in sizes if not (h > 0 and w > 0 and h % 8 == 0 and w % 8 == 0)]
+        e += [f"buckets: {h},{w} has {h * w} pixels, more than resolution^2 = {self.resolution ** 2} (the memory "
+              "plan's bound): make it smaller, or raise resolution." for h, w in sizes if h * w > self.resolution ** 2]
+        return e
 
     def _deepspeed_problems(self) -> list[str]:
         """What DeepSpeed cannot train here: accelerate prepares one model for it, and ZeRO steps its own fp32 copy."""

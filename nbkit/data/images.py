@@ -134,18 +134,20 @@ def load_folder(folder: str | Path, resolution: int, what: str = "instance", ski
     return examples
 
 
-def to_tensor(img: Image.Image, resolution: int, center_crop: bool = True, flip: bool = False,
+def to_tensor(img: Image.Image, resolution: int | tuple[int, int], center_crop: bool = True, flip: bool = False,
               rng: np.random.Generator | None = None) -> torch.Tensor:
-    """Resize the short side to `resolution`, crop a square, maybe flip; a CHW tensor in [-1, 1]."""
+    """Resize to cover `resolution` (a square's side, or (height, width): an aspect-ratio bucket, nbkit.data.buckets),
+    crop that out, maybe flip; a CHW tensor in [-1, 1]."""
+    th, tw = tuple(resolution) if isinstance(resolution, (tuple, list)) else (resolution, resolution)
     w, h = img.size
-    scale = resolution / min(w, h)
-    img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
+    scale = max(th / h, tw / w)  # a square: its side over the short side
+    img = img.resize((max(tw, round(w * scale)), max(th, round(h * scale))), Image.BICUBIC)
     w, h = img.size
     if center_crop or rng is None:
-        left, top = (w - resolution) // 2, (h - resolution) // 2
+        left, top = (w - tw) // 2, (h - th) // 2
     else:
-        left, top = int(rng.integers(0, w - resolution + 1)), int(rng.integers(0, h - resolution + 1))
-    img = img.crop((left, top, left + resolution, top + resolution))
+        left, top = int(rng.integers(0, w - tw + 1)), int(rng.integers(0, h - th + 1))
+    img = img.crop((left, top, left + tw, top + th))
     if flip:
         img = ImageOps.mirror(img)
     arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
