@@ -117,9 +117,17 @@ def load_folder(folder: str | Path, resolution: int, what: str = "instance", ski
 def to_tensor(img: Image.Image, resolution: int, center_crop: bool = True, flip: bool = False,
               rng: np.random.Generator | None = None) -> torch.Tensor:
     """Resize the short side to `resolution`, crop a square, maybe flip; a CHW tensor in [-1, 1]."""
-    w, h = img.size
-    scale = resolution / min(w, h)
-    img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
+    return to_tensor_sized(img, resolution, center_crop, flip, rng)[0]
+
+
+def to_tensor_sized(img: Image.Image, resolution: int, center_crop: bool = True, flip: bool = False,
+                    rng: np.random.Generator | None = None) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """to_tensor's picture, and its sizes as SDXL is conditioned on them (its `time_ids`): (original height, width,
+    crop top, crop left, target height, width), the crop's corner in the resized picture as trained (mirrored with
+    the flip), as diffusers' train_dreambooth_lora_sdxl.py computes them."""
+    w0, h0 = img.size
+    scale = resolution / min(w0, h0)
+    img = img.resize((max(resolution, round(w0 * scale)), max(resolution, round(h0 * scale))), Image.BICUBIC)
     w, h = img.size
     if center_crop or rng is None:
         left, top = (w - resolution) // 2, (h - resolution) // 2
@@ -128,8 +136,9 @@ def to_tensor(img: Image.Image, resolution: int, center_crop: bool = True, flip:
     img = img.crop((left, top, left + resolution, top + resolution))
     if flip:
         img = ImageOps.mirror(img)
+        left = w - resolution - left
     arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous(), (h0, w0, top, left, resolution, resolution)
 
 
 def thumbnail(img: Image.Image, size: int) -> Image.Image:
