@@ -25,7 +25,7 @@ class TrainConfig:
 
     # --- what and on what
     model: str = "offline"  # hub id, local diffusers folder, "offline" (the kit's bundled model) or "tiny-sdxl"
-    vae: str = ""  # another VAE (hub id or folder), e.g. SDXL's fp16-safe "madebyollin/sdxl-vae-fp16-fix"; "": the model's
+    vae: str = ""  # another VAE (hub id or folder), e.g. "madebyollin/sdxl-vae-fp16-fix" (SDXL in fp16); "": own
     method: str = "dreambooth"  # "dreambooth" | "lora" | "textual_inversion"
     instance_dir: str = ""  # folder of 3-10 pictures of the subject
     instance_prompt: str = "a photo of zwx star"  # names the subject with its identifier
