@@ -210,3 +210,19 @@ def test_textual_inversion_on_sdxl_says_what_to_use(xl_cfg):
     with pytest.raises(ValueError, match="text encoders.*method='lora'"):
         train(xl_cfg.replace(method="textual_inversion", instance_prompt="a photo of <zwx>"), load_parts("tiny-sdxl"),
               progress=False)
+
+
+def test_sdxl_lora_on_the_t4_code_path(xl_cfg, monkeypatch):
+    """The T4 rehearsal (fp16 autocast and GradScaler on the CPU): frozen networks in fp16 but the VAE in fp32, the
+    text encoders' adapters trained under autocast, validation pictures decoded without overflow."""
+    from PIL import Image
+
+    monkeypatch.setenv("NBKIT_T4_REHEARSAL", "1")
+    r = train(xl_cfg.replace(lora_text_encoder=True, learning_rate=1e-3, validation_steps=3,
+                             validation_prompts=[PROMPT], num_validation_images=1), load_parts("tiny-sdxl"),
+              progress=False)
+    assert r.info["precision"] == "fp16" and all(math.isfinite(x) for x in r.losses)
+    base = {n: {p.dtype for k, p in m.named_parameters() if "lora_" not in k} for n, m in r.parts.networks.items()}
+    assert base == {"unet": {torch.float16}, "text_encoder": {torch.float16}, "text_encoder_2": {torch.float16},
+                    "vae": {torch.float32}}
+    assert np.asarray(Image.open(r.validation[3])).std() > 1  # a picture, not a black (NaN) square
