@@ -204,6 +204,21 @@ def test_sdxl_dreambooth_unet_only_saves_a_folder_that_reloads(xl_cfg):
     mine, theirs = r.parts.unet.state_dict(), pipe.unet.state_dict()
     assert all(torch.equal(mine[k], theirs[k]) for k in mine)
     assert np.abs(picture(pipe) - picture(r.pipeline("ddim"))).max() < 1e-4
+    from nbkit import take_home
+
+    done = take_home(r, r.output_dir / "export", dtype="fp32", steps=3)  # SDXL: no single file (yet), said so
+    assert list(done) == ["diffusers"] and done["diffusers"].mean_pixel_diff < 1.0
+    with pytest.raises(export.ExportError, match="SDXL's single file"):
+        take_home(r, r.output_dir / "export", formats=["single_file"], check=False)
+
+
+def test_sdxl_lora_take_home_writes_and_checks_both_files(lora_run, tmp_path):
+    from nbkit import take_home
+
+    r, _ = lora_run
+    done = take_home(r, tmp_path, dtype="fp32", steps=3)
+    assert list(done) == ["lora_diffusers", "lora_kohya"]
+    assert all(item.max_pixel_diff <= 1 for item in done.values()), {k: v.max_pixel_diff for k, v in done.items()}
 
 
 def test_textual_inversion_on_sdxl_says_what_to_use(xl_cfg):
