@@ -241,3 +241,17 @@ def test_sdxl_lora_on_the_t4_code_path(xl_cfg, monkeypatch):
     assert base == {"unet": {torch.float16}, "text_encoder": {torch.float16}, "text_encoder_2": {torch.float16},
                     "vae": {torch.float32}}
     assert np.asarray(Image.open(r.validation[3])).std() > 1  # a picture, not a black (NaN) square
+
+
+def test_sdxl_lora_resumed_ends_with_the_same_adapters(xl_cfg, tmp_path):
+    """A checkpoint holds both text encoders' adapters: stopped at step 2 and resumed, the run ends where an
+    uninterrupted one does."""
+    cfg = xl_cfg.replace(lora_text_encoder=True, learning_rate=1e-3)
+    whole = train(cfg.replace(output_dir=str(tmp_path / "whole")), load_parts("tiny-sdxl"), progress=False)
+    first = cfg.replace(output_dir=str(tmp_path / "cut"), max_train_steps=2, checkpointing_steps=2)
+    train(first, load_parts("tiny-sdxl"), progress=False)
+    resumed = train(first.replace(max_train_steps=3), load_parts("tiny-sdxl"), progress=False)
+    assert resumed.info["resumed_from"] is not None
+    a, b = (export.lora_state_dicts(r) for r in (whole, resumed))
+    assert a.keys() == b.keys() == {"unet", "text_encoder", "text_encoder_2"}
+    assert all(torch.equal(a[n][k], b[n][k]) for n in a for k in a[n])
