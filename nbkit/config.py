@@ -27,7 +27,8 @@ class TrainConfig:
     """What to train, on what, for how long. Defaults are the course's object recipe on SD 1.5."""
 
     # --- what and on what
-    model: str = "offline"  # hub id, local diffusers folder, or "offline" (the kit's bundled model)
+    model: str = "offline"  # hub id, local diffusers folder, "offline" (the kit's bundled model) or "tiny-sdxl"
+    vae: str = ""  # another VAE (hub id or folder), e.g. "madebyollin/sdxl-vae-fp16-fix" (SDXL in fp16); "": own
     method: str = "dreambooth"  # "dreambooth" | "lora" | "textual_inversion"
     instance_dir: str = ""  # folder of 3-10 pictures of the subject
     instance_prompt: str = "a photo of zwx star"  # names the subject with its identifier

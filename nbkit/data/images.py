@@ -138,10 +138,18 @@ def to_tensor(img: Image.Image, resolution: int | tuple[int, int], center_crop: 
               rng: np.random.Generator | None = None) -> torch.Tensor:
     """Resize to cover `resolution` (a square's side, or (height, width): an aspect-ratio bucket, nbkit.data.buckets),
     crop that out, maybe flip; a CHW tensor in [-1, 1]."""
+    return to_tensor_sized(img, resolution, center_crop, flip, rng)[0]
+
+
+def to_tensor_sized(img: Image.Image, resolution: int | tuple[int, int], center_crop: bool = True, flip: bool = False,
+                    rng: np.random.Generator | None = None) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """to_tensor's picture, and its sizes as SDXL is conditioned on them (its `time_ids`): (original height, width,
+    crop top, crop left, target height, width), the crop's corner in the resized picture as trained (mirrored with
+    the flip), as diffusers' train_dreambooth_lora_sdxl.py computes them."""
     th, tw = tuple(resolution) if isinstance(resolution, (tuple, list)) else (resolution, resolution)
-    w, h = img.size
-    scale = max(th / h, tw / w)  # a square: its side over the short side
-    img = img.resize((max(tw, round(w * scale)), max(th, round(h * scale))), Image.BICUBIC)
+    w0, h0 = img.size
+    scale = max(th / h0, tw / w0)  # a square: its side over the short side
+    img = img.resize((max(tw, round(w0 * scale)), max(th, round(h0 * scale))), Image.BICUBIC)
     w, h = img.size
     if center_crop or rng is None:
         left, top = (w - tw) // 2, (h - th) // 2
@@ -150,8 +158,9 @@ def to_tensor(img: Image.Image, resolution: int | tuple[int, int], center_crop: 
     img = img.crop((left, top, left + tw, top + th))
     if flip:
         img = ImageOps.mirror(img)
+        left = w - tw - left
     arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous(), (h0, w0, top, left, th, tw)
 
 
 def thumbnail(img: Image.Image, size: int) -> Image.Image:
