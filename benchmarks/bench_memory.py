@@ -470,7 +470,7 @@ def main(argv: list[str] | None = None) -> dict:
                         f"{', in-backward' if cfg.optimizer_in_backward else ''}")
             print(f"== {mname} / {pname}: {settings}", flush=True)
             row = {"method": mname, "preset": pname if pname != "auto" else f"auto ({tuned.preset})",
-                   "settings": settings, "planner_gib": p.allocated / GiB, "planner_fits": p.fits,
+                   "settings": settings, "planner_gib": p.peak / GiB, "planner_fits": p.fits,  # the run's peak
                    "tune_changes": tuned.changes, "nbkit": run_nbkit(cfg, smoke, device, warmup)}
             if not args.no_reference:
                 row["reference"] = run_reference(cfg, smoke, device, steps, warmup)

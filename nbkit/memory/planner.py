@@ -212,6 +212,10 @@ def plan(cfg: TrainConfig, model=None, *, gpu_gb: float | None = None, device: s
              phases.validation(arch, cal, cfg, held, precision, workspace)]
     if arch.sdxl:
         notes += _sdxl_notes(arch, cfg, kind, precision)
+    top = max(found)
+    if top[0] > allocated:
+        notes.append(f"the run's peak is not a training step: {top[1]}, {(top[0] - allocated) / GiB:.2f} GiB above "
+                     "the step's.")
     capacity = int(gpu_gb * GiB) if gpu_gb else None
     return Plan(rows, allocated, capacity, _settings(cfg, arch, precision, eight_bit, ib, ds, num_processes), notes,
                 slack, CUDA_CONTEXT if cuda else 0, [(what, b) for b, what in found if b])

@@ -49,9 +49,8 @@ def tune(cfg: TrainConfig, preset: str = "auto", rt: Runtime | None = None, mode
     from nbkit.env.runtime import detect
 
     rt = rt or detect()
-    auto = preset == "auto"
+    auto, keep = preset == "auto", set(keep)
     name = choose(rt) if auto else preset
-    keep = set(keep)
     sdxl = planner.arch_of(model if model is not None else cfg.model).sdxl  # SDXL's own presets (presets doc)
     base = dataclasses.replace(cfg, **{k: v for k, v in settings(name, rt, cfg, sdxl).items() if k not in keep})
     if name == "8gb-deepspeed" and base.train_text_encoder:
