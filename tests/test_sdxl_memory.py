@@ -36,6 +36,9 @@ def test_sdxl_is_counted_from_its_configs_on_the_meta_device():
     assert arch.lora_per_rank_unet * 4 == 5_806_080  # rank-4 LoRA on SDXL's attention: the usual ~23 MB fp32 file
     assert arch.vae_factor == 8 and arch.vae_fp32 and arch.cross_attention_dim == 2048 and arch.pooled_dim == 1280
     assert arch.calibration_source.startswith("calibrated") and arch.calibration["reference_latent"] == 128
+    from nbkit.memory.budget import count_params, sdxl_on_meta
+
+    assert {k: count_params(m) for k, m in sdxl_on_meta().items()} == sdxlarch.PARAMS  # the budget's view, the same
     nets = sdxlarch.build("meta")  # transformer_layers_per_block [1, 2, 10]: a list, one depth per level
     depths = [len(a.transformer_blocks) for b in nets.unet.down_blocks for a in getattr(b, "attentions", [])]
     assert depths == [2, 2, 10, 10] and not hasattr(nets.unet.down_blocks[0], "attentions")

@@ -27,7 +27,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
-from nbkit.config import TrainConfig
+from nbkit.config import ConfigError, TrainConfig
 from nbkit.env import runtime
 from nbkit.memory import actmodel, archs, phases
 from nbkit.memory.actmodel import CALIBRATION_FILE
@@ -176,7 +176,7 @@ def plan(cfg: TrainConfig, model=None, *, gpu_gb: float | None = None, device: s
     half, cuda = precision in ("fp16", "bf16"), device == "cuda"
     kind = kind_of(cfg)
     if kind == "ti" and arch.sdxl:
-        raise ValueError("textual_inversion on SDXL is not supported by the kit (it needs an embedding per text "
+        raise ConfigError("textual_inversion on SDXL is not supported by the kit (it needs an embedding per text "
                          "encoder): plan method='lora' (or 'dreambooth') for SDXL, or textual inversion on SD 1.5.")
     ib, why_not = in_backward_active(cfg, num_processes)
     ds = bool(cfg.deepspeed_config)

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nbkit.config import TrainConfig
+from nbkit.config import ConfigError, TrainConfig
 from nbkit.env.runtime import GPUS, Runtime, resolve_precision  # noqa: F401 - importable from here too
 from nbkit.paths import CONFIGS_DIR
 
@@ -73,7 +73,7 @@ def choose(rt: Runtime) -> str:
 
 def settings(name: str, rt: Runtime, cfg: TrainConfig | None = None, sdxl: bool = False) -> dict:
     """The TrainConfig fields preset `name` sets on this runtime, for this run (method, text encoder, batch);
-    sdxl: for an SDXL model (see the module doc; full DreamBooth under 20 GB raises ValueError saying what fits)."""
+    sdxl: for an SDXL model (see the module doc; full DreamBooth under 20 GB: ConfigError saying what fits)."""
     if name not in NAMES:
         raise ValueError(f"PRESET={name!r}: choose 'auto' or one of {', '.join(NAMES)}.")
     cfg = cfg or TrainConfig()
@@ -109,7 +109,7 @@ def _sdxl_settings(name: str, rt: Runtime, cfg: TrainConfig) -> dict:
     if name == "cpu":
         return s
     if full and NAMES.index(name) < NAMES.index(SDXL_FULL_MIN_PRESET):
-        raise ValueError(
+        raise ConfigError(
             f"Full DreamBooth of SDXL does not fit the {name} preset's GPU: its 2.6 B-parameter UNet needs ~24 GiB in "
             "fp32 weights, gradients and 8-bit AdamW state before any activation. On this GPU use method='lora' (SDXL "
             "LoRA fits a 16 GB T4 with 8-bit AdamW and gradient checkpointing), or a GPU of 24 GB or more with "
@@ -129,7 +129,7 @@ def memory_settings(rt: Runtime, train_text_encoder: bool = False, with_prior_pr
 
     Training the text encoder adds its weights, gradients, optimizer state and activations; prior preservation
     doubles the images per step (and so the activations): both can turn gradient checkpointing on. sdxl: for an
-    SDXL model (LoRA: 8-bit AdamW and checkpointing on a T4; full DreamBooth under 20 GB: ValueError).
+    SDXL model (LoRA: 8-bit AdamW and checkpointing on a T4; full DreamBooth under 20 GB: ConfigError).
     """
     cfg = TrainConfig(method=method, train_text_encoder=train_text_encoder,
                       with_prior_preservation=with_prior_preservation)
