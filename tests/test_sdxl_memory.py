@@ -44,6 +44,17 @@ def test_sdxl_is_counted_from_its_configs_on_the_meta_device():
     assert depths == [2, 2, 10, 10] and not hasattr(nets.unet.down_blocks[0], "attentions")
 
 
+def test_a_local_sdxl_folder_is_planned_from_its_own_configs(tmp_path):
+    import shutil
+
+    folder = shutil.copytree(sdxlarch.SPEC, tmp_path / "my-model")  # configs only, as a fine-tune's folder has them
+    arch = planner.arch_of(str(folder))
+    assert arch.sdxl and arch.unet == sdxlarch.PARAMS["unet"] and arch.calibration_source.startswith("calibrated")
+    te = planner.plan(xl(method="lora", lora_text_encoder=True), str(folder), gpu_gb=14.75)
+    assert row(te, "text encoder 2 (OpenCLIP bigG) weights (fp16, frozen + fp32 LoRA)") > 2 * arch.text_encoder_2
+    assert any("UNet's activations only" in n for n in te.notes)  # SDXL's calibration: text encoders frozen
+
+
 @pytest.mark.parametrize("rank", [4, 8, 16])
 def test_sdxl_lora_on_a_t4_plans_under_14_gib(rank):
     p = planner.plan(xl(lora_rank=rank), gpu_gb=GPUS["T4"].gpu_memory_gb)

@@ -13,8 +13,13 @@ kernels, which keep no attention matrix), so the model is `fixed + samples x per
 pixels)` (`nbkit.memory.actmodel`, which also adds what the CPU cannot show: CUDA autocast's fp32 norms, DDP's
 buckets).
 
-On a GPU, `torch.cuda.max_memory_allocated` should match the prediction; `memory_reserved` adds the caching
-allocator's slack, and the CUDA context (~0.4 GiB, outside PyTorch) comes on top: `fits` accounts for both.
+Beyond a step, `Plan.phases` holds the two other peaks of a run (`nbkit.memory.phases`): caching the latents and
+sampling validation pictures; `Plan.peak` is the largest. SDXL (`nbkit.memory.sdxlarch`, `nbkit.memory.archs`) adds
+its second text encoder, its fp32 VAE and its own calibration (1024 px); what the plan assumes is in its notes.
+
+On a GPU, `torch.cuda.max_memory_allocated` should match the prediction (`Plan.peak` over a whole run);
+`memory_reserved` adds the caching allocator's slack, and the CUDA context (~0.4 GiB, outside PyTorch) comes on
+top: `fits` accounts for both.
 The benchmark (`benchmarks/bench_memory.py`) checks the prediction against measured peaks on a real GPU.
 
 Recalibrate after changing the training loop: `python -m nbkit calibrate --spec sd15` (minutes) and
@@ -344,9 +349,9 @@ def _activations(arch: Arch, run) -> tuple[int, int, object, list[str]]:
         scale = (arch.unet / sd.unet) ** 0.5  # crude: activations grow about with the square root of width^2
         notes.append(f"no activation calibration for {arch.name}: scaled from SD 1.5's (rough). "
                      "Run `python -m nbkit calibrate --spec <folder>` to measure it.")
-    if arch.sdxl and run.kind not in cal.get("kinds", ("unet", "lora")):
-        notes.append("SDXL's calibration has the UNet's activations only (text encoders frozen): the trained text "
-                     "encoders' own (77 tokens) are left out; small next to the UNet's at 1024 px.")
+    if run.kind.endswith("_te") and run.kind not in {k.split("|")[0] for k in cal.get("configs", {})}:
+        notes.append(f"{arch.name}'s calibration has the UNet's activations only (SDXL's: text encoders frozen): the "
+                     "trained text encoders' own (77 tokens) are left out; small next to the UNet's at 1024 px.")
         run = dataclasses.replace(run, kind=run.kind.removesuffix("_te"))
     act, volume, more, step = actmodel.activations(cal, run, scale)
     return act, volume, step, notes + more
