@@ -2,9 +2,9 @@
 validation pictures (between steps). `torch.cuda.max_memory_allocated` over a run is the largest of the three.
 
 * **Caching the latents** (`cache_latents`, nbkit.training.batches): every network is already on the GPU (the
-  UNet and text encoders as they will train, LoRA's adapters made) and the VAE encodes the training pictures a few
-  at a time (`encode_chunk`: 8 at 512 px, 2 at 1024), in its own precision (SDXL's: fp32, force_upcast); then it
-  leaves the GPU. The optimizer state and the gradients do not exist yet.
+  UNet and text encoders as they will train, LoRA's adapters made) and the VAE encodes the training pictures a
+  few at a time (nbkit.training.batches.encode_chunk: 8 at 512 px in half precision, 1 at 1024 in fp32), in its
+  own precision (SDXL's: fp32, force_upcast); then it leaves the GPU. The optimizer state and the gradients do not exist yet.
 * **Validation samples** (validation_prompts and validation_steps > 0): the VAE comes back and decodes up to four
   pictures at once (nbkit.sample.generate's batch) next to everything training holds but the gradients (freed by
   zero_grad before). The UNet's sampling activations (no gradients, a few hundred MB) are left out.
@@ -15,12 +15,9 @@ The VAE's encode / decode peaks come from `nbkit.memory.memtrace` (the calibrati
 
 from __future__ import annotations
 
+from nbkit.training.batches import encode_chunk
+
 SAMPLE_BATCH = 4  # nbkit.sample.sampling.generate's batch_size: pictures decoded at once
-
-
-def encode_chunk(resolution: int) -> int:
-    """Pictures the VAE encodes at once while caching (nbkit.training.batches._encode: 8 at 512 px, 2 at 1024)."""
-    return max(1, min(8, 8 * 512 ** 2 // resolution ** 2))
 
 
 def vae_bytes_per_element(arch, cfg, precision: str) -> int:
@@ -47,7 +44,7 @@ def caching(arch, cal: dict, cfg, resident: int, precision: str, workspace: int)
     if not cfg.cache_latents:
         return 0, ""
     bpe = vae_bytes_per_element(arch, cfg, precision)
-    n = encode_chunk(cfg.resolution)
+    n = encode_chunk(cfg.resolution ** 2, bpe == 4)  # the loop's own rule
     enc = _vae_run(arch, cal, "encode", n, cfg.resolution // arch.vae_factor, bpe)
     vae = arch.vae * bpe
     return resident + vae + enc + workspace, (
