@@ -4,7 +4,8 @@ validation pictures (between steps). `torch.cuda.max_memory_allocated` over a ru
 * **Caching the latents** (`cache_latents`, nbkit.training.batches): every network is already on the GPU (the
   UNet and text encoders as they will train, LoRA's adapters made) and the VAE encodes the training pictures a
   few at a time (nbkit.training.batches.encode_chunk: 8 at 512 px in half precision, 1 at 1024 in fp32), in its
-  own precision (SDXL's: fp32, force_upcast); then it leaves the GPU. The optimizer state and the gradients do not exist yet.
+  own precision (SDXL's: fp32, force_upcast); then it leaves the GPU. The optimizer state and the gradients do
+  not exist yet.
 * **Validation samples** (validation_prompts and validation_steps > 0): the VAE comes back and decodes up to four
   pictures at once (nbkit.sample.generate's batch) next to everything training holds but the gradients (freed by
   zero_grad before). The UNet's sampling activations (no gradients, a few hundred MB) are left out.
