@@ -154,8 +154,8 @@ def _ddim_wins(run: dict, steps: int) -> dict[str, bool]:
     return {k: c[("ddim", steps)][k] + margin[k] < min(c[(o, steps)][k] for o in ("pndm", "lms")) for k in margin}
 
 
-def _run_label(lr, n) -> str:
-    return f"LR {lr:g} x {n}" if n else "the base model"
+def _run_label(lr, n, capital: bool = False) -> str:
+    return f"LR {lr:g} x {n}" if n else f"{'T' if capital else 't'}he base model (not fine-tuned)"
 
 
 def scheduler_verdict(sc: dict) -> tuple[str, str, bool | str]:
@@ -200,7 +200,9 @@ def scheduler_note(sc: dict) -> str:
         f"the judge finds the prompt in {d(mild, 'lms', lo, 'prompt_fidelity'):.0%} of LMS's pictures. By {hi} steps "
         f"every one is within {d_hi:.3f} of the reference and their fine-grain energy is "
         + " to ".join(f"{v:.3f}" for v in hf_hi) + ", as the references' own ("
-        + ", ".join(f"{r['reference']['high_frequency']:.3f}" for r in over.values()) + "): an overfit model's own "
+        + ", ".join(f"{r['reference']['high_frequency']:.3f}" for r in over.values())
+        + (f"; the base model's {runs[(0, 0)]['reference']['high_frequency']:.3f}" if (0, 0) in runs else "")
+        + "): an overfit model's own "
         "noise is in the picture every sampler converges to, and none removes it. Overfitting harder "
         f"({_run_label(*hot)}) shows {'more' if gap(hot) > gap(mild) else 'less, not more'} (at {lo} steps DDIM "
         f"{d(hot, 'ddim'):.3f}, PNDM {d(hot, 'pndm'):.3f}, LMS {d(hot, 'lms'):.3f})"
@@ -211,15 +213,16 @@ def scheduler_note(sc: dict) -> str:
 
 def scheduler_section(sc: dict) -> list[str]:
     """A table per overfit run: distance / high-frequency energy / judge's prompt fidelity, scheduler x steps."""
-    lines = ["## Schedulers on overfit models (distance to the reference / high-frequency energy / prompt fidelity)",
+    lines = ["## Schedulers on overfit models, and on the base model (distance to the reference / high-frequency "
+             "energy / prompt fidelity)",
              "", f"Prompt {sc['prompt']!r}, the same seeds in every cell; reference: {sc['reference'][0].upper()} at "
              f"{sc['reference'][1]} steps; lower distance and energy = cleaner (nbkit.sample.noise).", ""]
     for (lr, n), run in sorted(sc["runs"].items()):
         steps = sorted({k for _, k in run["cells"]})
         ref = run["reference"]
-        lines += [f"{_run_label(lr, n)} (reference: energy {ref['high_frequency']:.3f}, prompt fidelity "
+        lines += [f"**{_run_label(lr, n, True)}**: the reference's energy {ref['high_frequency']:.3f}, prompt fidelity "
                   f"{ref['prompt_fidelity']:.0%}; PNDM's and LMS's own {sc['reference'][1]}-step pictures are " +
-                  ", ".join(f"{v:.3f}" for v in ref["spread"].values()) + " from it)", "",
+                  ", ".join(f"{v:.3f}" for v in ref["spread"].values()) + " from it.", "",
                   "| scheduler | " + " | ".join(f"{k} steps" for k in steps) + " |", "|---|" + "---|" * len(steps)]
         for s in dict.fromkeys(s for s, _ in run["cells"]):
             lines.append(f"| {s} | " + " | ".join(
