@@ -295,3 +295,10 @@ def test_install_cell_is_safe_to_run_twice(path, platform, monkeypatch):
     assert len(clones) == 1 and len(set(cwd)) == 1 and os.path.isabs(cwd[0]), (clones, cwd)
     assert sys.path.count(cwd[0]) == 1
     assert not any("torch" in arg for c in calls for arg in c if "requirements" not in arg)
+
+
+def test_the_overfit_scheduler_notebook_does_not_export_by_default():
+    """Notebook 03's model is overfit on purpose: its take-home files are off unless asked for."""
+    tree = ast.parse(params_cell(load(ROOT / "notebooks" / "03_schedulers.ipynb")).source)
+    values = {t.id: ast.literal_eval(n.value) for n in tree.body for t in n.targets}
+    assert values["EXPORT"] is False
