@@ -174,11 +174,12 @@ class SchedulerGrid:
 
     def table(self) -> str:
         """Seconds per image, then each noise measure there is, as text tables (scheduler x steps)."""
-        w = max(10, *(len(s) + 1 for s in self.schedulers))
+        titles = {"high_frequency": "high-frequency energy", "distance": f"distance to {self._ref_label()}"}
+        w = max(len(t) + 1 for t in [*self.schedulers, "seconds per image", *titles.values()])
         head = "".join(f"{f'{n} steps':>12}" for n in self.steps)
         out = [f"{'seconds per image':<{w}}" + head] + [
             f"{s:<{w}}" + "".join(f"{self.seconds[(s, n)]:>10.3f} s" for n in self.steps) for s in self.schedulers]
-        for key, title in (("high_frequency", "high-frequency energy"), ("distance", f"to {self._ref_label()}")):
+        for key, title in titles.items():
             if any(key in m for m in self.measures.values()):
                 out += ["", f"{title:<{w}}" + head] + [f"{s:<{w}}" + "".join(
                     f"{self.measures.get((s, n), {}).get(key, float('nan')):>12.3f}" for n in self.steps)
