@@ -6,8 +6,9 @@
 
 For each claim of the seeds (learning rate x steps, prior preservation, schedulers on an overfit model, training
 the text encoder, textual inversion and TI -> DreamBooth, LoRA) this runs the toy experiment that tests it, scores
-the pictures with the toy judge (nbkit.toy.judge) and says whether the claim held. The GPU-only claims (what fits in
-16 GB) are measured by benchmarks/bench_memory.py and recorded in benchmarks/RESULTS.md.
+the pictures with the toy judge (nbkit.toy.judge; for the schedulers, the noise they leave: nbkit.sample.noise) and
+says whether the claim held (yes, partly, no). The GPU-only claims (what fits in 16 GB) are measured by
+benchmarks/bench_memory.py and recorded in benchmarks/RESULTS.md.
 
 Scores (share of pictures, fixed seeds): subject fidelity on "a photo of zwx star"; prompt fidelity on the subject
 in new contexts (backgrounds its five pictures never showed); class drift on "a photo of a star" (does the plain
@@ -140,7 +141,7 @@ def schedulers(seeds: int, work: Path) -> dict:
                          "reference": {"high_frequency": mean_high_frequency(g.reference_images),
                                        "prompt_fidelity": fid(g.reference_images), "spread": spread}}
         del pipe, g
-    return {"schedulers": {"prompt": prompt, "reference": ref, "runs": runs}}
+    return {"schedulers": {"prompt": prompt, "reference": ref, "runs": runs}, "overfit": list(SCHED["overfit"])}
 
 
 EXPERIMENTS = {"schedulers": schedulers}  # --only NAME: f(seeds, workdir) -> figures merged into findings.json
