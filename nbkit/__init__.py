@@ -54,6 +54,7 @@ from nbkit.notebook.sweep_results import baseline as sweep_baseline
 from nbkit.notebook.sweep_spec import toy_grid
 from nbkit.notebook.widgets import prompt_playground, upload_box
 from nbkit.sample.compare import embedding_shift, pixel_distance, scheduler_grid, side_by_side
+from nbkit.sample.noise import high_frequency_energy, reference_distance
 from nbkit.sample.sampling import SCHEDULERS, generate, grid, save_images, set_scheduler, timed_generate
 from nbkit.scores.evaluate import EvaluatorUnavailable
 from nbkit.scores.evaluate import for_run as evaluator_for_run
@@ -80,7 +81,8 @@ __all__ = [
     "track_peak", "choose_class_images", "ensure_class_images", "step_source", "deepspeed_command",
     # looking at results
     "loss_curve", "loss_terms", "metric_curves", "image_rows", "side_by_side", "pixel_distance", "pixel_difference",
-    "embedding_shift", "scheduler_grid", "read_metrics", "metrics_table", "manifest_summary", "evaluator_for_run",
+    "embedding_shift", "scheduler_grid", "high_frequency_energy", "reference_distance", "read_metrics", "metrics_table",
+    "manifest_summary", "evaluator_for_run",
     "judge_scores", "format_scores",
     # taking it home
     "take_home", "take_home_report", "push_take_home", "human_size", "load_embedding", "expand_prompt", "lora_kohya",

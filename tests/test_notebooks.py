@@ -87,7 +87,7 @@ EXPECTED = {
                               "with_prior/model/unet/diffusion_pytorch_model.safetensors", "with_prior/losses.json",
                               "comparison_instance.png", "comparison_class.png", "drift.json"],
     "03_schedulers": ["run/model/model_index.json", "scheduler_grid.png", "scheduler_grid.json",
-                      "scheduler_grid/ddim_003_seed0.png"],
+                      "scheduler_grid/ddim_003_seed0.png", "scheduler_grid/reference_ddim_*_seed0.png"],
     "04_text_encoder": ["frozen_text_encoder/model/text_encoder/model.safetensors",
                         "trained_text_encoder/model/text_encoder/model.safetensors", "comparison.png", "memory.json",
                         "text_encoder_shift.json"],
@@ -122,12 +122,17 @@ def _check_prior(out):
 
 
 def _check_grid(out):
-    """The scheduler grid has every cell (all six schedulers x the smoke steps), each with its image and time."""
+    """The scheduler grid has every cell (all nine schedulers x the smoke steps), each with its image, time and
+    noise measures against the same seeds' DDIM reference pictures."""
     grid = json.loads((out / "scheduler_grid.json").read_text())
-    assert set(grid["schedulers"]) == {"pndm", "lms", "ddim", "euler", "euler_a", "dpmpp_2m"}
+    assert set(grid["schedulers"]) == {"pndm", "lms", "ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras",
+                                       "euler_karras", "unipc"}
+    assert grid["reference"]["scheduler"] == "ddim" and grid["reference"]["steps"] > max(grid["steps"])
+    assert all((out / f).exists() for f in grid["reference"]["images"])
     cells = {(c["scheduler"], c["steps"]): c for c in grid["cells"]}
     assert set(cells) == {(s, n) for s in grid["schedulers"] for n in grid["steps"]} and len(grid["steps"]) >= 2
     assert all(c["seconds_per_image"] > 0 and len(c["images"]) == len(grid["seeds"]) for c in cells.values())
+    assert all(0 <= c["high_frequency"] < 1 and 0 < c["distance"] <= 1 for c in cells.values())
     assert all((out / f).exists() for c in cells.values() for f in c["images"])
 
 
@@ -205,13 +210,17 @@ def images_shown(nb):
     return sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
 
 
+SMOKE_EXTRA = {"03_schedulers": {"EXPORT": True}}  # off by default there (an overfit model): still checked here
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
 def test_notebook_runs_in_smoke_mode(path, tmp_path):
     import papermill as pm
 
     out = tmp_path / "out"
     executed = tmp_path / path.name
-    pm.execute_notebook(str(path), str(executed), parameters={"SMOKE": True, "OUTPUT_DIR": str(out), "MODEL": "auto"},
+    params = {"SMOKE": True, "OUTPUT_DIR": str(out), "MODEL": "auto", **SMOKE_EXTRA.get(path.stem, {})}
+    pm.execute_notebook(str(path), str(executed), parameters=params,
                         cwd=str(tmp_path), progress_bar=False, kernel_name="python3")
     nb = load(executed)
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
@@ -309,3 +318,10 @@ def test_install_cell_is_safe_to_run_twice(path, platform, monkeypatch):
     assert len(clones) == 1 and len(set(cwd)) == 1 and os.path.isabs(cwd[0]), (clones, cwd)
     assert sys.path.count(cwd[0]) == 1
     assert not any("torch" in arg for c in calls for arg in c if "requirements" not in arg)
+
+
+def test_the_overfit_scheduler_notebook_does_not_export_by_default():
+    """Notebook 03's model is overfit on purpose: its take-home files are off unless asked for."""
+    tree = ast.parse(params_cell(load(ROOT / "notebooks" / "03_schedulers.ipynb")).source)
+    values = {t.id: ast.literal_eval(n.value) for n in tree.body for t in n.targets}
+    assert values["EXPORT"] is False

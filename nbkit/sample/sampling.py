@@ -11,7 +11,7 @@ from diffusers.utils import make_image_grid
 
 from nbkit.env import runtime
 from nbkit.errors import GENERATION_ADVICE, out_of_memory
-from nbkit.models.schedulers import SCHEDULERS, make_scheduler, set_scheduler  # noqa: F401 - importable from here too
+from nbkit.models.schedulers import ANCESTRAL, SCHEDULERS, make_scheduler, set_scheduler  # noqa: F401 - importable from here too
 
 
 @torch.no_grad()
