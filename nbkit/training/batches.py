@@ -169,12 +169,18 @@ def _bucketed(cfg: TrainConfig, parts: SDParts, instance: list, class_ex: list, 
     return bucket_of, sizes, (inst_src, inst_sizes), (class_src or None, class_sizes or None)
 
 
+def encode_chunk(pixels: int, fp32: bool) -> int:
+    """Pictures the VAE encodes at once while caching latents: 8 of 512 x 512 px in half precision, half as many in
+    fp32 (SDXL's VAE): 1 at 1024 px, where two fp32 encodes at once would cost ~5 GiB, a T4's peak of the run."""
+    return max(1, min(8, (4 if fp32 else 8) * 512 ** 2 // pixels))
+
+
 @torch.no_grad()
 def _encode(parts: SDParts, px: torch.Tensor, device, seed: int) -> torch.Tensor:
     """Latents of [n, flips, 3, H, W] pictures, in the VAE's own precision (SDXL's: fp32), a few at a time on the
-    device (8 at 512 px, 2 at 1024; the rest stay on the CPU); non-finite latents stop the run, naming the cause."""
+    device (encode_chunk; the rest stay on the CPU); non-finite latents stop the run, naming the cause."""
     flat, gen, vae = px.flatten(0, 1), torch.Generator().manual_seed(seed), parts.vae
-    n = max(1, min(8, 8 * 512 ** 2 // (px.shape[-1] * px.shape[-2])))
+    n = encode_chunk(px.shape[-2] * px.shape[-1], vae.dtype == torch.float32)
     lat = torch.cat([vae.encode(flat[i:i + n].to(device, vae.dtype)).latent_dist.sample(generator=gen)
                      .float().cpu() for i in range(0, len(flat), n)])
     if not torch.isfinite(lat).all():
