@@ -67,7 +67,8 @@ TAKE_HOME = {
     "lora": ["export/pytorch_lora_weights.safetensors", "export/zwx_lora.safetensors"],
 }
 METHOD = {"01_dreambooth": "dreambooth", "02_prior_preservation": "dreambooth", "03_schedulers": "dreambooth",
-          "04_text_encoder": "dreambooth", "05_textual_inversion": "textual_inversion", "06_lora": "lora"}
+          "04_text_encoder": "dreambooth", "05_textual_inversion": "textual_inversion", "06_lora": "lora",
+          "08_sdxl_lora": "lora"}
 
 # What each notebook must have written, beyond running without error (glob patterns allowed).
 EXPECTED = {
@@ -95,6 +96,8 @@ EXPECTED = {
                                   "runs/*/run.json", "runs/*/01_dreambooth.ipynb", "runs/*/losses.json",
                                   "runs/*/metrics.json", "runs/*/validation/step_00002.png",
                                   "runs/*/model/model_index.json", "runs/*/best/best.json"],
+    "08_sdxl_lora": ["model/pytorch_lora_weights.safetensors", "zwx_sdxl_lora.safetensors", "losses.json",
+                     "validation/step_00002.png", "samples/before_000.png", "samples/after_000.png", "sdxl_lora.json"],
 }
 
 
@@ -202,7 +205,33 @@ def check_take_home(out, text):
     assert text.count("reloaded: same picture") >= 2 and "DIFFERENT" not in text
 
 
-CHECKS = {"02_prior_preservation": _check_prior, "07_finding_the_sweet_spot": _check_sweep,
+def _check_sdxl(out):
+    """The tiny SDXL (offline): what its UNet received was SDXL's (both encoders side by side, the pooled embedding,
+    the time_ids); only adapters trained and no base weight moved; both files hold all three parts (diffusers:
+    unet/text_encoder/text_encoder_2; kohya: lora_unet_/lora_te1_/lora_te2_, SDXL metadata) and their sizes are the
+    files'; unscored; the T4 plan is SDXL's at 1024 px, larger than SD 1.5's."""
+    from safetensors import safe_open
+
+    facts = json.loads((out / "sdxl_lora.json").read_text())
+    assert facts["model"] == "tiny-sdxl"
+    ins = facts["inputs"]
+    assert set(ins["encoder_widths"]) == {"text_encoder", "text_encoder_2"}
+    assert ins["hidden_states"] == [77, sum(ins["encoder_widths"].values())]
+    assert len(ins["text_embeds"]) == 1 and ins["time_ids"] == [64, 64, 0, 0, 64, 64]
+    assert facts["adapters_only"] is True and facts["base_weights_max_change"] == 0.0
+    assert facts["parts"] == {"diffusers": ["text_encoder", "text_encoder_2", "unet"], "kohya": ["te1", "te2", "unet"]}
+    kohya, diffusers = out / "zwx_sdxl_lora.safetensors", out / "model" / "pytorch_lora_weights.safetensors"
+    assert facts["file_bytes"] == {"diffusers": diffusers.stat().st_size, "kohya": kohya.stat().st_size}
+    with safe_open(str(kohya), "pt") as f:
+        assert f.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"
+        assert {k.split("_")[1] for k in f.keys()} == {"unet", "te1", "te2"}
+    assert not (out / "metrics.json").exists()  # the tiny SDXL is not scored (random weights)
+    planned = facts["planned_t4_gib"]
+    assert planned["sdxl"] > 2 * planned["sd15"] > 0
+    assert facts["planned_t4_fits"]["sdxl"], "the notebook says the planner fits SDXL LoRA on a T4"
+
+
+CHECKS = {"02_prior_preservation": _check_prior, "08_sdxl_lora": _check_sdxl, "07_finding_the_sweet_spot": _check_sweep,
           "03_schedulers": _check_grid, "04_text_encoder": _check_text_encoder}
 
 
