@@ -19,6 +19,7 @@ The rows and the best model survive an interrupted run: they travel in the check
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -30,7 +31,7 @@ from typing import Callable
 import torch
 
 from nbkit.safeio import atomic_write, swap_folder
-from nbkit.scores import evaluate
+from nbkit.scores import concepts, evaluate
 
 METRICS_FILE = "metrics.json"
 BEST_DIR = "best"
@@ -186,11 +187,8 @@ class Tracker:
         a best model kept by loss (the training loss keeps falling as a run overfits: the lowest-loss step would be
         the most overfit one). A scorer that cannot be loaded (EvaluatorUnavailable) still stops the run
         before it starts, as it can be fixed (a download, a folder) and the run would otherwise lose its numbers."""
-        identifier, class_noun, phrase = subject_words(cfg)
         try:
-            ev = evaluate.for_run(parts, cfg.instance_dir, identifier, class_noun, seeds=cfg.eval_seeds,
-                                  steps=cfg.sample_steps, guidance=cfg.guidance_scale, scheduler=cfg.sample_scheduler,
-                                  size=cfg.resolution, phrase=phrase, verbose=verbose)
+            ev = run_evaluator(cfg, parts, verbose)
         except evaluate.Unscorable as err:
             print(f"This run is not scored: {err}. It trains all the same (eval_steps={cfg.eval_steps} is ignored): "
                   f"no {METRICS_FILE} and no {BEST_DIR}/; judge it by its validation pictures and the final model.")
@@ -268,6 +266,30 @@ def _drop_earlier_scores(out: Path) -> None:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     if stale:
         print(f"Removed an earlier run's scores from {out}: {', '.join(p.name for p in stale)}.")
+
+
+def run_evaluator(cfg, parts, verbose: bool = True):
+    """How a run with these settings is scored: evaluate.for_run on its subject; with several subjects (concepts_list)
+    one evaluator each, combined (nbkit.scores.concepts.Combined: each subject scored on its own, and their mean)."""
+    evs = {}
+    for c in cfg.concepts():
+        one = dataclasses.replace(cfg, concepts_list=[], instance_dir=c.instance_dir, instance_prompt=c.instance_prompt,
+                                  class_prompt=c.class_prompt, class_dir=c.class_dir,
+                                  identifier=c.word) if cfg.concepts_list else cfg
+        identifier, class_noun, phrase = subject_words(one)
+        evs[identifier] = evaluate.for_run(parts, one.instance_dir, identifier, class_noun, seeds=cfg.eval_seeds,
+                                           steps=cfg.sample_steps, guidance=cfg.guidance_scale,
+                                           scheduler=cfg.sample_scheduler, size=cfg.resolution, phrase=phrase,
+                                           verbose=verbose)
+    return next(iter(evs.values())) if len(evs) == 1 else concepts.Combined(evs)
+
+
+def score_result(result, verbose: bool = False) -> dict[str, float]:
+    """The scores of a run's final model (a TrainResult), as a row of metrics.json; with several subjects their mean
+    and each one's own ("zwx/subject_fidelity"; nbkit.scores.concepts.per_concept splits them)."""
+    cfg = result.config
+    with torch.no_grad():
+        return run_evaluator(cfg, result.parts, verbose).score(result.pipeline(cfg.sample_scheduler))
 
 
 def subject_words(cfg) -> tuple[str, str, str]:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from nbkit.config import TrainConfig
+from nbkit.data import concepts
 from nbkit.data import images as data
 from nbkit.models.parts import SDParts
 from nbkit.training import methods
@@ -32,6 +33,7 @@ class Batches:
     class_src: torch.Tensor | None
     cached_emb: dict[str, torch.Tensor] | None  # prompt -> embedding, when the text encoder is frozen
     flips: tuple[bool, ...]
+    groups: list | None = None  # concepts.Group per concept (None: one, every picture)
 
     @property
     def prior(self) -> bool:
@@ -41,16 +43,20 @@ class Batches:
         """What the checkpoints check a resumed run against: the same pictures with the same prompts."""
         from nbkit.training.checkpoint import data_fingerprint
 
-        return data_fingerprint({"instance": [(e.path, p) for e, p in zip(self.instance, self.inst_prompts)],
-                                 "class": [(e.path, p) for e, p in zip(self.class_ex, self.class_prompts)]})
+        return {**data_fingerprint({"instance": [(e.path, p) for e, p in zip(self.instance, self.inst_prompts)],
+                                    "class": [(e.path, p) for e, p in zip(self.class_ex, self.class_prompts)]}),
+                **concepts.fingerprint(self.groups or [])}
 
     def draw(self, micro: int, gen: torch.Generator) -> tuple[torch.Tensor, list[str]]:
-        """Latents and prompts of one micro-step: instance pictures, then as many class pictures (prior)."""
+        """Latents and prompts of one micro-step: instance pictures, then as many class pictures (prior); with
+        several concepts, all of one concept's (nbkit.data.concepts.pick), in turn."""
         cfg = self.cfg
-        idx = data.batch_indices(len(self.instance), cfg.train_batch_size, micro, cfg.seed)
+        g, m = concepts.pick(self.groups or [concepts.Group(list(range(len(self.instance))),
+                                                            list(range(len(self.class_ex))))], micro, cfg.seed)
+        idx = [g.instance[i] for i in data.batch_indices(len(g.instance), cfg.train_batch_size, m, cfg.seed)]
         lat, prompts = [self._latents(self.inst_src, idx, gen)], [self.inst_prompts[i] for i in idx]
         if self.prior:
-            cidx = data.batch_indices(len(self.class_ex), cfg.train_batch_size, micro, cfg.seed + 1)
+            cidx = [g.classes[i] for i in data.batch_indices(len(g.classes), cfg.train_batch_size, m, cfg.seed + 1)]
             lat.append(self._latents(self.class_src, cidx, gen))
             prompts += [self.class_prompts[i] for i in cidx]
         return torch.cat(lat), prompts
@@ -85,19 +91,9 @@ def prepare(cfg: TrainConfig, parts: SDParts, method, accelerator, weight_dtype:
     device = accelerator.device
     expand = (lambda s: s.replace(cfg.placeholder_token, " ".join(methods.ti_tokens(cfg)))) \
         if cfg.method == "textual_inversion" else (lambda s: s)
-    instance = data.load_folder(cfg.instance_dir, cfg.resolution, "instance")
-    inst_prompts = [expand(e.caption or cfg.instance_prompt) for e in instance]
-    class_ex, class_prompts = [], []
-    if cfg.with_prior_preservation:
-        from nbkit.data.class_images import ensure_class_images
-
-        with accelerator.main_process_first():  # one process generates, the others then find them cached
-            ensure_class_images(parts, cfg.class_prompt, cfg.class_dir, cfg.num_class_images, cfg.resolution,
-                                seed=cfg.seed, batch_size=cfg.class_batch_size, steps=cfg.sample_steps,
-                                guidance=cfg.guidance_scale, scheduler=cfg.sample_scheduler,
-                                device=device, dtype=weight_dtype)
-        class_ex = data.load_folder(cfg.class_dir, cfg.resolution, "class")[: cfg.num_class_images]
-        class_prompts = [cfg.class_prompt] * len(class_ex)
+    # every subject's pictures and prompts, and its class images (made by one process, the others find them)
+    got = concepts.load(cfg, parts, accelerator.main_process_first, device, weight_dtype, expand)
+    instance, inst_prompts, class_ex, class_prompts = got.instance, got.inst_prompts, got.class_ex, got.class_prompts
     flips = (False, True) if cfg.random_flip else (False,)
     crop_rng = np.random.default_rng(cfg.seed)
 
@@ -118,7 +114,7 @@ def prepare(cfg: TrainConfig, parts: SDParts, method, accelerator, weight_dtype:
             uniq = sorted(set(inst_prompts + class_prompts))
             cached = dict(zip(uniq, parts.text_encoder(tokenize(parts, uniq).to(device))[0].float().cpu()))
     return Batches(cfg, parts, device, weight_dtype, instance, inst_prompts, class_ex, class_prompts, inst_src,
-                   class_src, cached, flips)
+                   class_src, cached, flips, got.groups)
 
 
 @torch.no_grad()
