@@ -173,7 +173,7 @@ def test_two_subjects_resume_to_the_same_weights(two, tmp_path):
 def test_toy_world_learns_two_subjects_at_once_each_scored(two, parts, tmp_path):
     before = {k: v.clone() for k, v in parts.unet.state_dict().items()}
     c = two.replace(max_train_steps=4, train_batch_size=2, learning_rate=5e-4, eval_steps=4, eval_seeds=1,
-                    keep_best=False, report_to="none", checkpointing_steps=0)
+                    keep_best=False, report_to="none", checkpointing_steps=0)  # a short run: scores low, but there
     r = train(c, parts, progress=False)
     assert len(r.losses) == 4 and all(math.isfinite(x) for x in r.losses)
     after = r.parts.unet.state_dict()
@@ -188,6 +188,7 @@ def test_toy_world_learns_two_subjects_at_once_each_scored(two, parts, tmp_path)
         assert row[k] == pytest.approx(sum(s[k] for s in each.values()) / 2, abs=1e-4)
     assert json.loads((r.output_dir / tracking.METRICS_FILE).read_text())[-1] == row
     assert "qlo" in scored.table(row) and "zwx" in scored.table(row)
+    assert sorted(scored.per_concept(r.best)) == ["qlo", "zwx"]  # best.json keeps each subject's scores too
     final = tracking.score_result(r)  # the final model, scored per subject
     assert sorted(scored.per_concept(final)) == ["qlo", "zwx"]
     ev = tracking.run_evaluator(c, r.parts, verbose=False)

@@ -233,7 +233,8 @@ class Tracker:
     def _keep(self, row: dict) -> None:
         """The best so far: remember it; with a saver, write the model to best/ (atomically: a new folder, then a
         rename, so a stop at any moment leaves the previous best whole)."""
-        info = {k: row[k] for k in ("step", *SCORES)}
+        each = {k: v for k, v in row.items() if k.partition(concepts.SEP)[2] in SCORES}  # several subjects' own
+        info = {k: row[k] for k in ("step", *SCORES)} | each
         if self.save is not None:
             final, tmp = self.out / BEST_DIR, self.out / f".{BEST_DIR}.tmp{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
@@ -253,8 +254,10 @@ class Tracker:
         b = self.best
         if not b:
             return "No trained step was scored."
+        each = "".join(f"; {word}: subject {s['subject_fidelity']:.2f}, prompt {s['prompt_fidelity']:.2f}"
+                       for word, s in concepts.per_concept(b).items())  # several subjects: each one's
         return (f"Best model: step {b['step']} (subject fidelity {b['subject_fidelity']:.2f}, prompt fidelity "
-                f"{b['prompt_fidelity']:.2f}, class drift {b['class_drift']:.2f})" +
+                f"{b['prompt_fidelity']:.2f}, class drift {b['class_drift']:.2f}{each})" +
                 (f", saved in {b['path']}." if b.get("path") else "."))
 
 
