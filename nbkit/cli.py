@@ -156,7 +156,7 @@ def flags_dataclass() -> type:
             aliases.setdefault(rest[0], []).append(f"--{flag}")
     rows = []
     for f in dataclasses.fields(TrainConfig):
-        kind = hints[f.name]
+        kind = str if f.name == "concepts_list" else hints[f.name]  # on the command line: a JSON file (or text)
         if isinstance(kind, types.UnionType):  # HfArgumentParser takes "float | str" as float
             kind = _union_type(typing.get_args(kind))
         default = {"default": f.default} if f.default is not dataclasses.MISSING else {

@@ -21,7 +21,9 @@ def test_the_saved_figures_round_trip_and_render_to_the_committed_page():
     assert findings._jsonable(m) == raw
     held = {c: ok for c, _, _, ok in findings.verdicts(m)}
     assert held["On an overfit model DDIM with ~100 steps beats PNDM and LMS"] in (True, False, "partly")
-    assert _rows(findings.markdown(m, m["seeds"] == 8)) == _rows((DOCS / "findings.md").read_text())  # the page
+    page = (DOCS / "findings.md").read_text()
+    made = _rows(findings.markdown(m, m["seeds"] == 8))
+    assert made == _rows(page)[:len(made)]  # the page regenerates; hand-written sections may follow
 
 
 def test_only_runs_one_experiment_and_merges_it(tmp_path, monkeypatch):

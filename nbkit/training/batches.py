@@ -18,6 +18,7 @@ import torch
 
 from nbkit.config import TrainConfig
 from nbkit.data import buckets as bucketing
+from nbkit.data import concepts
 from nbkit.data import images as data
 from nbkit.models.parts import PromptEmbeds, SDParts
 from nbkit.training import guards, methods
@@ -43,6 +44,7 @@ class Batches:
     class_sizes: torch.Tensor | dict | None = None  # bucketing: one per picture / {bucket: [n, flips, 6]}, as above
     bucket_of: list[int] | None = None  # bucketing: each instance picture's bucket, an index into `buckets`
     buckets: list[tuple[int, int]] | None = None  # bucketing: the (height, width) of each bucket
+    groups: list | None = None  # concepts.Group per concept (None: one, every picture)
 
     @property
     def prior(self) -> bool:
@@ -52,21 +54,27 @@ class Batches:
         """What the checkpoints check a resumed run against: the same pictures with the same prompts."""
         from nbkit.training.checkpoint import data_fingerprint
 
-        return data_fingerprint({"instance": [(e.path, p) for e, p in zip(self.instance, self.inst_prompts)],
-                                 "class": [(e.path, p) for e, p in zip(self.class_ex, self.class_prompts)]})
+        return {**data_fingerprint({"instance": [(e.path, p) for e, p in zip(self.instance, self.inst_prompts)],
+                                    "class": [(e.path, p) for e, p in zip(self.class_ex, self.class_prompts)]}),
+                **concepts.fingerprint(self.groups or [])}
 
     def draw(self, micro: int, gen: torch.Generator) -> tuple[torch.Tensor, list[str], torch.Tensor]:
         """Latents, prompts and sizes ([batch, 6]) of one micro-step: instance pictures, then as many class pictures
-        (prior)."""
+        (prior); with several concepts, all of one concept's (nbkit.data.concepts.pick), in turn."""
         cfg = self.cfg
-        if self.bucket_of is None:
-            idx = data.batch_indices(len(self.instance), cfg.train_batch_size, micro, cfg.seed)
-        else:  # one bucket's pictures
+        if self.bucket_of is not None:  # one bucket's pictures (one concept: validate refuses both at once)
             idx = bucketing.batch_indices(self.bucket_of, cfg.train_batch_size, micro, cfg.seed)
+            cidx = (data.batch_indices(len(self.class_ex), cfg.train_batch_size, micro, cfg.seed + 1)
+                    if self.prior else [])
+        else:
+            g, m = concepts.pick(self.groups or [concepts.Group(list(range(len(self.instance))),
+                                                                list(range(len(self.class_ex))))], micro, cfg.seed)
+            idx = [g.instance[i] for i in data.batch_indices(len(g.instance), cfg.train_batch_size, m, cfg.seed)]
+            cidx = [g.classes[i] for i in data.batch_indices(len(g.classes), cfg.train_batch_size, m, cfg.seed + 1)
+                    ] if self.prior else []
         lat, size = self._latents(self.inst_src, self.inst_sizes, idx, gen)
         lat, size, prompts = [lat], [size], [self.inst_prompts[i] for i in idx]
         if self.prior:
-            cidx = data.batch_indices(len(self.class_ex), cfg.train_batch_size, micro, cfg.seed + 1)
             csrc, csizes = self.class_src, self.class_sizes
             if self.bucket_of is not None:  # the class pictures cropped to this batch's bucket
                 csrc, csizes = csrc[self.bucket_of[idx[0]]], csizes[self.bucket_of[idx[0]]]
@@ -102,19 +110,9 @@ def prepare(cfg: TrainConfig, parts: SDParts, method, accelerator, weight_dtype:
     device = accelerator.device
     expand = (lambda s: s.replace(cfg.placeholder_token, " ".join(methods.ti_tokens(cfg)))) \
         if cfg.method == "textual_inversion" else (lambda s: s)
-    instance = data.load_folder(cfg.instance_dir, cfg.resolution, "instance")
-    inst_prompts = [expand(e.caption or cfg.instance_prompt) for e in instance]
-    class_ex, class_prompts = [], []
-    if cfg.with_prior_preservation:
-        from nbkit.data.class_images import ensure_class_images
-
-        with accelerator.main_process_first():  # one process generates, the others then find them cached
-            ensure_class_images(parts, cfg.class_prompt, cfg.class_dir, cfg.num_class_images, cfg.resolution,
-                                seed=cfg.seed, batch_size=cfg.class_batch_size, steps=cfg.sample_steps,
-                                guidance=cfg.guidance_scale, scheduler=cfg.sample_scheduler,
-                                device=device, dtype=weight_dtype)
-        class_ex = data.load_folder(cfg.class_dir, cfg.resolution, "class")[: cfg.num_class_images]
-        class_prompts = [cfg.class_prompt] * len(class_ex)
+    # every subject's pictures and prompts, and its class images (made by one process, the others find them)
+    got = concepts.load(cfg, parts, accelerator.main_process_first, device, weight_dtype, expand)
+    instance, inst_prompts, class_ex, class_prompts = got.instance, got.inst_prompts, got.class_ex, got.class_prompts
     flips = (False, True) if cfg.random_flip else (False,)
     crop_rng = np.random.default_rng(cfg.seed)
 
@@ -145,7 +143,7 @@ def prepare(cfg: TrainConfig, parts: SDParts, method, accelerator, weight_dtype:
             uniq = sorted(set(inst_prompts + class_prompts))
             cached = dict(zip(uniq, parts.encode_prompt(uniq, device).to(torch.float32).to("cpu").rows()))
     return Batches(cfg, parts, device, weight_dtype, instance, inst_prompts, class_ex, class_prompts, inst_src,
-                   class_src, cached, flips, inst_sizes, class_sizes, bucket_of, sizes)
+                   class_src, cached, flips, inst_sizes, class_sizes, bucket_of, sizes, got.groups)
 
 
 def _bucketed(cfg: TrainConfig, parts: SDParts, instance: list, class_ex: list, pixels, device):

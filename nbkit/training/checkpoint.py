@@ -47,7 +47,7 @@ NAME = re.compile(r"^step_(\d{6,})$")
 MAY_CHANGE = {
     "output_dir", "checkpoints_dir", "checkpointing_steps", "checkpoints_total_limit", "resume", "max_train_steps",
     "mixed_precision", "gradient_checkpointing", "validation_prompts", "validation_steps", "num_validation_images",
-    "sample_scheduler", "sample_steps", "guidance_scale", "save_dtype", "instance_dir", "class_dir",
+    "sample_scheduler", "sample_steps", "guidance_scale", "save_dtype", "instance_dir", "class_dir", "concepts_list",
     "eval_steps", "eval_seeds", "keep_best", "report_to", "logging_dir",
 }
 

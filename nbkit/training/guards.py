@@ -41,8 +41,8 @@ def writable_folders(cfg: TrainConfig, checkpoints_dir: Path) -> Path:
     out = writable_dir(cfg.output_dir, "output_dir")
     if cfg.checkpointing_steps and cfg.max_train_steps >= cfg.checkpointing_steps:
         writable_dir(checkpoints_dir, "checkpoints_dir")
-    if cfg.with_prior_preservation:
-        writable_dir(cfg.class_dir, "class_dir")
+    for c in cfg.concepts() if cfg.with_prior_preservation else ():  # each subject's own class folder
+        writable_dir(c.class_dir, "class_dir")
     return out
 
 
@@ -91,10 +91,10 @@ def run_disk_needs(cfg: TrainConfig, parts, method, existing_checkpoints: int, s
     from nbkit.training import checkpoint
 
     needs = []
-    if cfg.with_prior_preservation:
-        have = len(data.scan(cfg.class_dir, "class")[0]) if Path(cfg.class_dir).is_dir() else 0
+    for folder in sorted({c.class_dir for c in cfg.concepts()}) if cfg.with_prior_preservation else ():
+        have = len(data.scan(folder, "class")[0]) if Path(folder).is_dir() else 0
         missing = max(0, cfg.num_class_images - have)
-        needs.append((Path(cfg.class_dir), missing * cfg.resolution ** 2 * 3, f"{missing} class images (PNG)"))
+        needs.append((Path(folder), missing * cfg.resolution ** 2 * 3, f"{missing} class images (PNG)"))
     every, limit = cfg.checkpointing_steps, cfg.checkpoints_total_limit
     new = (cfg.max_train_steps // every - start_step // every) if every else 0
     if new > 0:
