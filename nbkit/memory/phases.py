@@ -59,7 +59,8 @@ def validation(arch, cal: dict, cfg, held: int, precision: str, workspace: int) 
     if not (cfg.validation_prompts and cfg.validation_steps):
         return 0, ""
     bpe = vae_bytes_per_element(arch, cfg, precision)
-    n = min(SAMPLE_BATCH, len(cfg.validation_prompts) * cfg.num_validation_images)
+    n = 1 if arch.vae_fp32 else min(SAMPLE_BATCH, len(cfg.validation_prompts) * cfg.num_validation_images)
+    # (SDXL's pipelines decode one picture at a time: nbkit.models.sdxl enables the VAE's slicing)
     dec = _vae_run(arch, cal, "decode", n, cfg.resolution // arch.vae_factor, bpe)
     vae = arch.vae * bpe
     return held + vae + dec + workspace, (

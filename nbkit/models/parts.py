@@ -33,12 +33,14 @@ def resolve(model: str) -> str:
 
 
 def load_parts(model: str = "offline", revision: str | None = None, variant: str | None = None,
-               vae: str | None = None) -> SDParts:
+               vae: str | None = None, half: tuple[str, ...] = (), dtype: torch.dtype = torch.float16) -> SDParts:
     """Load tokenizer(s), text encoder(s), VAE, UNet and a DDPM training scheduler from `model`: SD 1.x/2.x as
     SDParts, SDXL (a UNet conditioned on "text_time") as nbkit.models.sdxl.SDXLParts.
 
     `vae`: another VAE instead of the model's (a hub id or folder), e.g. "madebyollin/sdxl-vae-fp16-fix", SDXL's VAE
     retrained to run in fp16 (nbkit.models.sdxl).
+    `half`: the networks ("unet", "text_encoder", "text_encoder_2") to load in `dtype` instead of fp32, frozen
+    ones a GPU run keeps in half precision anyway (nbkit.training.methods.frozen_networks): half the host memory.
     """
     source = resolve(model)
     local = Path(source).is_dir()
@@ -50,7 +52,7 @@ def load_parts(model: str = "offline", revision: str | None = None, variant: str
     if offline:
         kw["local_files_only"] = True
     try:
-        parts = _load(source, variant, kw)
+        parts = _load(source, variant, kw, {n: dtype for n in half})
     except (OSError, ValueError) as err:  # hub errors are OSError subclasses; missing subfolders ValueError/OSError
         if local:
             why = "the folder is not a complete diffusers model (model_index.json, unet/, vae/, text_encoder/, ...)"
@@ -70,20 +72,22 @@ def load_parts(model: str = "offline", revision: str | None = None, variant: str
     return parts
 
 
-def _load(source: str, variant: str | None, kw: dict) -> SDParts:
+def _load(source: str, variant: str | None, kw: dict, dtypes: dict | None = None) -> SDParts:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
-    text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", variant=variant, **kw)
+    dt = {n: {"torch_dtype": d} for n, d in (dtypes or {}).items()}  # fp32 unless asked (diffusers' default)
+    text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", variant=variant, **kw,
+                                                 **dt.get("text_encoder", {}))
     vae = AutoencoderKL.from_pretrained(source, subfolder="vae", variant=variant, **kw)
-    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=variant, **kw)
+    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=variant, **kw, **dt.get("unet", {}))
     noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kw)
     if unet.config.get("addition_embed_type") == "text_time":  # SDXL: a second tokenizer and text encoder
         from nbkit.models.sdxl import SDXLParts, load_second_encoder
 
         return SDXLParts(tokenizer, text_encoder, vae, unet, noise_scheduler, source,
-                         *load_second_encoder(source, variant, kw))
+                         *load_second_encoder(source, variant, kw, dt.get("text_encoder_2")))
     return SDParts(tokenizer, text_encoder, vae, unet, noise_scheduler, source)
 
 

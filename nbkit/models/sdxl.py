@@ -75,18 +75,20 @@ class SDXLParts(SDParts):
 
         if vae_needs_fp32(self.vae):
             keep_vae_fp32(self.vae)
+        self.vae.enable_slicing()  # one 1024 px picture decoded at a time: 4 at once in fp32 would need ~10 GiB
         return StableDiffusionXLPipeline(
             vae=self.vae, text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2, tokenizer=self.tokenizer,
             tokenizer_2=self.tokenizer_2, unet=self.unet, scheduler=scheduler, add_watermarker=False)
 
 
-def load_second_encoder(source: str, variant: str | None, kw: dict) -> tuple[object, torch.nn.Module]:
+def load_second_encoder(source: str, variant: str | None, kw: dict, dtype: dict | None = None
+                        ) -> tuple[object, torch.nn.Module]:
     """SDXL's tokenizer_2 and text_encoder_2 from a diffusers folder or hub id (the same from_pretrained code)."""
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
     tokenizer_2 = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kw)
     text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2", variant=variant,
-                                                                 **kw)
+                                                                 **kw, **(dtype or {}))
     return tokenizer_2, text_encoder_2
 
 

@@ -156,7 +156,8 @@ class _Objective:
 
 
 def _model(cfg: TrainConfig, parts: SDParts | None, s: _Setup, live: placement.Live):
-    parts = parts or load_parts(cfg.model, vae=cfg.vae or None)
+    half = methods.frozen_networks(cfg) if s.device.type == "cuda" and s.weight_dtype != torch.float32 else ()
+    parts = parts or load_parts(cfg.model, vae=cfg.vae or None, half=half, dtype=s.weight_dtype)  # frozen: half
     method = methods.setup(cfg, parts)
     live.parts, live.params, live.device = parts, method.params, s.device
     live.modes = {n: m.training for n, m in parts.networks.items()}
