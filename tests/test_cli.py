@@ -204,7 +204,7 @@ def test_diffusers_prior_preservation_command_runs(tmp_path, instance_dir, offli
     assert set(base) <= set(trained) and any(not trained[k].equal(v) for k, v in base.items())
 
 
-NEW_COMMANDS = ("pretrain", "judge", "offline", "class-images")
+NEW_COMMANDS = ("pretrain", "judge", "offline", "class-images", "tiny-sdxl")
 
 
 def _nbkit(*args: str, cwd=ROOT, timeout=120) -> subprocess.CompletedProcess:
@@ -233,7 +233,7 @@ def test_new_command_help_is_the_modules_own(name):
     usage = p.stdout.splitlines()[0]
     assert usage.startswith("usage: python -m nbkit") and name.replace("-", "_") in usage.replace("-", "_"), usage
     option = {"pretrain": "--quick", "judge": "--steps", "offline": "offline model's spec",
-              "class-images": "--prompt"}[name]
+              "class-images": "--prompt", "tiny-sdxl": "--out"}[name]
     assert option in p.stdout
 
 
