@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from nbkit.export import formats as export
@@ -35,6 +36,14 @@ def test_shipped_and_built_models_have_the_4x_layout(offline_dir):
     built = offline_model_dir(pretrained=False)  # the spec with seeded random weights, built from configs
     assert layout.layout_problems(built) == []
     assert keys(PRETRAINED_TOY / "text_encoder") == keys(built / "text_encoder") == TF4_KEYS["CLIPTextModel"]
+    from nbkit.models.sdxl import TINY_SDXL  # the shipped tiny SDXL: its two encoders
+
+    assert layout.layout_problems(TINY_SDXL) == []
+    assert keys(TINY_SDXL / "text_encoder") == TF4_KEYS["CLIPTextModel"]
+    assert keys(TINY_SDXL / "text_encoder_2") == TF4_KEYS["CLIPTextModelWithProjection"]
+    te = CLIPTextModel.from_pretrained(TINY_SDXL / "text_encoder")  # transformers 5 reads the renamed file, all of it
+    assert all(torch.equal(v, load_file(TINY_SDXL / "text_encoder" / "model.safetensors")[layout.hub_key(
+        "CLIPTextModel", k)]) for k, v in te.state_dict().items() if "position_ids" not in k)
 
 
 def test_the_check_names_what_4x_would_not_read(tmp_path):
