@@ -95,7 +95,6 @@ def test_notebook_trains_two_cpu_processes_in_new_processes(cfg, capsys):
 def test_deepspeed_command_writes_a_run_the_cli_reads_and_plans_for_8gb(tmp_path, capsys):
     """The 8 GB recipe of notebook 04: the run file holds the run's own settings (not the memory ones, which the
     8gb-deepspeed preset sets at launch), the CLI reads it back to the same run, and plans it to fit 8 GB."""
-    import argparse
     import shlex
 
     from nbkit.memory import tuning
@@ -111,7 +110,7 @@ def test_deepspeed_command_writes_a_run_the_cli_reads_and_plans_for_8gb(tmp_path
     assert written["model"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the planner's "sd15", loadable
     assert written["output_dir"] == str(tmp_path / "out")
     assert not {"deepspeed_config", "gradient_checkpointing", "mixed_precision", "use_8bit_adam"} & set(written)
-    read, preset, given = cli.build_config(argparse.Namespace(config=str(file), preset="8gb-deepspeed"))
+    read, preset, given = cli.build_config(cli.parse(["train", "--config", str(file), "--preset", "8gb-deepspeed"]))
     assert preset == "8gb-deepspeed" and given == set(written)
     assert dataclasses.replace(read, model="sd15") == dataclasses.replace(cfg, **{
         k: getattr(read, k) for k in ("deepspeed_config", "gradient_checkpointing", "mixed_precision",

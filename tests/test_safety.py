@@ -56,7 +56,9 @@ def test_a_run_writes_only_safetensors_json_and_images(cfg, tmp_path):
     train(c, load_parts("offline"), progress=False)
     written = [p for p in Path(c.output_dir).rglob("*") if p.is_file()]
     assert any(p.parent.name == "step_000001" for p in written)  # the checkpoint is there too
-    odd = [str(p) for p in written if p.suffix not in (".safetensors", ".json", ".png", ".txt")]
+    logs = Path(c.output_dir) / "logs"  # TensorBoard's own formats (report_to="auto"): protobuf events, YAML
+    odd = [str(p) for p in written if p.suffix not in (".safetensors", ".json", ".png", ".txt")
+           and not (logs in p.parents and (p.name.startswith("events.out.tfevents.") or p.name == "hparams.yml"))]
     assert not odd, odd
     info = json.loads((Path(c.output_dir) / "checkpoints" / "step_000001" / "checkpoint.json").read_text())
     assert all(n.endswith(".safetensors") for n in info["weights"] + info["optimizer_files"])
