@@ -378,5 +378,6 @@ def test_push_explains_when_it_cannot_upload_and_builds_the_card(ti_run, tmp_pat
     sent = {}
     monkeypatch.setattr(hub, "push_to_hub", lambda folder, repo, card, **kw: sent.update(folder=folder, card=card))
     takehome.push(got, "me/zwx", ti_run)
-    assert sent["folder"] == tmp_path / "ti" and "load_textual_inversion" in sent["card"]
-    assert "`zwx.safetensors`" in sent["card"] and "`learned_embeds.safetensors`" in sent["card"]
+    card = sent["card"]("me/zwx")  # made only when uploading, for the full repo id
+    assert sent["folder"] == tmp_path / "ti" and "load_textual_inversion" in card
+    assert "`zwx.safetensors`" in card and "`learned_embeds.safetensors`" in card

@@ -3,10 +3,13 @@ HfApi), and that the prefetched file list is exactly enough to load a model."""
 
 import fnmatch
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
+from huggingface_hub.utils import filter_repo_objects
 
+from nbkit import safeio
 from nbkit.export import hub
 
 
@@ -33,6 +36,32 @@ def test_model_card_has_prompt_base_model_settings_and_grid(cfg):
     assert "/secret/path" not in card and cfg.instance_dir not in card  # local paths stay private
     assert "AUTOMATIC1111" in card  # the single file is explained
     assert "lora_rank" not in card and "placeholder_token" not in card  # other methods' settings stay out
+
+
+def test_model_card_is_diffusers_training_card_with_its_todos_filled():
+    """The card diffusers' train_dreambooth.py writes (load_or_create_model_card + populate_model_card): its YAML
+    fields and tags, its template's sections, and none of its TODO placeholders left."""
+    from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH
+    from huggingface_hub import ModelCard
+
+    card = hub.model_card(instance_prompt="a photo of zwx dog",
+                          base_model="stable-diffusion-v1-5/stable-diffusion-v1-5", repo_id="me/zwx-dog",
+                          settings={"train_text_encoder": True, "learning_rate": 2e-6})
+    data = ModelCard(card).data
+    assert data.library_name == "diffusers" and data.license == "creativeml-openrail-m"
+    assert data.base_model == "stable-diffusion-v1-5/stable-diffusion-v1-5" and data.inference is True
+    assert data.instance_prompt == "a photo of zwx dog"
+    assert data.widget == [{"text": "a photo of zwx dog", "output": {"url": "samples.png"}}]
+    assert data.tags == ["text-to-image", "dreambooth", "diffusers-training", "stable-diffusion",
+                         "stable-diffusion-diffusers", "nbkit"]
+    template = MODEL_CARD_TEMPLATE_PATH.read_text()
+    for heading in ("## Intended uses & limitations", "#### How to use", "#### Limitations and bias",
+                    "## Training details"):
+        assert heading in template and heading in card  # diffusers' own sections, in its order
+    assert card.index("#### How to use") < card.index('from_pretrained("me/zwx-dog")') < card.index("## Training")
+    assert "TODO" not in card and "# DreamBooth - me/zwx-dog" in card
+    assert "DreamBooth for the text encoder was enabled: True." in card  # as diffusers' card says it
+    assert "| learning_rate | `2e-06` |" in card and "CreativeML Open RAIL-M" in card
 
 
 @pytest.mark.parametrize("method,call", [("lora", "load_lora_weights"),
@@ -87,18 +116,33 @@ def test_logged_in_creates_repo_and_uploads_folder_with_card_and_grid(tmp_path, 
             calls.append(("create", repo_id, kw["private"]))
 
         def upload_folder(self, repo_id, folder_path, **kw):
-            calls.append(("upload", repo_id, sorted(p.name for p in __import__("pathlib").Path(folder_path).iterdir())))
+            files = sorted(p.relative_to(folder_path).as_posix() for p in Path(folder_path).rglob("*") if p.is_file())
+            # what huggingface_hub's upload_folder sends, given these ignore_patterns
+            calls.append(("upload", repo_id, list(filter_repo_objects(files, ignore_patterns=kw["ignore_patterns"]))))
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test")
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     (tmp_path / "model_index.json").write_text("{}")
-    url = hub.push_to_hub(tmp_path, "zwx-dog", card="---\nlicense: x\n---\n# card\n",
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").write_text("w")
+    # what the kit leaves behind when a run or a write is interrupted, with the kit's own temporary names
+    with safeio.atomic_path(tmp_path / "unet" / "config.json") as tmp:
+        leftover = tmp.name  # what a write cut short by a stopped runtime leaves
+        tmp.write_text("{}")
+    (tmp_path / "unet" / leftover).write_text("half")
+    (tmp_path / ".model.safetensors.new").write_text("half")  # safeio._stream_cast's
+    for folder in ("checkpoints/step_000010", "checkpoints/.tmp-step_000020-7", ".best.tmp7", ".best.old7",
+                   ".ipynb_checkpoints", "sub/checkpoints/step_1"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "state.safetensors").write_text("s")
+    url = hub.push_to_hub(tmp_path, "zwx-dog", card=lambda repo: f"---\nlicense: x\n---\n# {repo}\n",
                           sample_grid=Image.new("RGB", (8, 8)))
     assert url == "https://huggingface.co/student/zwx-dog"
     assert calls == [("init", "hf_test"), ("create", "student/zwx-dog", True),
-                     ("upload", "student/zwx-dog", ["README.md", "model_index.json", "samples.png"])]
-    assert (tmp_path / "README.md").read_text().startswith("---")
+                     ("upload", "student/zwx-dog", ["README.md", "model_index.json", "samples.png", "unet/config.json",
+                                                    "unet/diffusion_pytorch_model.safetensors"])]
+    assert (tmp_path / "README.md").read_text() == "---\nlicense: x\n---\n# student/zwx-dog\n"  # the full repo id
 
 
 def test_prefetch_file_list_is_enough_to_load_the_model(offline_dir, tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from nbkit import generate, load_parts, pipeline
+from nbkit.models.layout import layout_problems
 from nbkit.toy import pretrain
 
 TINY = dict(vae_steps=4, vae_batch=4, n_scenes=16, steps=6, batch=4, warmup=2, cooldown=2, checkpoint_every=2,
@@ -30,6 +31,7 @@ def test_pretraining_writes_a_pipeline_the_kit_loads(finished):
     assert not any(p.suffix in (".bin", ".pt", ".ckpt", ".pkl") for p in files)
     assert json.loads((finished / "pretrain_config.json").read_text())["steps"] == TINY["steps"]
     assert "python -m nbkit pretrain" in (finished / "README.md").read_text()
+    assert layout_problems(finished) == []  # text encoder and tokenizer as transformers 4.x reads them
     image = generate(pipeline(load_parts(str(finished)), "ddim"), "a photo of a red star", seeds=[0], steps=2)[0]
     assert image.size == (64, 64)
 

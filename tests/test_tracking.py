@@ -160,6 +160,9 @@ def test_dreambooth_best_model_overfit_warning_and_resume(cfg, monkeypatch, caps
     final = load_file(out / "model" / "unet" / "diffusion_pytorch_model.safetensors")
     assert any(not torch.equal(final[k], v) for k, v in snapshots[2].items())  # training went on after it
     assert tracking.read_best(out)["step"] == 2
+    from nbkit.models.layout import layout_problems
+
+    assert layout_problems(out / "best") == [] == layout_problems(out / "model")  # transformers 4.x reads both
 
 
 def test_table_lists_every_scored_step_and_marks_the_best():

@@ -88,6 +88,7 @@ def diffusers_folder(model, out: str | Path, dtype: str = "fp32", scheduler: str
     """
     from diffusers import DiffusionPipeline
 
+    from nbkit.models.layout import save_pipeline
     from nbkit.models.parts import pipeline
     from nbkit.safeio import one_file_per_part
 
@@ -99,7 +100,7 @@ def diffusers_folder(model, out: str | Path, dtype: str = "fp32", scheduler: str
         raise ExportError("this model carries LoRA adapters: save them with lora_diffusers()/lora_kohya(), or merge "
                           "them first (pipe.fuse_lora(); pipe.unload_lora_weights()) to save a whole model.")
     out = Path(out)
-    pipe.save_pretrained(out, safe_serialization=True, max_shard_size=SHARD)
+    save_pipeline(pipe, out, max_shard_size=SHARD)  # text encoders in the Hub's layout: transformers 4.x loads it
     # cast the written files, not the model: casting the live modules to fp16 and back would round its weights
     for name in sorted(pipe.components):  # the parts' folders only: files beside them are someone else's
         if (out / name).is_dir():

@@ -282,9 +282,11 @@ def push(exported: dict[str, Exported], repo_id: str, result=None, *, instance_p
     folder = folders.pop()
     files = sorted(p.name for p in folder.glob("*.safetensors"))
     grid = "samples.png" if sample_grid is not None else None
-    if result is not None:
-        card = hub.card_for_run(result, repo_id=repo_id, files=files, sample_grid=grid)
-    else:
-        card = hub.model_card(instance_prompt=instance_prompt or "", base_model=base_model or "unknown",
-                              repo_id=repo_id, files=files, sample_grid=grid)
+
+    def card(full_repo_id: str) -> str:  # made only when uploading: the card may look at the Hub
+        if result is not None:
+            return hub.card_for_run(result, repo_id=full_repo_id, files=files, sample_grid=grid)
+        return hub.model_card(instance_prompt=instance_prompt or "", base_model=base_model or "unknown",
+                              repo_id=full_repo_id, files=files, sample_grid=grid)
+
     return hub.push_to_hub(folder, repo_id, card, sample_grid=sample_grid, private=private)

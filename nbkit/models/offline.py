@@ -65,7 +65,7 @@ def offline_model_dir(pretrained: bool = True) -> Path:
             f"The offline model's spec is missing from {OFFLINE_SPEC}. Run `python -m nbkit offline` from the kit's "
             "folder to regenerate it, or set NBKIT_DATA to the kit's data/ folder."
         )
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(b"hub-layout")  # built with the text encoder in the Hub's layout (nbkit.models.layout)
     for p in sorted(OFFLINE_SPEC.rglob("*")):
         if p.is_file():
             digest.update(p.relative_to(OFFLINE_SPEC).as_posix().encode() + p.read_bytes())
@@ -81,6 +81,8 @@ def _materialize(spec: Path, dest: Path, seed: int = 0) -> None:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from nbkit.models.layout import to_hub_layout
+
     tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(spec, tmp)
@@ -89,6 +91,7 @@ def _materialize(spec: Path, dest: Path, seed: int = 0) -> None:
     AutoencoderKL.from_config(AutoencoderKL.load_config(spec / "vae")).save_pretrained(tmp / "vae")
     te = CLIPTextModel(CLIPTextConfig.from_pretrained(spec / "text_encoder"))
     te.save_pretrained(tmp / "text_encoder")
+    to_hub_layout(tmp / "text_encoder")  # the Hub's key layout, which transformers 4.x reads (spec has the 4.x vocab)
     if dest.exists():  # another process won the race
         shutil.rmtree(tmp, ignore_errors=True)
         return

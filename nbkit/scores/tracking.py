@@ -156,9 +156,10 @@ def model_saver(cfg, parts, method) -> Callable[[Path], Path]:
         return lambda folder: method.save(parts, folder)
 
     def save(folder: Path) -> Path:
+        from nbkit.models.layout import save_pipeline
         from nbkit.models.parts import pipeline
 
-        pipeline(parts, cfg.sample_scheduler, device=None).save_pretrained(folder, safe_serialization=True)
+        save_pipeline(pipeline(parts, cfg.sample_scheduler, device=None), folder)
         return folder
 
     return save

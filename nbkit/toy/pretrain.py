@@ -42,6 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nbkit.models.layout import save_pipeline
 from nbkit.models.offline import OFFLINE_RESOLUTION, OFFLINE_SPEC, PRETRAINED_TOY, cache_dir
 from nbkit.safeio import load_tree, save_tree
 from nbkit.toy import world as toyworld
@@ -312,7 +313,7 @@ def export(vae, unet, te, tok, dest: Path, cfg: PretrainConfig, seconds: float) 
     )
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
+    save_pipeline(pipe, tmp)  # the Hub's layout: transformers 4.x loads the toy model too
     (tmp / "pretrain_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     mb = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) / 1e6
     (tmp / "README.md").write_text(readme(cfg, seconds, mb))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from nbkit.models.layout import save_pipeline
 from nbkit.models.offline import OFFLINE_SPEC
 from nbkit.models.sdxl import TINY_SDXL, TINY_SDXL_RESOLUTION
 
@@ -62,10 +63,8 @@ def build(dest: str | Path = TINY_SDXL, seed: int = 0) -> Path:
     dest = Path(dest)
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    for sub in ("tokenizer", "tokenizer_2"):  # the slow tokenizer's files too, so older transformers load it
-        for name in ("vocab.json", "merges.txt"):
-            shutil.copyfile(OFFLINE_SPEC / "tokenizer" / name, tmp / sub / name)
+    save_pipeline(pipe, tmp)  # both text encoders in the Hub's layout, tokenizers with 4.x's files: older
+    # transformers load it too
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     return dest
