@@ -47,7 +47,7 @@ from nbkit.notebook.sweep import plan as sweep_plan
 from nbkit.notebook.sweep import plot_final as plot_sweep
 from nbkit.notebook.sweep import run as run_sweep
 from nbkit.notebook.sweep import score as score_sweep
-from nbkit.notebook.widgets import prompt_playground, upload_box
+from nbkit.notebook.widgets import photos, prompt_playground, upload_box
 from nbkit.sample.compare import embedding_shift, pixel_distance, scheduler_grid, side_by_side
 from nbkit.sample.sampling import SCHEDULERS, generate, grid, save_images, set_scheduler, timed_generate
 from nbkit.scores.evaluate import EvaluatorUnavailable
@@ -68,7 +68,7 @@ __all__ = [
     "hub_cache_on_drive", "prefetch", "offline_model_dir",
     # models, pictures, sampling
     "SDParts", "load_parts", "pipeline", "SCHEDULERS", "set_scheduler", "generate", "timed_generate", "grid",
-    "save_images", "load_folder", "thumbnail", "upload_box", "prompt_playground",
+    "save_images", "load_folder", "thumbnail", "photos", "upload_box", "prompt_playground",
     # training and memory
     "TrainConfig", "TrainResult", "train", "tune", "preview", "memory_budgets", "sd15_on_meta", "budget_table",
     "track_peak", "choose_class_images", "ensure_class_images",

@@ -76,3 +76,34 @@ def test_the_check_catches_contradictions():
 def test_docs_table_is_the_table():
     doc = (ROOT / "docs" / "parameters.md").read_text()
     assert table.markdown() in doc, "docs/parameters.md is out of date: python -m nbkit.notebook.parameters"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_colab_form_fields_and_papermill_agree(path):
+    """The settings students change carry Colab's form marker (`#@param ...`) before their one comment, the others
+    none; papermill still reads every default right and its injected values win."""
+    import papermill as pm
+    from papermill.iorw import load_notebook_node
+    from papermill.parameterize import parameterize_notebook
+
+    nb = nbformat.read(path, as_version=4)
+    (cell,) = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    for line in cell.source.splitlines():
+        name, value = line.split("=", 1)[0].strip(), ast.literal_eval(line.split("=", 1)[1].split("  #", 1)[0])
+        marker = table.colab_marker(name, value)
+        comment = line.split("  #", 1)[1]
+        if marker:
+            assert line.split("  ", 1)[1].startswith(marker + "  # "), f"{path.stem}: {line!r} wants {marker!r}"
+        else:
+            assert "@param" not in comment, f"{path.stem}: {name} is not a form field in the table"
+    assert any(table.colab_marker(n, v) for n, (v, _) in PARSED[path.stem].items()), "a form for students"
+    parsed = pm.inspect_notebook(str(path))
+    assert {n: ast.literal_eval(p["default"]) for n, p in parsed.items()} == \
+        {n: v for n, (v, _) in PARSED[path.stem].items()}
+    new = {"SMOKE": True, "OUTPUT_DIR": "elsewhere"}
+    injected = parameterize_notebook(load_notebook_node(str(path)), new)  # as execute_notebook does
+    ns: dict = {}
+    for c in injected.cells:
+        if {"parameters", "injected-parameters"} & set(c.metadata.get("tags", [])):
+            exec(c.source, ns)  # the parameters cell, then papermill's cell after it
+    assert {k: ns[k] for k in new} == new and ns["MODEL"] == PARSED[path.stem]["MODEL"][0]
