@@ -11,7 +11,7 @@ Layered subpackages, each importing only the layers listed before it (tests/test
   scores     CLIP/DINO/judge evaluators, scores while training
   training   methods, optimizer, the one loop, batches, placement, checkpoints, guards, manifest, accel, launch, presets
   memory     budget, planner, activation model, memtrace, tuning a run to a GPU
-  notebook   nb.setup, plots, widgets, course, sweeps
+  notebook   nb.setup, nb.costs, parameters (the one table of names), plots, widgets, course, sweeps
   cli        `python -m nbkit <command>`
 Notebooks use the curated names below: `import nbkit as nb`, then `nb.setup(...)`, `nb.TrainConfig`, `nb.train`, ...
 """
@@ -34,6 +34,7 @@ from nbkit.memory.budget import compare_settings as memory_budgets
 from nbkit.memory.tuning import preview, tune
 from nbkit.models.offline import offline_model_dir
 from nbkit.models.parts import ModelNotFound, SDParts, load_parts, pipeline
+from nbkit.notebook.costs import costs
 from nbkit.notebook.course import NOTEBOOKS
 from nbkit.notebook.course import plot_memory as plot_course_memory
 from nbkit.notebook.course import table as course_table
@@ -64,7 +65,7 @@ from nbkit.version import __version__
 
 __all__ = [
     # setting up a notebook
-    "Setup", "setup", "NOTEBOOKS", "course_table", "plot_course_memory", "mount_drive", "course_paths",
+    "Setup", "setup", "costs", "NOTEBOOKS", "course_table", "plot_course_memory", "mount_drive", "course_paths",
     "hub_cache_on_drive", "prefetch", "offline_model_dir",
     # models, pictures, sampling
     "SDParts", "load_parts", "pipeline", "SCHEDULERS", "set_scheduler", "generate", "timed_generate", "grid",
