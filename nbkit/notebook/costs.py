@@ -82,6 +82,8 @@ class Costs:
             lines.append(f"  {self.drive}")
         return "\n".join(lines)
 
+    __repr__ = __str__  # the text a console or a plain-text output shows
+
     def _repr_markdown_(self) -> str:
         head = ["| | time | GPU memory | disk |", "|---|---|---|---|"]
         table = head + [f"| {w} | {t} | {m} | {d} |" for w, t, m, d in self.rows()]
