@@ -2,6 +2,7 @@
 
     python -m benchmarks.findings            # ~15 min on 2 CPU cores (12 toy fine-tunes, each judged)
     python -m benchmarks.findings --quick    # fewer seeds and a shorter grid
+    python -m benchmarks.findings --quick --only ema   # one experiment (EXPERIMENTS), merged into docs/findings.*
 
 For each claim of the seeds (learning rate x steps, prior preservation, schedulers on an overfit model, training
 the text encoder, textual inversion and TI -> DreamBooth, LoRA) this runs the toy experiment that tests it, scores
@@ -17,8 +18,10 @@ weaker of the two.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import platform
+import re
 import shutil
 import tempfile
 import time
@@ -29,6 +32,8 @@ import torch
 from nbkit import load_parts
 from nbkit.export import formats as export
 from nbkit.models.offline import OFFLINE_BATCH_SIZE, offline_model_dir
+from nbkit.notebook.sweep_pick import pick
+from nbkit.notebook.sweep_spec import toy_grid
 from nbkit.toy import judge
 
 from . import toy_results as tr
@@ -46,11 +51,37 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
+def ema(m: dict, work: Path) -> dict:
+    """EMA (use_ema, diffusers' EMAModel): the DreamBooth sweet spot without and with it, same seeds."""
+    runs = {k: tr.dreambooth(*m["sweet"], workdir=work, use_ema=k == "on") for k in ("off", "on")}
+    return {"ema": {k: dict(tr.judge_run(r.pipeline("ddim"), m["seeds"]), seconds=r.seconds) for k, r in runs.items()}}
+
+
+# Experiments that also run alone (--only NAME), merged into an existing docs/findings.json: name -> f(results so
+# far, work folder) -> new results. Each reads what it needs (the sweet spot, the seeds) from the results.
+EXPERIMENTS = {"ema": ema}
+
+
+def grid(quick: bool) -> tuple[tuple[float, ...], tuple[int, ...]]:
+    """The learning rates and steps measured: --quick measures the kit's toy grid, the one notebook 07 runs
+    (configs/sweeps/toy_lr_steps.yaml); the full run a finer and longer one."""
+    if quick:
+        rates, steps = toy_grid().values()
+        return tuple(rates), tuple(steps)
+    return (5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3), (100, 200, 400, 800)
+
+
+def sweet_spot(curves: dict, base: dict):
+    """The pick of notebook 07 (nbkit.notebook.sweep_pick.pick) over the grid {lr: {steps: scores}}."""
+    rows = [{"run": f"{lr:g} x {n}", "LEARNING_RATE": lr, "STEPS": n, **s} for lr, c in curves.items()
+            for n, s in c.items()]
+    return pick(rows, base, rate_key="LEARNING_RATE", steps_key="STEPS").row
+
+
 def measure(quick: bool = False, lrs=None, steps=None, work: Path | None = None) -> dict:
     """Run every experiment; return the raw results (also what the tests read)."""
     seeds = 8 if quick else 16
-    lrs = lrs or ((1e-4, 5e-4, 2e-3) if quick else (5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3))
-    steps = steps or ((100, 200, 400) if quick else (100, 200, 400, 800))
+    lrs, steps = lrs or grid(quick)[0], steps or grid(quick)[1]
     work = Path(work or tempfile.mkdtemp(prefix="findings-"))
     out: dict = {"seeds": seeds, "t0": time.perf_counter()}
     base = load_parts("offline")
@@ -63,8 +94,8 @@ def measure(quick: bool = False, lrs=None, steps=None, work: Path | None = None)
 
     # 1. learning rate x steps: one constant-LR run per rate, judged at every step count of the grid
     out["grid"] = {lr: tr.dreambooth_curve(lr, steps, seeds, workdir=work) for lr in lrs}
-    cells = [(lr, n, s) for lr, curve in out["grid"].items() for n, s in curve.items()]
-    sweet_lr, sweet_steps, _ = max(cells, key=lambda c: (balance(c[2]), -c[1]))
+    sweet = sweet_spot(out["grid"], out["base"])
+    sweet_lr, sweet_steps = sweet["LEARNING_RATE"], sweet["STEPS"]
     hot_lr, hot_steps = max(lrs), max(steps)
     out["sweet"], out["hot"] = (sweet_lr, sweet_steps), (hot_lr, hot_steps)
 
@@ -113,6 +144,8 @@ def measure(quick: bool = False, lrs=None, steps=None, work: Path | None = None)
     lora = tr.dreambooth(LORA_RATE * sweet_lr, sweet_steps, workdir=work, method="lora", lora_rank=8, save_dtype="fp16")
     out["lora"] = tr.judge_run(lora.pipeline("ddim"), seeds)
     out["lora_seconds"], out["lora_bytes"] = lora.seconds, _size(lora.saved)
+    for experiment in EXPERIMENTS.values():
+        out.update(experiment(out, work))
     out["seconds"] = time.perf_counter() - out.pop("t0")
     shutil.rmtree(work, ignore_errors=True)
     return out
@@ -132,7 +165,8 @@ def verdicts(m: dict) -> list[tuple[str, str, str, bool]]:
         "base model, one picture per prompt", f["shape_colour"] >= 0.7))
     rows.append((
         "DreamBooth overfits fast: there is a sweet spot of learning rate x steps",
-        f"best balance {pct(balance(sweet))} at LR {slr:g} x {sst} steps (subject {pct(sweet['subject_fidelity'])}, "
+        f"sweet spot (notebook 07's pick rule): balance {pct(balance(sweet))} at LR {slr:g} x {sst} steps "
+        f"(subject {pct(sweet['subject_fidelity'])}, "
         f"new contexts {pct(sweet['prompt_fidelity'])}); the hottest cell, LR {hlr:g} x {hst}: new contexts "
         f"{pct(hot['prompt_fidelity'])}",
         f"grid below; UNet only, batch {OFFLINE_BATCH_SIZE}",
@@ -178,7 +212,23 @@ def verdicts(m: dict) -> list[tuple[str, str, str, bool]]:
         f"{m['plain_seconds']:.0f} s; balance {pct(balance(m['lora']))} vs {pct(balance(m['plain']))}",
         f"rank 8, LR {LORA_RATE * slr:g} x {sst}",
         m["lora_bytes"] * 4 < m["plain_bytes"] and m["lora_seconds"] < m["plain_seconds"]))
+    if "ema" in m:
+        rows.append(_ema_row(m))
     return rows
+
+
+def _ema_row(m: dict) -> tuple[str, str, str, bool]:
+    """The EMA claim; held: the balances differ by at most one seed's share of a score (noise at this many seeds)."""
+    pct = lambda x: f"{x:.0%}"  # noqa: E731
+    (slr, sst), on, off = m["sweet"], m["ema"]["on"], m["ema"]["off"]
+    return (
+        "EMA made no difference",
+        f"balance {pct(balance(on))} with EMA, {pct(balance(off))} without (subject {pct(on['subject_fidelity'])} "
+        f"vs {pct(off['subject_fidelity'])}, new contexts {pct(on['prompt_fidelity'])} vs "
+        f"{pct(off['prompt_fidelity'])}, class drift {pct(on['class_drift'])} vs {pct(off['class_drift'])})",
+        f"LR {slr:g} x {sst}, `use_ema=True` (diffusers' EMAModel: decay min(0.9999, n / (n + 9)) at update n, "
+        f"{min(0.9999, sst / (sst + 9)):.3f} at the last)",
+        abs(balance(on) - balance(off)) <= 1 / m["seeds"])
 
 
 def markdown(m: dict, quick: bool) -> str:
@@ -186,8 +236,10 @@ def markdown(m: dict, quick: bool) -> str:
     lines = [
         "# Findings: the course's claims, measured",
         "",
-        f"Made by `python -m benchmarks.findings{' --quick' if quick else ''}` on {time.strftime('%Y-%m-%d')} in "
-        f"{m['seconds'] / 60:.0f} min on {platform.machine()} ({torch.get_num_threads()} torch threads, a 2-core "
+        f"Made by `python -m benchmarks.findings{' --quick' if quick else ''}` on {m.get('date', _today())} in "
+        f"{m['seconds'] / 60:.0f} min" + "".join(f"; `--only {','.join(u['only'])}` added on {u['date']} in "
+                                                   f"{u['seconds'] / 60:.0f} min" for u in m.get("updates", []))
+        + f" on {platform.machine()} ({torch.get_num_threads()} torch threads, a 2-core "
         f"CPU machine), model `{offline_model_dir().name}`, judge `data/judge/`, {m['seeds']} seeds per prompt, "
         f"DDIM {tr.SAMPLE['steps']} steps unless said. The toy world shows the *shape* of each finding on a CPU; "
         "the numbers for SD 1.5 on a GPU come from running the notebooks there (notebook 07 sweeps them).",
@@ -216,19 +268,64 @@ def markdown(m: dict, quick: bool) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.findings", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default=str(ROOT / "docs" / "findings.md"))
-    a = p.parse_args()
-    m = measure(a.quick)
-    text = markdown(m, a.quick)
+def _today() -> str:
+    return time.strftime("%Y-%m-%d")
+
+
+def load(out: Path) -> dict:
+    """The results in out's .json as `measure` returned them (`write(load(out), quick, out)` re-renders them)."""
+    raw = json.loads(out.with_suffix(".json").read_text())
+    m = {k: {ast.literal_eval(kk) if kk.startswith("(") else kk: vv for kk, vv in v.items()}  # tuple keys back
+         if isinstance(v, dict) else v for k, v in raw.items()}
+    m["grid"] = {float(lr): {int(n): s for n, s in c.items()} for lr, c in raw["grid"].items()}
+    made = re.search(r" on (\d{4}-\d{2}-\d{2}) in ", out.read_text()) if out.is_file() else None
+    m.setdefault("date", made.group(1) if made else "an earlier date")
+    return m
+
+
+def merge(names: list[str], out: Path, quick: bool) -> dict:
+    """Run only the experiments `names` and merge them into the results in out's .json (the rest kept as is)."""
+    unknown = [n for n in names if n not in EXPERIMENTS]
+    if unknown or not out.with_suffix(".json").is_file():
+        raise SystemExit(f"--only: {unknown} not among {sorted(EXPERIMENTS)}" if unknown else
+                         f"--only needs {out.with_suffix('.json')}: run the whole benchmark once first.")
+    m = load(out)
+    if (m["seeds"] == 8) != quick:
+        raise SystemExit(f"{out.with_suffix('.json')} has {m['seeds']} seeds: pass --quick as it was made "
+                         f"({'with' if m['seeds'] == 8 else 'without'} --quick).")
+    t0, work = time.perf_counter(), Path(tempfile.mkdtemp(prefix="findings-"))
+    for name in names:
+        m.update(EXPERIMENTS[name](m, work))
+    shutil.rmtree(work, ignore_errors=True)
+    m["updates"] = [u for u in m.get("updates", []) if u["only"] != names] + [
+        {"only": names, "date": _today(), "seconds": time.perf_counter() - t0}]
+    return m
+
+
+def write(m: dict, quick: bool, out: Path) -> str:
+    """docs/findings.md (keeping the hand-written sections of the one there) and the raw figures in .json."""
+    text = markdown(m, quick)
+    old = out.read_text() if out.is_file() else ""
+    for section in re.split(r"\n(?=## )", old)[1:]:
+        if section.splitlines()[0] not in text:
+            text = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
     raw = {k: ({str(kk): vv for kk, vv in v.items()} if isinstance(v, dict) else v) for k, v in m.items()}
     raw["grid"] = {str(lr): {str(n): s for n, s in c.items()} for lr, c in m["grid"].items()}
-    Path(a.out).with_suffix(".json").write_text(json.dumps(raw, indent=1, default=str))  # the raw figures
-    print(text)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(raw, indent=1, default=str))  # the raw figures
+    out.write_text(text)
+    return text
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.findings", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--only", help=f"comma-separated experiments to run alone and merge: {', '.join(EXPERIMENTS)}")
+    p.add_argument("--out", default=str(ROOT / "docs" / "findings.md"))
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    m = merge(a.only.split(","), out, a.quick) if a.only else {**measure(a.quick), "date": _today()}
+    print(write(m, a.quick, out))
 
 
 if __name__ == "__main__":

@@ -48,6 +48,10 @@ from nbkit.notebook.sweep import plan as sweep_plan
 from nbkit.notebook.sweep import plot_final as plot_sweep
 from nbkit.notebook.sweep import run as run_sweep
 from nbkit.notebook.sweep import score as score_sweep
+from nbkit.notebook.sweep_pick import SweetSpot, toy_findings
+from nbkit.notebook.sweep_pick import pick as pick_sweet_spot
+from nbkit.notebook.sweep_results import baseline as sweep_baseline
+from nbkit.notebook.sweep_spec import toy_grid
 from nbkit.notebook.widgets import photos, prompt_playground, upload_box
 from nbkit.sample.compare import embedding_shift, pixel_distance, scheduler_grid, side_by_side
 from nbkit.sample.sampling import SCHEDULERS, generate, grid, save_images, set_scheduler, timed_generate
@@ -82,7 +86,7 @@ __all__ = [
     "lora_rank_alpha", "snapshot_weights", "max_weight_diff",
     # sweeps
     "notebook_parameters", "load_sweep", "sweep_plan", "run_sweep", "score_sweep", "collect_sweep", "sweep_table",
-    "plot_sweep",
+    "plot_sweep", "sweep_baseline", "pick_sweet_spot", "SweetSpot", "toy_grid", "toy_findings",
     # errors
     "ConfigError", "DataError", "DiskSpaceError", "ExportError", "EvaluatorUnavailable", "ModelNotFound", "NotWritable",
     "OutOfMemory", "ResumeError",

@@ -13,6 +13,8 @@ from pathlib import Path
 METHODS = ("dreambooth", "lora", "textual_inversion")
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 PREDICTIONS = ("auto", "epsilon", "v_prediction")
+TRACKERS = ("none", "auto", "all", "tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab",
+            "trackio")  # accelerate's LoggerType names, and "none"
 
 
 class ConfigError(ValueError):
@@ -56,16 +58,18 @@ class TrainConfig:
     learning_rate: float = 2e-6  # peak learning rate
     lr_scheduler: str = "constant"  # any of diffusers.optimization's names
     lr_warmup_steps: int = 0  # warm-up updates
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
+    adam_beta1: float = 0.9  # AdamW's first-moment decay
+    adam_beta2: float = 0.999  # AdamW's second-moment decay
+    adam_weight_decay: float = 1e-2  # AdamW's decoupled weight decay
+    adam_epsilon: float = 1e-8  # AdamW's denominator epsilon
     max_grad_norm: float = 1.0  # gradient clipping (0: off)
     prediction_type: str = "auto"  # "auto" (the model's scheduler says), "epsilon" or "v_prediction"
     # offset noise (diffusers' --noise_offset); "auto": as the model was pretrained (toy-sd 0.1, SD 1.5 0)
     noise_offset: float | str = "auto"
     # min-SNR loss weighting (diffusers' --snr_gamma, 5.0 usual; 0 off); "auto": as pretrained
     snr_gamma: float | str = "auto"
+    use_ema: bool = False  # save, sample, score an EMA of the trained weights (+1 fp32 copy of them on the GPU)
+    ema_decay: float = 0.9999  # EMA: the largest decay (diffusers' default); update n uses min(it, n / (n + 9))
     # --- memory and speed
     mixed_precision: str = "auto"  # "auto" (fp16 on T4/P100, bf16 where supported, none on CPU), "no", "fp16", "bf16"
     use_8bit_adam: bool = False  # bitsandbytes 8-bit AdamW (CUDA only; falls back to AdamW with a message)
@@ -83,6 +87,10 @@ class TrainConfig:
     eval_steps: int = 0  # score the model every this many steps into metrics.json (nbkit.evaluate; 0: off)
     eval_seeds: int = 4  # pictures per evaluation prompt (fixed seeds 0, 1, ...)
     keep_best: bool = True  # with eval_steps: keep the best-scoring model in output_dir/best (DreamBooth SD 1.5: ~4 GB)
+    # trackers for losses, scores and samples: "auto" (TensorBoard when installed), "none", or accelerate's names
+    # comma-separated: "tensorboard", "wandb", "all", ...
+    report_to: str = "auto"
+    logging_dir: str = ""  # the trackers' folder; "" = output_dir/logs
     save_dtype: str = "fp32"  # "fp32" or "fp16": precision of the saved weights
     seed: int = 0  # one seed for data order, noise and samples
     # --- checkpoints and resume (nothing lost when a runtime disconnects)
@@ -91,6 +99,30 @@ class TrainConfig:
     checkpoints_dir: str = ""  # where checkpoints go; "" = output_dir/checkpoints (on Colab: a Drive folder survives)
     # "auto": from the latest complete checkpoint; a checkpoint folder; None/"never": start over
     resume: str | None = "auto"
+
+    @staticmethod
+    def field_help() -> dict[str, str]:
+        """Each field's comment (on its line, or the comment lines just above it): the CLI's --help text."""
+        import ast
+        import io
+        import tokenize
+
+        try:
+            src = Path(__file__).read_text()
+        except OSError:  # no source (a zipped install): the CLI then shows the field names only
+            return {}
+        tokens = [t for t in tokenize.generate_tokens(io.StringIO(src).readline) if t.type == tokenize.COMMENT]
+        comments = {t.start[0]: t.string.lstrip("#").strip() for t in tokens}
+        alone = {t.start[0] for t in tokens if t.line.lstrip().startswith("#")}  # a line of its own
+        cls = next(n for n in ast.parse(src).body if isinstance(n, ast.ClassDef) and n.name == "TrainConfig")
+        helps = {}
+        for node in (n for n in cls.body if isinstance(n, ast.AnnAssign)):
+            above, line = [], node.lineno - 1
+            while line in alone and not comments[line].startswith("---"):  # "# --- section" headers are not help
+                above.insert(0, comments[line])
+                line -= 1
+            helps[node.target.id] = comments.get(node.lineno) or " ".join(above)
+        return helps
 
     def replace(self, **changes) -> TrainConfig:
         """A copy with some settings changed (validated)."""
@@ -130,8 +162,15 @@ class TrainConfig:
         if self.snr_gamma != "auto" and not (isinstance(self.snr_gamma, (int, float)) and self.snr_gamma >= 0):
             e.append(f"snr_gamma={self.snr_gamma!r}: \"auto\" or a number >= 0 (5.0 is usual, 0 turns min-SNR "
                      "weighting off).")
+        if not 0 < self.ema_decay < 1:
+            e.append(f"ema_decay={self.ema_decay}: must be between 0 and 1 (0.9999 is diffusers' default; 0.999 "
+                     "averages over about the last 1,000 updates).")
         if self.prediction_type not in PREDICTIONS:
             e.append(f"prediction_type={self.prediction_type!r}: choose one of {', '.join(PREDICTIONS)}.")
+        unknown = [t for t in self.report_to.split(",") if t.strip() not in TRACKERS]
+        if unknown:
+            e.append(f"report_to={self.report_to!r}: {', '.join(map(repr, unknown))} is not a tracker; use 'none' or "
+                     f"comma-separated names of {', '.join(TRACKERS[1:])}.")
         if self.save_dtype not in ("fp32", "fp16"):
             e.append(f"save_dtype={self.save_dtype!r}: choose 'fp32' or 'fp16'.")
         if self.checkpointing_steps < 0:
@@ -207,6 +246,11 @@ class TrainConfig:
             e.append("deepspeed_config with method='textual_inversion': ZeRO steps its own fp32 copy of the embeddings "
                      "and writes it back, undoing TI's restore of every row but the new token's. TI's memory is tiny, "
                      "it fits 8 GB without DeepSpeed: leave deepspeed_config empty (PRESET='8gb').")
+        if self.use_ema:
+            e.append("deepspeed_config with use_ema=True: DeepSpeed keeps the UNet in half precision (its fp32 master "
+                     "weights live in the offloaded optimizer), so an EMA of it would lose the small updates, and "
+                     "it would add a fp32 copy of the UNet to the GPU that DeepSpeed is there to save. Set "
+                     "use_ema=False, or use PRESET='8gb' (no DeepSpeed).")
         if self.checkpointing_steps:
             e.append(f"deepspeed_config with checkpointing_steps={self.checkpointing_steps}: DeepSpeed's optimizer "
                      "state can only be saved as a pickle, which the kit never writes, so such a run cannot be "

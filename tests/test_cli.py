@@ -10,7 +10,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from nbkit import ConfigError, cli
+from nbkit import ConfigError, TrainConfig, cli
 from nbkit.training import accel
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -20,16 +20,19 @@ def test_config_from_yaml_and_flags(tmp_path, instance_dir):
     f = tmp_path / "run.yaml"
     f.write_text(yaml.safe_dump({"instance_dir": str(instance_dir), "max_train_steps": 7, "preset": "16gb",
                                  "validation_prompts": ["a star"]}))
-    args = cli._parser().parse_args(["train", "--config", str(f), "--max_train_steps", "3",
-                                     "--train_text_encoder", "true", "--learning_rate", "1e-5", "--identifier", "zwx"])
+    args = cli.parse(["train", "--config", str(f), "--max_train_steps", "3", "--train_text_encoder",
+                      "--learning_rate", "1e-5", "--identifier", "zwx"])
     cfg, preset, given = cli.build_config(args)
     assert cfg.max_train_steps == 3 and cfg.train_text_encoder is True and cfg.learning_rate == 1e-5
     assert cfg.validation_prompts == ["a star"] and cfg.identifier == "zwx" and preset == "16gb"
     assert {"instance_dir", "max_train_steps", "train_text_encoder"} <= given
     j = tmp_path / "run.json"
     j.write_text(json.dumps({"max_train_steps": 5}))
-    cfg, preset, _ = cli.build_config(cli._parser().parse_args(["plan", "--config", str(j)]))
+    cfg, preset, _ = cli.build_config(cli.parse(["plan", "--config", str(j)]))
     assert cfg.max_train_steps == 5 and preset == "auto"
+    c = TrainConfig(instance_dir="x", validation_prompts=["a b"], lora_alpha=8.0, noise_offset=0.1, resume=None)
+    j.write_text(json.dumps(c.to_dict()))  # nbkit.training.launch's file: every field, None and lists included
+    assert cli.build_config(cli.parse(["train", "--config", str(j)]))[0] == c
 
 
 def test_bad_config_file_names_the_problem(tmp_path):
@@ -71,14 +74,132 @@ def test_accelerate_launch_trains_on_cpu_in_a_real_subprocess(tmp_path, instance
     assert sd and all(v.isfinite().all() for v in sd.values())
 
 
-def test_values_are_typed_by_the_field():
-    assert cli.coerce("learning_rate", "1e-6") == 1e-6  # YAML 1.1 reads 1e-6 as text
-    assert cli.coerce("max_train_steps", 400.0) == 400 and cli.coerce("text_encoder_steps", None) is None
-    assert cli.coerce("train_text_encoder", "false") is False and cli.coerce("validation_prompts", "a b") == ["a b"]
-    assert cli.coerce("noise_offset", "1e-1") == 0.1 and cli.coerce("snr_gamma", "auto") == "auto"
+def test_values_are_typed_by_the_field(tmp_path):
+    args = cli.parse(["plan", "--learning_rate", "1e-6", "--max_train_steps", "400", "--text_encoder_steps", "none",
+                      "--lora_alpha", "8", "--noise_offset", "1e-1", "--snr_gamma", "auto", "--resume", "None",
+                      "--validation_prompts", "a b", "c"])
+    cfg, _, _ = cli.build_config(args)
+    assert cfg.learning_rate == 1e-6 and cfg.max_train_steps == 400 and cfg.text_encoder_steps is None
+    assert cfg.lora_alpha == 8.0 and cfg.noise_offset == 0.1 and cfg.snr_gamma == "auto" and cfg.resume is None
+    assert cfg.validation_prompts == ["a b", "c"]
+    f = tmp_path / "run.yaml"  # YAML 1.1 reads 1e-6 as text: the file's values go through the flags' types
+    f.write_text("learning_rate: 1e-6\nnoise_offset: '0.05'\ntext_encoder_steps: null\nvalidation_prompts: a star\n")
+    cfg, _, _ = cli.build_config(cli.parse(["plan", "--config", str(f)]))
+    assert cfg.learning_rate == 1e-6 and cfg.noise_offset == 0.05 and cfg.validation_prompts == ["a star"]
+    f.write_text("max_train_steps: many\n")
     with pytest.raises(ConfigError, match="max_train_steps='many': expected int"):
-        cli.coerce("max_train_steps", "many")
+        cli.build_config(cli.parse(["plan", "--config", str(f)]))
+    with pytest.raises(SystemExit):  # argparse: "argument --max_train_steps: invalid int value: 'many'"
+        cli.parse(["plan", "--max_train_steps", "many"])
 
+
+def test_bare_booleans_and_values():
+    cfg, _, given = cli.build_config(cli.parse(["plan", "--train_text_encoder", "--with_prior_preservation",
+                                                "--center_crop", "false", "--use_8bit_adam", "true"]))
+    assert cfg.train_text_encoder and cfg.with_prior_preservation and cfg.use_8bit_adam and not cfg.center_crop
+    assert given == {"train_text_encoder", "with_prior_preservation", "center_crop", "use_8bit_adam"}
+    cfg, _, _ = cli.build_config(cli.parse(["plan", "--no_cache_latents", "--gradient_checkpointing"]))
+    assert cfg.cache_latents is False and cfg.gradient_checkpointing is True
+
+
+def test_help_is_each_fields_comment(capsys):
+    helps = TrainConfig.field_help()
+    assert set(helps) == set(cli.FIELDS) and all(helps.values()), [k for k, v in helps.items() if not v]
+    assert helps["noise_offset"].startswith("offset noise")  # a comment on the line above its field
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert e.value.code == 0 and "TrainConfig." not in out
+    for name in ("train_text_encoder", "noise_offset", "resume", "gradient_checkpointing"):
+        assert " ".join(helps[name].split()) in out, name
+    assert "--model MODEL, --pretrained_model_name_or_path MODEL" in out and "(default: 400)" in out
+
+
+def test_unknown_flag_names_the_closest():
+    with pytest.raises(ConfigError, match="unknown flag '--max_steps'; did you mean --max_train_steps"):
+        cli.parse(["train", "--max_steps", "3"])
+    with pytest.raises(ConfigError, match="unknown flag '--instance_data'; did you mean --instance_data_dir"):
+        cli.parse(["train", "--instance_data=x"])
+
+
+# Every flag of diffusers' examples/dreambooth/train_dreambooth.py (its parse_args, 2025)
+TRAIN_DREAMBOOTH_FLAGS = """pretrained_model_name_or_path revision variant tokenizer_name instance_data_dir
+class_data_dir instance_prompt class_prompt with_prior_preservation prior_loss_weight num_class_images output_dir seed
+resolution
+center_crop train_text_encoder train_batch_size sample_batch_size num_train_epochs max_train_steps checkpointing_steps
+checkpoints_total_limit resume_from_checkpoint gradient_accumulation_steps gradient_checkpointing learning_rate scale_lr
+lr_scheduler lr_warmup_steps lr_num_cycles lr_power use_8bit_adam dataloader_num_workers adam_beta1 adam_beta2
+adam_weight_decay adam_epsilon max_grad_norm push_to_hub hub_token hub_model_id logging_dir allow_tf32 report_to
+validation_prompt num_validation_images validation_steps mixed_precision prior_generation_precision local_rank
+enable_xformers_memory_efficient_attention set_grads_to_none offset_noise snr_gamma pre_compute_text_embeddings
+tokenizer_max_length text_encoder_use_attention_mask skip_save_text_encoder validation_images class_labels_conditioning
+validation_scheduler""".split()
+
+
+def test_every_diffusers_flag_is_mapped_ignored_or_refused(capsys):
+    assert not [f for f in TRAIN_DREAMBOOTH_FLAGS if f not in cli.FIELDS and f not in cli.DIFFUSERS_FLAGS]
+    cfg, _, given = cli.build_config(cli.parse([
+        "plan", "--pretrained_model_name_or_path", "sd15", "--instance_data_dir", "d", "--class_data_dir", "c",
+        "--sample_batch_size", "2", "--resume_from_checkpoint", "latest", "--validation_prompt", "a photo of sks dog",
+        "--offset_noise", "--instance_prompt", "a photo of sks dog", "--report_to", "tensorboard", "--logging_dir",
+        "logs", "--enable_xformers_memory_efficient_attention", "--dataloader_num_workers", "4", "--push_to_hub"]))
+    assert (cfg.model, cfg.instance_dir, cfg.class_dir) == ("sd15", "d", "c")
+    assert cfg.class_batch_size == 2 and cfg.resume == "auto"
+    assert cfg.validation_prompts == ["a photo of sks dog"] and cfg.noise_offset == 0.1 and cfg.identifier == "sks"
+    assert (cfg.report_to, cfg.logging_dir) == ("tensorboard", "logs") and "identifier" in given
+    err = capsys.readouterr().err
+    for flag in ("enable_xformers_memory_efficient_attention", "dataloader_num_workers", "push_to_hub"):
+        assert f"warning: --{flag} ignored: nbkit" in err
+    with pytest.raises(ConfigError, match="--scale_lr: nbkit does not scale.*\n  - --revision: nbkit loads"):
+        cli.build_config(cli.parse(["plan", "--scale_lr", "--revision", "fp16"]))
+    cfg, _, _ = cli.build_config(cli.parse(["plan", "--instance_prompt", "a photo of sks dog in a bucket",
+                                            "--class_prompt", "a photo of dog in a bucket"]))
+    assert cfg.identifier == "sks"  # the word the class prompt lacks
+    with pytest.raises(ConfigError, match="report_to='tensorbored'"):
+        cli.build_config(cli.parse(["plan", "--report_to", "tensorbored"]))[0].validate(check_paths=False)
+
+
+def _trained_pipeline(out: Path):
+    from diffusers import StableDiffusionPipeline
+
+    from nbkit.models.offline import offline_model_dir
+
+    pipe = StableDiffusionPipeline.from_pretrained(out / "model")
+    base = load_file(offline_model_dir() / "unet" / "diffusion_pytorch_model.safetensors")
+    sd = pipe.unet.state_dict()
+    assert all(v.isfinite().all() for v in sd.values())
+    assert any(not sd[k].equal(base[k]) for k in base), "the UNet did not change"
+    assert len(json.loads((out / "losses.json").read_text())) == 2
+    return pipe
+
+
+def test_diffusers_readme_command_runs(tmp_path, instance_dir, offline_dir):
+    """diffusers' DreamBooth README command line, `accelerate launch train_dreambooth.py` -> `python -m nbkit train`."""
+    out = tmp_path / "out"
+    p = _nbkit("-m", "nbkit", "train", f"--pretrained_model_name_or_path={offline_dir}",
+               f"--instance_data_dir={instance_dir}", f"--output_dir={out}", "--instance_prompt=a photo of sks dog",
+               "--resolution=64", "--train_batch_size=1", "--gradient_accumulation_steps=1", "--learning_rate=5e-6",
+               "--lr_scheduler=constant", "--lr_warmup_steps=0", "--max_train_steps=2", "--push_to_hub",
+               cwd=tmp_path, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "identifier 'sks'" in p.stdout and "warning: --push_to_hub ignored" in p.stderr
+    _trained_pipeline(out)
+
+
+def test_diffusers_prior_preservation_command_runs(tmp_path, instance_dir, offline_dir):
+    out, class_dir = tmp_path / "out", tmp_path / "class"
+    assert cli.main(["train", f"--pretrained_model_name_or_path={offline_dir}", f"--instance_data_dir={instance_dir}",
+                     f"--class_data_dir={class_dir}", f"--output_dir={out}", "--with_prior_preservation",
+                     "--prior_loss_weight=1.0", "--instance_prompt=a photo of sks dog", "--class_prompt=a photo of dog",
+                     "--resolution=64", "--train_batch_size=1", "--train_text_encoder", "--learning_rate=5e-6",
+                     "--lr_scheduler=constant", "--lr_warmup_steps=0", "--num_class_images=2", "--sample_batch_size=2",
+                     "--max_train_steps=2", "--validation_steps=0", "--resume_from_checkpoint", "latest"]) == 0
+    assert sorted(f.name for f in class_dir.glob("*.png")) == ["class_00000.png", "class_00001.png"]
+    pipe = _trained_pipeline(out)
+    from nbkit.models.offline import offline_model_dir
+
+    base = load_file(offline_model_dir() / "text_encoder" / "model.safetensors")
+    assert any(not v.equal(base[k]) for k, v in pipe.text_encoder.state_dict().items() if k in base)
 
 
 NEW_COMMANDS = ("pretrain", "judge", "offline", "class-images")

@@ -111,11 +111,18 @@ def test_batch_order_is_a_function_of_seed_and_step():
     assert a != [batch_indices(5, 2, s, seed=4) for s in range(10)]
 
 
-def test_huge_image_is_read(tmp_path):
+def test_huge_image_is_read_and_downscaled_early(tmp_path):
     Image.new("RGB", (6000, 4000), (1, 2, 3)).save(tmp_path / "big.jpg", quality=50)
+    Image.new("RGB", (12000, 8000), (1, 2, 3)).save(tmp_path / "bigger.jpg", quality=50)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert read_image(tmp_path / "big.jpg").size == (6000, 4000)
+        assert read_image(tmp_path / "big.jpg").size == (3072, 2048)  # short side MAX_SHORT_SIDE, aspect kept
+        assert read_image(tmp_path / "bigger.jpg").size == (3072, 2048)  # decoded at half size, then resized
+        assert read_image(tmp_path / "big.jpg", max_short_side=None).size == (6000, 4000)  # full size when asked
+        with Image.open(tmp_path / "bigger.jpg") as im:
+            im.draft(None, (3072, 2048))
+            assert im.size == (6000, 4000)  # what read_image decodes: a quarter of the pixels, not 96 MP
+    assert load_folder(tmp_path, 3000)[0].image.size == (4500, 3000)  # never below the training resolution
 
 
 def test_folder_of_only_non_images_says_which_and_what_to_do(tmp_path):

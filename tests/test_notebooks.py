@@ -96,7 +96,7 @@ EXPECTED = {
     "07_finding_the_sweet_spot": ["sweep.json", "results.csv", "final.png", "curves.png", "images.png",
                                   "runs/*/run.json", "runs/*/01_dreambooth.ipynb", "runs/*/losses.json",
                                   "runs/*/metrics.json", "runs/*/validation/step_00002.png",
-                                  "runs/*/model/model_index.json"],
+                                  "runs/*/model/model_index.json", "runs/*/best/best.json"],
 }
 
 
@@ -148,14 +148,29 @@ def _check_text_encoder(out):
 
 
 def _check_sweep(out):
-    """Two runs of notebook 01 at two learning rates, both finished, collected with their judge scores."""
+    """Two runs of notebook 01 at the lowest and the highest rate of the kit's toy grid, both finished, collected with
+    the scores they wrote while training; their step 0 (the base model, the baseline) scored alike; the pick said."""
     import csv
+
+    from nbkit.notebook.sweep_spec import toy_grid
 
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert len(rows) == 2 and all(r["status"] == "ok" for r in rows)
-    assert len({r["OFFLINE_LEARNING_RATE"] for r in rows}) == 2 and all(r["steps"] == "2" for r in rows)
+    rates = toy_grid()["OFFLINE_LEARNING_RATE"]
+    assert {float(r["OFFLINE_LEARNING_RATE"]) for r in rows} == {rates[0], rates[-1]}
+    assert all(r["steps"] == "2" and r["eval_step"] == "2" for r in rows)
     assert all(0 <= float(r[m]) <= 1 for r in rows for m in ("subject_fidelity", "prompt_fidelity", "class_drift"))
     assert not list(out.glob("runs/*/checkpoints")), "checkpoints of finished runs are cleaned up"
+    firsts = [json.loads(p.read_text())[0] for p in sorted(out.glob("runs/*/metrics.json"))]
+    assert len(firsts) == 2 and all(f["step"] == 0 and f["scorer"] == "toy judge" for f in firsts)
+    keys = ("subject_fidelity", "prompt_fidelity", "class_drift")
+    assert all(firsts[0][k] == firsts[1][k] for k in keys), "one base model, scored the same way in both runs"
+    executed = load(out.parent / "07_finding_the_sweet_spot.ipynb")
+    text = "".join(o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
+    assert "the base model, scored by the toy judge at step 0 of 2 runs" in text
+    assert "Sweet spot: OFFLINE_LEARNING_RATE = " in text or "No pick: no run has a higher balance than" in text
+    assert "| base model | 0 | step 0 |" in json.dumps(
+        [o.get("data", {}).get("text/markdown", "") for c in executed.cells for o in c.get("outputs", [])])
 
 
 for _nb, _method in METHOD.items():

@@ -203,7 +203,10 @@ def test_cli_dry_run_and_collect(tmp_path, counted, capsys):
     assert sweep.main(["run", str(p), "--set", "MAX_TRAIN_STEPS=3"]) == 0
     assert len(counted.calls) == 2
     (tmp_path / "sweep" / "results.csv").unlink()
+    capsys.readouterr()
     assert sweep.main(["collect", str(tmp_path / "sweep")]) == 0
+    out = capsys.readouterr().out  # the table, then the pick: the probe has no step 0, so no base-model scores
+    assert "Sweet spot: LEARNING_RATE = 0.001, 3 steps" in out and "Fallback: no base-model prompt_fidelity" in out
     rows = list(csv.DictReader(open(tmp_path / "sweep" / "results.csv")))
     assert [int(r["steps"]) for r in rows] == [3, 3] and len(counted.calls) == 2
     assert sweep.main(["collect", str(tmp_path)]) == 2  # not a sweep folder: a clear error

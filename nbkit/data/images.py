@@ -5,11 +5,15 @@
 - a `name.txt` next to `name.jpg` is that image's caption;
 - anything that is not a readable image is reported by name, never silently dropped;
 - an image smaller than the training resolution is upscaled, with a warning naming it (decided: a student's
-  phone crop is better used than refused; the warning says the result may be soft).
+  phone crop is better used than refused; the warning says the result may be soft);
+- a big photo is downscaled as it is read, to a short side of MAX_SHORT_SIDE (a JPEG is decoded at 1/2 to 1/8
+  scale directly): a 6000x4000 camera picture then takes 19 MB, not 72, and training crops it smaller anyway.
+  One too large to decode safely (over twice PIL's MAX_IMAGE_PIXELS) is refused by name, with what to do.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +25,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 IGNORED_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
 Image.MAX_IMAGE_PIXELS = 16_000 * 16_000  # bigger than any camera; PIL's own limit would call a 100 MP photo a bomb
+MAX_SHORT_SIDE = 2048  # pictures are kept at most this on their short side (training and scoring use 64-1024)
 
 
 class DataError(ValueError):
@@ -53,14 +58,29 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def read_image(path: str | Path) -> Image.Image:
-    """Open, check, orient (EXIF) and convert to RGB; raise DataError naming the file if that fails."""
+def _shrink(img: Image.Image, short_side: int) -> Image.Image:
+    """`img` with its short side at most `short_side` (aspect kept)."""
+    w, h = img.size
+    if min(w, h) <= short_side:
+        return img
+    scale = short_side / min(w, h)
+    return img.resize((max(short_side, round(w * scale)), max(short_side, round(h * scale))), Image.LANCZOS)
+
+
+def read_image(path: str | Path, max_short_side: int | None = MAX_SHORT_SIDE) -> Image.Image:
+    """Open, check, orient (EXIF), convert to RGB and downscale to `max_short_side` (None: full size); raise
+    DataError naming the file if that fails."""
     path = Path(path)
     try:
         with Image.open(path) as img:
+            w, h = img.size
+            if max_short_side and min(w, h) > max_short_side:  # JPEG: decode at a fraction of the size, no bigger
+                f = max_short_side / min(w, h)
+                img.draft(None, (math.ceil(w * f), math.ceil(h * f)))
             img.load()  # reads every byte: a truncated file fails here, not mid-training
             img = ImageOps.exif_transpose(img)
-            return to_rgb(img)
+            img = to_rgb(img)
+            return _shrink(img, max_short_side) if max_short_side else img
     except Image.DecompressionBombError as err:
         raise DataError(f"{path.name}: too large to read safely ({err}). Resize it to a few thousand pixels a side "
                         "(training crops it to the training resolution anyway) or remove it.") from err
@@ -94,7 +114,7 @@ def load_folder(folder: str | Path, resolution: int, what: str = "instance", ski
     examples = []
     for p in paths:
         try:
-            img = read_image(p)
+            img = read_image(p, max(MAX_SHORT_SIDE, resolution))
         except DataError as err:
             problems.append(str(err))
             continue

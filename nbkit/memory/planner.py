@@ -1,16 +1,17 @@
 """Predict the peak GPU memory of a training run before it starts, show the breakdown, and say what to change.
 
-The peak of a step is: the weights on the GPU (each part in its precision) + the optimizer state (AdamW: two
-fp32 numbers per trained parameter; bitsandbytes 8-bit AdamW: two bytes, and fp32 for tensors under 4,096
-elements) + the most that the step itself holds at once: gradients (fp32, one per trained parameter; only one
-parameter's at a time with the optimizer in backward) and activations (what the forward pass keeps for the
-backward pass; with gradient checkpointing only each block's input, the rest recomputed), plus autocast's
-half-precision copies of fp32 weights. Weights and optimizer state come from parameter counts; the step's
-part comes from an activation model calibrated on `nbkit.memory.memtrace`, which counts every tensor a step of the
-same architecture allocates (SD 1.5 at 512 px simulated on a CPU with fake tensors). Per sample, activations
-grow linearly with the latent's pixels (attention runs through SDPA's flash / memory-efficient kernels, which
-keep no attention matrix), so the model is `fixed + samples x per_sample x (pixels / reference pixels)`
-(`nbkit.memory.actmodel`, which also adds what the CPU cannot show: CUDA autocast's fp32 norms, DDP's buckets).
+The peak of a step is: the weights on the GPU (each part in its precision) + the optimizer state (AdamW: two fp32
+numbers per trained parameter; bitsandbytes 8-bit AdamW: two bytes, and fp32 for tensors under 4,096 elements) +
+with use_ema, the average of the trained weights (fp32) + the most that the step itself holds at once: gradients
+(fp32, one per trained parameter; only one parameter's at a time with the optimizer in backward) and activations
+(what the forward pass keeps for the backward pass; with gradient checkpointing only each block's input, the rest
+recomputed), plus autocast's half-precision copies of fp32 weights. Weights and optimizer state come from parameter
+counts; the step's part comes from an activation model calibrated on `nbkit.memory.memtrace`, which counts every
+tensor a step of the same architecture allocates (SD 1.5 at 512 px simulated on a CPU with fake tensors). Per
+sample, activations grow linearly with the latent's pixels (attention runs through SDPA's flash / memory-efficient
+kernels, which keep no attention matrix), so the model is `fixed + samples x per_sample x (pixels / reference
+pixels)` (`nbkit.memory.actmodel`, which also adds what the CPU cannot show: CUDA autocast's fp32 norms, DDP's
+buckets).
 
 On a GPU, `torch.cuda.max_memory_allocated` should match the prediction; `memory_reserved` adds the caching
 allocator's slack, and the CUDA context (~0.4 GiB, outside PyTorch) comes on top: `fits` accounts for both.
@@ -270,6 +271,8 @@ def plan(cfg: TrainConfig, model=None, *, gpu_gb: float | None = None, device: s
     trained, full = _trained(arch, cfg, kind)
     rows = _weight_rows(arch, cfg, trained, full, precision if half else "fp32", ds)
     rows.append(_optimizer_row(arch, trained, full, kind, ds, eight_bit))
+    if cfg.use_ema:  # nbkit.training.ema: one more fp32 copy of what trains
+        rows.append(("EMA of the trained weights (fp32, use_ema)", 4 * sum(trained.values())))
     rows.append(_gradient_row(arch, cfg, trained, ib, ds))
     n_samples = cfg.train_batch_size * (2 if cfg.with_prior_preservation else 1)
     run = actmodel.Run(kind, n_samples, cfg.resolution // arch.vae_factor, cfg.gradient_checkpointing, ib, half,

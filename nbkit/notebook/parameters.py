@@ -76,8 +76,6 @@ PARAMETERS: dict[str, Param] = {
     "VALIDATION_STEPS": Param("int", "draw the validation prompts every this many training steps", STEPS_EVERY),
     "EVAL_STEPS": Param("int", "score subject and prompt fidelity every this many training steps and keep the best "
                                "model in best/ (0: off)", STEPS_EVERY, form=True),
-    "JUDGE_SEEDS": Param("int", "07, offline model: images per prompt the toy judge scores for each run",
-                         ("images per prompt",)),
     "KEEP_MODELS": Param("bool", "07, SD 1.5: keep every run's model folder (about 4 GB each)"),
     # --- sampling
     "SAMPLE_STEPS": Param("int | list[int]", "inference (denoising) steps per image (03: a list, the grid's "

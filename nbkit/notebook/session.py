@@ -8,14 +8,18 @@ What it decides, in order (and prints, once):
    64 px, higher learning rates, `s.pick(offline_value, sd_value)` chooses;
 4. the folders: photos, outputs, exports, in Google Drive with `use_drive` on Colab (`colab.notebook_files`);
    the output folder is made; a checkpoints folder in Drive mounts Drive;
-5. smoke mode (CI): `s.smoke(smoke_value, real_value)` chooses.
+5. the subject, when the notebook names one (`class_noun`, its CLASS_NOUN): `INSTANCE_DIR = "sample"` is the toy
+   star on the offline model and the diffusers docs' dog photos on SD 1.5 (downloaded once), and `"auto"` its class
+   noun ("star", "dog"); your own folder needs CLASS_NOUN (nbkit.data.subject decides, one printed line says what);
+6. smoke mode (CI): `s.smoke(smoke_value, real_value)` chooses.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from nbkit.data import subject as subjects
 from nbkit.env import colab, runtime
 from nbkit.models import offline
 from nbkit.training import presets
@@ -46,6 +50,12 @@ class Setup:
     out: Path  # the notebook's output folder (made)
     resolution: int  # training and sampling size: the offline model's 64, else as asked
     is_smoke: bool  # smoke mode: tiny settings, only to check the notebook runs
+    class_noun: str = ""  # what the subject is ("star", "dog", CLASS_NOUN); "" when the notebook names no subject
+    subject_why: str = ""  # which subject the notebook got and why (printed)
+
+    def noun(self, value: str) -> str:
+        """`value`, or the subject's class noun when it is "auto": `INITIALIZER = setup.noun(INITIALIZER)`."""
+        return self.class_noun if subjects.is_auto(value) else value
 
     def pick(self, offline_value, sd_value):
         """`offline_value` on the small offline model, else `sd_value`:
@@ -75,13 +85,16 @@ class Setup:
         return [scene.format(s=subject) for scene in SD_SCENES]
 
 
-def setup(notebook: str, *, model: str = "auto", instance_dir: str | Path = "sample",
+def setup(notebook: str, *, model: str = "auto", instance_dir: str | Path = "sample", class_noun: str | None = None,
           output_dir: str | Path | None = None, use_drive: bool = False, smoke: bool = False, resolution: int = 512,
           checkpoints_dir: str | Path = "") -> Setup:
     """Decide what `notebook` runs on and where its files go; print the runtime check and the model's reason.
 
-    model, instance_dir, output_dir (default outputs/<notebook>), use_drive, smoke, resolution, checkpoints_dir: the
-    notebook's MODEL, INSTANCE_DIR, OUTPUT_DIR, USE_DRIVE, SMOKE, RESOLUTION and CHECKPOINTS_DIR parameters.
+    model, instance_dir, class_noun, output_dir (default outputs/<notebook>), use_drive, smoke, resolution,
+    checkpoints_dir: the notebook's MODEL, INSTANCE_DIR, CLASS_NOUN, OUTPUT_DIR, USE_DRIVE, SMOKE, RESOLUTION and
+    CHECKPOINTS_DIR parameters. `class_noun=None` (a notebook that trains no subject): nothing is downloaded and
+    "sample" stays the toy star's folder. Raises ConfigError (an own folder with CLASS_NOUN "auto") or DataError
+    (SD 1.5 and the sample photos cannot be downloaded), each saying what to do.
     """
     rt = runtime.detect()
     chosen, why = runtime.choose_model(model, rt)
@@ -93,5 +106,11 @@ def setup(notebook: str, *, model: str = "auto", instance_dir: str | Path = "sam
     if str(checkpoints_dir).startswith(colab.DRIVE_MOUNTPOINT) and rt.platform == "colab":
         colab.mount_drive(True)  # checkpoints in Drive outlive the runtime
     small = is_offline_model(chosen)
+    noun = subject_why = ""
+    if class_noun is not None:
+        subj = subjects.choose(subjects.SAMPLE if str(instance_dir) == subjects.SAMPLE else files.instance_dir,
+                               class_noun, small, chosen)
+        print(subj.why)
+        files, noun, subject_why = replace(files, instance_dir=subj.instance_dir), subj.class_noun, subj.why
     return Setup(notebook, rt, chosen, why, report, small, files, files.instance_dir, files.output_dir,
-                 offline.OFFLINE_RESOLUTION if small else resolution, smoke)
+                 offline.OFFLINE_RESOLUTION if small else resolution, smoke, noun, subject_why)

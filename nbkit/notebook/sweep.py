@@ -27,7 +27,8 @@ final row of metrics.json when the notebook wrote one) and three figures: `final
 the steps, one line per learning rate or other grid value), `curves.png` (loss and metric curves of every run)
 and `images.png` (each run's last validation grid, laid out as the grid). From a notebook:
 `nbkit.notebook.sweep.run(spec)` and `nbkit.notebook.sweep.collect(folder)` (a list of dicts; `as_frame=True` for \
-pandas).
+pandas). The base model's scores are step 0 of the runs' own metrics (sweep_results.baseline), and the sweet spot is
+picked by the written rule of nbkit.notebook.sweep_pick, which says why and when it fell back.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # the public names of the grid spec and the results, importable from here too (python -m nbkit sweep's module)
-from nbkit.notebook.sweep_results import collect, final_columns, markdown, plot_final, score  # noqa: F401
+from nbkit.notebook.sweep_pick import SUBJECT, pick
+from nbkit.notebook.sweep_results import baseline, collect, final_columns, markdown, plot_final, score  # noqa: F401
 from nbkit.notebook.sweep_spec import (  # noqa: F401
     FAILED,
     INTERRUPTED,
@@ -212,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
             rows = collect(args.folder, plots=not args.no_plots)
             folder = Path(args.folder)
             print(markdown(rows, ["run", "status", "seconds"] + final_columns(rows)))
+            if any(SUBJECT in r for r in rows):  # scored runs: the sweet spot by the kit's rule, and why
+                print(pick(rows, baseline(folder)))
             print(f"wrote {folder / 'results.csv'}"
                   + ("" if args.no_plots else " and final.png, curves.png, images.png"))
             return 0

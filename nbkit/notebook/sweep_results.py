@@ -15,7 +15,7 @@ from typing import Any, Callable
 from nbkit.notebook.sweep_spec import OK, SweepError, _fmt, load_spec
 
 # ---------------------------------------------------------------- collect
-_SKIP_DIRS = {"checkpoints", "model", "class_images"}
+_SKIP_DIRS = {"checkpoints", "model", "best", "class_images"}
 
 
 def _json_files(folder: Path, name: str) -> dict[str, Path]:
@@ -65,6 +65,28 @@ def run_row(folder: str | Path) -> dict:
     img = final_image(folder)
     row["image"] = img.relative_to(folder).as_posix() if img else ""
     return row
+
+
+def baseline(folder: str | Path, prefix: str = "") -> dict | None:
+    """The base model's scores, measured the way the runs are: the step-0 row of every finished run's
+    metrics.json (the training loop scores the untrained model first, with the run's own scorer, prompts and seeds).
+
+    Averaged over the runs, with `runs` (how many) and `spread` (the largest difference between two runs on one
+    score: 0 when sampling is deterministic); `prefix` reads a subfolder's metrics ("with_prior/"). None when no
+    finished run was scored."""
+    found = []
+    for p in _run_folders(Path(folder)):
+        rec = json.loads((p / "run.json").read_text())
+        first = next((r for r in _read_rows(p / prefix / "metrics.json") if r.get("step") == 0), None)
+        if rec.get("status") == OK and first:
+            found.append(first)
+    if not found:
+        return None
+    keys = [k for k in _numbers(found[0]) if k not in ("step", "seconds") and all(k in r for r in found)]
+    base: dict[str, Any] = {k: sum(r[k] for r in found) / len(found) for k in keys}
+    base.update(runs=len(found), spread=max((max(r[k] for r in found) - min(r[k] for r in found) for k in keys),
+                                            default=0.0), scorer=found[0].get("scorer", ""))
+    return base
 
 
 def final_image(folder: str | Path) -> Path | None:

@@ -24,6 +24,7 @@ from nbkit.paths import ROOT
 KIT_ROOT = ROOT  # notebooks named relative to the kit's folder are found from anywhere
 SPEC_KEYS = {"notebook", "output", "fixed", "grid", "cleanup", "kernel"}
 RESERVED = "OUTPUT_DIR"  # set by the sweep: each run's own folder
+TOY_GRID_FILE = KIT_ROOT / "configs" / "sweeps" / "toy_lr_steps.yaml"  # the offline model's one grid (see toy_grid)
 OK, FAILED, RUNNING, INTERRUPTED = "ok", "failed", "running", "interrupted"
 
 
@@ -165,6 +166,13 @@ def load_spec(spec: str | Path | dict | Spec, output: str | Path | None = None,
     if check:
         check_parameters(s)
     return s
+
+
+def toy_grid() -> dict[str, list]:
+    """The offline model's learning-rate x steps grid, {parameter of notebook 01: values}, from
+    configs/sweeps/toy_lr_steps.yaml: the one grid that notebook 07 runs offline and benchmarks/findings.py measures
+    (`--quick`, docs/findings.json), so 07 can quote the findings' numbers for the grid its learner runs."""
+    return {k: list(v) for k, v in load_spec(TOY_GRID_FILE, check=False).grid.items()}
 
 
 def notebook_parameters(notebook: str | Path) -> dict[str, Any]:

@@ -72,14 +72,16 @@ def photos(folder: str | Path, size: int, upload: bool = False) -> list:
     picture in `folder` loaded and checked (`nbkit.data.images.load_folder`: bad files named, with what to do).
     Returns the examples. Never waits outside an interactive Colab notebook (papermill, Kaggle, Jupyter)."""
     from nbkit.data.images import load_folder
+    from nbkit.data.subject import dog_dir
     from nbkit.env import colab
     from nbkit.paths import SAMPLE_INSTANCE_DIR
 
     folder = Path(folder)
     if upload:
-        if folder.resolve() == Path(SAMPLE_INSTANCE_DIR).resolve():
-            raise ValueError("UPLOAD = True saves your photos into INSTANCE_DIR, which is the kit's toy subject "
-                             '("sample"): set INSTANCE_DIR to a new folder name first, e.g. "my_dog".')
+        if folder.resolve() in (Path(SAMPLE_INSTANCE_DIR).resolve(), dog_dir().resolve()):
+            raise ValueError("UPLOAD = True saves your photos into INSTANCE_DIR, which is the kit's sample subject "
+                             '("sample"): set INSTANCE_DIR to a new folder name first, e.g. "my_dog", and CLASS_NOUN '
+                             "to what the photos show.")
         if colab._interactive_colab():
             saved = upload_photos(folder)
             print(f"Saved {len(saved)} file(s) to {folder}." if saved else "No file chosen.")

@@ -45,6 +45,12 @@ class EvaluatorUnavailable(OSError):
     """A scoring model could not be loaded; the message says why and what to do."""
 
 
+class Unscorable(EvaluatorUnavailable):
+    """The run's pictures are valid but no scorer can read them (ordinary photos on the offline toy model: the toy
+    judge knows only its world's shapes, CLIP and DINO cannot read 64 px toy pictures). Training goes on unscored
+    (nbkit.scores.tracking); `except EvaluatorUnavailable` catches it too."""
+
+
 # ------------------------------------------------------------------------------------------------ the two models
 
 def _device(device: str | None) -> torch.device:
@@ -348,7 +354,8 @@ def for_run(model, instance_dir: str | Path, identifier: str, class_noun: str, *
     `model`: "offline", a hub id, a diffusers folder, SDParts or a pipeline. `phrase` names the subject in prompts
     when it is not "<identifier> <class_noun>" (Textual Inversion: "<zwx>"). `clip_model`/`dino_model` override
     the hub ids (also NBKIT_CLIP_MODEL / NBKIT_DINO_MODEL). Prints which scorer it chose and why.
-    `optional=True`: when CLIP/DINO cannot be loaded (no hub, nothing cached), say so and return None instead of
+    `optional=True`: when CLIP/DINO cannot be loaded (no hub, nothing cached), or the offline model is trained on
+    pictures the toy judge cannot read (not toy-world pictures: Unscorable), say so and return None instead of
     raising EvaluatorUnavailable (a notebook then shows pictures without numbers).
     """
     from nbkit.data import images as data
@@ -361,9 +368,13 @@ def for_run(model, instance_dir: str | Path, identifier: str, class_noun: str, *
     if px == OFFLINE_RESOLUTION:
         subject, shown = _toy_subject(refs)
         if subject is None:
-            raise ValueError(f"The instance pictures in {instance_dir} show none of the toy world's subjects, so the "
-                             "toy judge cannot score them. Use the kit's data/instance/zwx_star (or pictures made "
-                             "with nbkit.toy.world.write_subject_images).")
+            err = Unscorable(f"the pictures in {instance_dir} show none of the toy world's subjects, so the toy judge "
+                             "cannot score them (it reads the shapes, colours and stripes of its own world, not "
+                             f"photos), and CLIP and DINO mean nothing on the offline model's {px} px toy pictures")
+            if not optional:
+                raise err
+            print(f"No scores for this run: {err}.")
+            return None
         contexts = tuple(b for b in NEW_CONTEXTS if b not in shown) or NEW_CONTEXTS  # backgrounds it never saw
         ev: Evaluator = JudgeEvaluator(**common, size=OFFLINE_RESOLUTION, subject=subject, contexts=contexts,
                                        why=f"the model draws {px} px toy-world pictures, which CLIP and DINO cannot "

@@ -178,12 +178,24 @@ class Tracker:
     about: dict = field(default_factory=dict)  # written into best.json: method, base model, TI token
 
     @classmethod
-    def for_training(cls, cfg, parts, method, out: Path, verbose: bool = True) -> Tracker:
-        """The tracker of a training run: its evaluator (nbkit.scores.evaluate.for_run) and how to save its model."""
+    def for_training(cls, cfg, parts, method, out: Path, verbose: bool = True) -> Tracker | None:
+        """The tracker of a training run: its evaluator (nbkit.scores.evaluate.for_run) and how to save its model.
+
+        None, said once, when the pictures are valid but no scorer can read them (evaluate.Unscorable: ordinary
+        photos on the offline toy model): the run trains unscored. Decided: no metrics.json and no best/ then, not
+        a best model kept by loss (the training loss keeps falling as a run overfits: the lowest-loss step would be
+        the most overfit one). A scorer that cannot be loaded (EvaluatorUnavailable) still stops the run
+        before it starts, as it can be fixed (a download, a folder) and the run would otherwise lose its numbers."""
         identifier, class_noun, phrase = subject_words(cfg)
-        ev = evaluate.for_run(parts, cfg.instance_dir, identifier, class_noun, seeds=cfg.eval_seeds,
-                              steps=cfg.sample_steps, guidance=cfg.guidance_scale, scheduler=cfg.sample_scheduler,
-                              size=cfg.resolution, phrase=phrase, verbose=verbose)
+        try:
+            ev = evaluate.for_run(parts, cfg.instance_dir, identifier, class_noun, seeds=cfg.eval_seeds,
+                                  steps=cfg.sample_steps, guidance=cfg.guidance_scale, scheduler=cfg.sample_scheduler,
+                                  size=cfg.resolution, phrase=phrase, verbose=verbose)
+        except evaluate.Unscorable as err:
+            print(f"This run is not scored: {err}. It trains all the same (eval_steps={cfg.eval_steps} is ignored): "
+                  f"no {METRICS_FILE} and no {BEST_DIR}/; judge it by its validation pictures and the final model.")
+            _drop_earlier_scores(Path(out))
+            return None
         about = {"method": method.name, "base_model": parts.source, "placeholder_token":
                  cfg.placeholder_token if method.name == "textual_inversion" else None}
         return cls(ev, Path(out), model_saver(cfg, parts, method) if cfg.keep_best else None, about=about)
@@ -246,6 +258,16 @@ class Tracker:
         return (f"Best model: step {b['step']} (subject fidelity {b['subject_fidelity']:.2f}, prompt fidelity "
                 f"{b['prompt_fidelity']:.2f}, class drift {b['class_drift']:.2f})" +
                 (f", saved in {b['path']}." if b.get("path") else "."))
+
+
+def _drop_earlier_scores(out: Path) -> None:
+    """An unscored run's folder must not show an earlier run's metrics.json and best/ as its own (they cannot be
+    this run's: a resumed run has the same pictures, so it was unscored before too)."""
+    stale = [p for p in (out / METRICS_FILE, out / BEST_DIR) if p.exists()]
+    for p in stale:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    if stale:
+        print(f"Removed an earlier run's scores from {out}: {', '.join(p.name for p in stale)}.")
 
 
 def subject_words(cfg) -> tuple[str, str, str]:

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from nbkit.config import TrainConfig
+from nbkit.training import trackers
 
 
 def world_size() -> int:
@@ -44,6 +45,7 @@ def make_accelerator(cfg: TrainConfig, precision: str, cpu: bool):
     ddp = DistributedDataParallelKwargs(gradient_as_bucket_view=True,
                                         find_unused_parameters=cfg.text_encoder_steps is not None and world_size() > 1)
     kw: dict = dict(mixed_precision=precision, cpu=cpu, kwargs_handlers=[AutocastKwargs(cache_enabled=False), ddp])
+    kw.update(trackers.accelerator_kwargs(cfg))  # report_to: TensorBoard, wandb, ...
     if cfg.deepspeed_config:
         kw["deepspeed_plugin"] = deepspeed_plugin(cfg)
         _single_process_env()

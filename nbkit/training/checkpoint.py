@@ -7,6 +7,8 @@ A checkpoint is a folder `step_NNNNNN/` holding everything the next step depends
 - `optimizer-*.safetensors`: every tensor of the optimizer's state dict (sharded: never more than ~1 GB in RAM at
   once); its structure and plain values go into `checkpoint.json` (nbkit.safeio.split_tree: any optimizer's
   state dict, at any depth: torch AdamW, bitsandbytes' 8-bit AdamW, the optimizer in backward's list of them);
+- `ema-*.safetensors` (use_ema): the average of the trained weights (nbkit.training.ema), its step count in
+  `checkpoint.json`;
 - `rng.safetensors` and `checkpoint.json`: the step, LR schedule, GradScaler, RNG states, the settings and a
   fingerprint of the training pictures (the data order is a function of (seed, step), see data.batch_indices),
   the loss log, the validation grids and the metrics rows so far (nbkit.scores.tracking), and the size of every file.
@@ -46,7 +48,7 @@ MAY_CHANGE = {
     "output_dir", "checkpoints_dir", "checkpointing_steps", "checkpoints_total_limit", "resume", "max_train_steps",
     "mixed_precision", "gradient_checkpointing", "validation_prompts", "validation_steps", "num_validation_images",
     "sample_scheduler", "sample_steps", "guidance_scale", "save_dtype", "instance_dir", "class_dir",
-    "eval_steps", "eval_seeds", "keep_best",
+    "eval_steps", "eval_seeds", "keep_best", "report_to", "logging_dir",
 }
 
 
@@ -71,6 +73,7 @@ class Resumable:
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     scaler: object | None = None  # accelerate's GradScaler (fp16 only)
+    ema: object | None = None  # nbkit.training.ema.Ema (use_ema): the average, saved as ema-*.safetensors
 
 
 @dataclass
@@ -106,10 +109,11 @@ def data_fingerprint(groups: dict[str, list[tuple[Path, str]]]) -> dict:
     return out
 
 
-def estimate_bytes(params: list[torch.nn.Parameter], eight_bit_adam: bool) -> int:
-    """About how big one checkpoint of these parameters is on disk (fp32 weights + AdamW moments + 1 MiB)."""
+def estimate_bytes(params: list[torch.nn.Parameter], eight_bit_adam: bool, ema: bool = False) -> int:
+    """About how big one checkpoint of these parameters is on disk (fp32 weights, and their EMA, + AdamW moments +
+    1 MiB)."""
     numels = [p.numel() for p in params]
-    return sum(numels) * 4 + adam_state_bytes(numels, eight_bit_adam) + (1 << 20)
+    return sum(numels) * (8 if ema else 4) + adam_state_bytes(numels, eight_bit_adam) + (1 << 20)
 
 
 # --- listing ----------------------------------------------------------------------------------------------------
@@ -204,11 +208,12 @@ class Checkpoints:
         optimizer = save_sharded(opt_tensors.items(), tmp, "optimizer")
         rng_tensors, rng_rest = _rng_state()
         save_tensors(rng_tensors, tmp / "rng.safetensors")
+        ema = res.ema.save(tmp) if res.ema is not None else None
         info = {
             "format": FORMAT, "step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **state,
             "weights": weights, "optimizer_files": optimizer, "optimizer": opt_rest,
             "lr_scheduler": res.lr_scheduler.state_dict(),
-            "scaler": res.scaler.state_dict() if res.scaler is not None else None, "rng": rng_rest,
+            "scaler": res.scaler.state_dict() if res.scaler is not None else None, "rng": rng_rest, "ema": ema,
             "files": {p.name: p.stat().st_size for p in sorted(tmp.iterdir())},
         }
         fsync_write(tmp / INFO, json.dumps(info, indent=1).encode())  # last: its presence marks a whole checkpoint
@@ -294,6 +299,14 @@ def restore(path: str | Path, res: Resumable) -> dict:
     if res.scaler is not None and info.get("scaler"):
         res.scaler.load_state_dict(info["scaler"])
     _set_rng_state(load_sharded(path, ["rng.safetensors"], lambda key: "cpu"), info["rng"])
+    if res.ema is not None:
+        if not info.get("ema"):
+            raise ResumeError(f"{path} holds no EMA of the weights (it was made with use_ema=False): resume it with "
+                              "use_ema=False, or start over (resume=None).")
+        try:
+            res.ema.load(path, info["ema"])
+        except KeyError as err:
+            raise ResumeError(f"{err.args[0]}: it was made by another method or model.") from None
     return info
 
 

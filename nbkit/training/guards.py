@@ -98,7 +98,7 @@ def run_disk_needs(cfg: TrainConfig, parts, method, existing_checkpoints: int, s
     every, limit = cfg.checkpointing_steps, cfg.checkpoints_total_limit
     new = (cfg.max_train_steps // every - start_step // every) if every else 0
     if new > 0:
-        size = checkpoint.estimate_bytes(method.params, eight_bit_adam)
+        size = checkpoint.estimate_bytes(method.params, eight_bit_adam, cfg.use_ema)
         count = new if limit is None else min(new, max(1, limit + 1 - existing_checkpoints))
         needs.append((checkpoint.folder(cfg), count * size,
                       f"{count} checkpoint(s) of {gb(size)} (limit {limit}, plus the one being written)"))

@@ -5,7 +5,9 @@ folders checked first: writable, the checkpoint to resume from; precision; the a
 parameters train, frozen weights in half precision, the loss terms) -> the scorer (eval_steps) -> the data
 (nbkit.training.batches: latents and prompt embeddings cached once) -> `_optimizer` -> `_resume` -> `_steps` (each
 step an `_update` guarded against out of memory and non-finite losses, built from `_loss`; then `_after_step`:
-validation pictures, scores and the best model (nbkit.scores.tracking), checkpoints) -> `_save`.
+validation pictures, scores and the best model (nbkit.scores.tracking), checkpoints) -> `_save`. With use_ema,
+nbkit.training.ema's average of the trained weights is stepped after each update and is what is sampled, scored and
+saved; training continues on the raw weights.
 
 A step is a pure function of (seed, step): the batch, the noise and the timesteps are drawn from generators
 seeded by the step, so runs are repeatable, and a run resumed from a checkpoint (nbkit.training.checkpoint) ends with
@@ -30,7 +32,7 @@ from nbkit.env import runtime
 from nbkit.models.parts import SDParts, load_parts, pipeline
 from nbkit.sample.sampling import generate, grid
 from nbkit.scores import tracking
-from nbkit.training import accel, batches, checkpoint, guards, manifest, methods, optim, placement
+from nbkit.training import accel, batches, checkpoint, ema, guards, manifest, methods, optim, placement, trackers
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
 
@@ -79,6 +81,7 @@ def _train(cfg: TrainConfig, parts: SDParts | None, progress: bool, run: manifes
            live: placement.Live) -> TrainResult:
     """The stages of a run, in order; each is a function below."""
     s = _setup(cfg, run)  # settings, folders, the checkpoint to resume from, precision, accelerator
+    live.trackers = s.trackers  # TensorBoard/wandb flushed however the run ends
     parts, method, obj = _model(cfg, parts, s, live)  # which parameters train, where the parts sit, the loss terms
     s.tracker = (tracking.Tracker.for_training(cfg, parts, method, s.out)  # its models load now: fail early
                  if cfg.eval_steps and s.accelerator.is_main_process else None)
@@ -102,8 +105,10 @@ class _Setup:
     ckpts: checkpoint.Checkpoints
     out: Path
     resume_from: Path | None
+    trackers: trackers.Trackers  # TensorBoard, wandb, ... (report_to)
     tracker: object = None  # nbkit.scores.tracking.Tracker with eval_steps (main process)
     resumable: checkpoint.Resumable | None = None  # what a checkpoint saves and restores
+    ema: ema.Ema | None = None  # use_ema: the average of the trained weights (saved, sampled and scored)
     fingerprint: dict | None = None  # the pictures and prompts a resumed run must find again
     scales: list = field(default_factory=list)  # fp16: the loss scale after each step
     skipped: list = field(default_factory=list)  # fp16: steps whose gradients overflowed (not applied)
@@ -135,7 +140,8 @@ def _setup(cfg: TrainConfig, run: manifest.Run) -> _Setup:
         print(f"optimizer_in_backward: using the normal optimizer instead, because of {why_not}.")
     if accelerator.is_main_process:
         print(accel.effective_batch(cfg, procs)[1])
-    return _Setup(t0, rt, precision, DTYPES[precision], accelerator, in_backward, ckpts, out, resume_from)
+    return _Setup(t0, rt, precision, DTYPES[precision], accelerator, in_backward, ckpts, out, resume_from,
+                  trackers.Trackers(accelerator, cfg))
 
 
 @dataclass
@@ -234,8 +240,9 @@ def _loss(cfg: TrainConfig, parts: SDParts, s: _Setup, b: batches.Batches, o: _O
 
 
 def _resume(cfg, parts, method, s: _Setup, b: batches.Batches, o: _Opt, run: manifest.Run) -> checkpoint.Progress:
-    s.resumable = checkpoint.Resumable(checkpoint.trainable_params(parts, method), o.optimizer, o.lr_sched,
-                                       s.accelerator.scaler)
+    named = checkpoint.trainable_params(parts, method)
+    s.ema = ema.make(cfg, named)  # from the weights as they start; a checkpoint's average replaces it
+    s.resumable = checkpoint.Resumable(named, o.optimizer, o.lr_sched, s.accelerator.scaler, s.ema)
     s.fingerprint = b.fingerprint()
     state = checkpoint.Progress()
     if s.resume_from:
@@ -246,6 +253,7 @@ def _resume(cfg, parts, method, s: _Setup, b: batches.Batches, o: _Opt, run: man
         if not s.resume_from:  # the untrained model: the baseline of every curve
             with _sampling(cfg, parts, s.device, s.precision, s.weight_dtype) as pipe:
                 s.tracker.update(0, pipe)
+            s.trackers.scores(s.tracker.rows[-1])
     return state
 
 
@@ -265,6 +273,7 @@ def _steps(cfg, parts, method, s: _Setup, b, o: _Opt, obj, state, run: manifest.
             total, terms = _update(cfg, parts, method, s, b, o, obj, step, te_trains)
         s.step_seconds.append(time.perf_counter() - t_step)
         state.log.append({"step": step + 1, "loss": total, "lr": o.lr_sched.get_last_lr()[0], **terms})
+        s.trackers.step(state.log[-1])
         bar.set_postfix(loss=f"{total:.4f}")
         run.steps_done = step + 1
         _after_step(cfg, parts, method, s, state, run, step + 1)
@@ -300,17 +309,24 @@ def _update(cfg, parts, method, s: _Setup, b, o: _Opt, obj, step: int, te_trains
     o.lr_sched.step()
     o.optimizer.zero_grad(set_to_none=True)
     method.after_step()
+    if s.ema:  # after the method's own fix-ups (TI's untouched rows put back)
+        s.ema.step()
     return total, terms
 
 
 def _after_step(cfg, parts, method, s: _Setup, state, run: manifest.Run, done: int) -> None:
     """What is due after step `done`: validation pictures, scores (best model, overfit warning), a checkpoint."""
     main, last = s.accelerator.is_main_process, done == cfg.max_train_steps
-    if main and cfg.validation_prompts and cfg.validation_steps and (done % cfg.validation_steps == 0 or last):
-        state.validation[done] = _validate(cfg, parts, s.out, done, s.device, s.precision, s.weight_dtype)
-    if s.tracker and (done % cfg.eval_steps == 0 or last):
-        with _sampling(cfg, parts, s.device, s.precision, s.weight_dtype) as pipe:
-            s.tracker.update(done, pipe)  # metrics.json, best/, the overfit warning
+    show = main and cfg.validation_prompts and cfg.validation_steps and (done % cfg.validation_steps == 0 or last)
+    score = s.tracker and (done % cfg.eval_steps == 0 or last)
+    with ema.applied(s.ema if show or score else None):  # pictures and scores of the average; then the raw weights
+        if show:
+            state.validation[done] = _validate(cfg, parts, s.out, done, s.device, s.precision, s.weight_dtype)
+            s.trackers.image(state.validation[done], done)
+        if score:
+            with _sampling(cfg, parts, s.device, s.precision, s.weight_dtype) as pipe:
+                s.tracker.update(done, pipe)  # metrics.json, best/, the overfit warning
+            s.trackers.scores(s.tracker.rows[-1] if s.tracker.rows else None)
     if main and cfg.checkpointing_steps and done % cfg.checkpointing_steps == 0:
         saved_at = s.ckpts.save(done, s.resumable, {
             "method": method.name, "config": cfg.to_dict(), "data": s.fingerprint, "log": state.log,
@@ -322,6 +338,8 @@ def _after_step(cfg, parts, method, s: _Setup, state, run: manifest.Run, done: i
 
 def _save(cfg, parts, method, s: _Setup, o: _Opt, obj: _Objective, state, run: manifest.Run) -> TrainResult:
     """The trained parts as plain modules again, the result written, the manifest finished, the run's facts."""
+    if s.ema:
+        s.ema.copy_in()  # the average is what the run saves and returns
     for m in (parts.unet, parts.text_encoder):
         m.eval()
     parts.unet = placement.unprepare(o.unet)
@@ -334,6 +352,7 @@ def _save(cfg, parts, method, s: _Setup, o: _Opt, obj: _Objective, state, run: m
     (out / "losses.json").write_text(json.dumps(state.log))
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     run.finish("finished", steps_done=cfg.max_train_steps, saved=str(saved))
+    s.trackers.end()
     if s.tracker:
         print(s.tracker.summary())
     opt = o.optimizer

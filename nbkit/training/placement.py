@@ -35,6 +35,7 @@ class Live:
     optimizer: object = None
     device: torch.device | None = None
     modes: dict = field(default_factory=dict)  # module name -> training flag before the run (eval after loading)
+    trackers: object = None  # nbkit.training.trackers.Trackers: flushed and closed
 
     def clean_up(self) -> None:
         for p in self.params:
@@ -46,7 +47,10 @@ class Live:
         for name, training in self.modes.items():  # train mode would leave dropout on in the next samples
             setattr(self.parts, name, unprepare(getattr(self.parts, name)))
             getattr(self.parts, name).train(training)
-        self.parts, self.params, self.optimizer = None, [], None  # the error's frames must not keep them alive
+        if self.trackers is not None:
+            self.trackers.end()
+        # the error's frames must not keep them alive
+        self.parts, self.params, self.optimizer, self.trackers = None, [], None, None
 
 
 def unprepare(model: torch.nn.Module) -> torch.nn.Module:

@@ -26,6 +26,9 @@ class Change:
 def remedies(cfg: TrainConfig) -> list[Change]:
     """Memory savers not yet in `cfg`, cheapest first (in quality and speed)."""
     out = []
+    if cfg.use_ema:
+        out.append(Change({"use_ema": False}, "no EMA, one fp32 copy of the trained weights less (the run then saves "
+                                              "the raw weights)", automatic=False))
     if cfg.mixed_precision == "no":
         out.append(Change({"mixed_precision": "auto"}, "mixed precision, fp16/bf16 activations (trainable weights "
                                                         "stay fp32)", automatic=False))
