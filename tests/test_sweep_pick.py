@@ -195,7 +195,7 @@ def test_notebook_07_on_sd15_with_drive_puts_the_sweep_in_drive_and_cleans_best(
     i = next(k for k, c in enumerate(cells) if "parameters" in c.metadata.get("tags", []))
     env: dict = {}
     exec(cells[i].source, env)
-    env.update(USE_DRIVE=True, INSTANCE_DIR="my_dog")
+    env.update(USE_DRIVE=True, INSTANCE_DIR="my_dog", CLASS_NOUN="dog")
     exec(cells[i + 1].source, env)
     spec = env["spec"]
     assert env["setup"].model == runtime.SD15 and env["lr_key"] == "LEARNING_RATE"
