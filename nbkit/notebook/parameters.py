@@ -12,8 +12,10 @@ means "one run / one column per value".
 
 Colab forms: the rows with `form=True` are the settings a student changes; in every notebook their line carries
 Colab's form marker before its one explanatory comment, `MAX_TRAIN_STEPS = 400  #@param {type:"integer"}  # ...`
-(`colab_marker` writes it). Colab draws a form field from the marker; papermill reads the value before the first
-`#` and still injects its own cell after this one (both checked in tests/test_parameter_names.py).
+(`colab_marker` writes it). The comment goes after the marker, as form notebooks in the wild write it: Colab takes
+the field's value from between `=` and `#@param` (a comment before the marker would land in the value) and leaves
+the rest of the line alone; papermill reads the value before the first `#` and still injects its own cell after
+this one (both checked in tests/test_parameter_names.py).
 """
 
 from __future__ import annotations
