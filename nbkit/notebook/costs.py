@@ -8,7 +8,7 @@ With the notebook's own parameters (read by their one meaning, nbkit/notebook/pa
 * the disk it fills on SD 1.5: model folders (~4.3 GB in fp32, ~2.1 GB in fp16), `best/` (a full fp32 model for
   DreamBooth), resumable checkpoints, exports, class images; and the downloads (SD 1.5, CLIP and DINO for scores);
 * the offline model on a 2-core CPU, **measured**: the notebook run end to end with its default settings
-  (`MEASURED_OFFLINE`: seconds, disk, date, the machine's load);
+  (`MEASURED_OFFLINE`: seconds, what it wrote, date, and how busy the machine was);
 * with USE_DRIVE on Colab, the Google Drive space it needs against what is free, before anything is written there.
 """
 
@@ -27,10 +27,21 @@ SCORER_BYTES = {"CLIP ViT-B/32 (openai/clip-vit-base-patch32)": 605 * 10**6,  # 
                 "DINO ViT-S/16 (facebook/dino-vits16)": 87 * 10**6}
 EVAL_PROMPTS, EVAL_SEEDS = 6, 4  # per evaluation: subject, 4 new contexts, class (scores.evaluate), eval_seeds each
 
-# The offline model on a 2-core CPU, each notebook run end to end with papermill and its default parameters
-# (MODEL=offline): seconds, bytes written, date, the machine's 1-minute load average while it ran (other jobs).
-MEASURED_OFFLINE: dict[str, tuple[float, int, str, float]] = {
-    "00_start_here": (85, 0, "2026-12-02", 7.3),
+@dataclass(frozen=True)
+class Measured:
+    """One notebook run end to end with papermill on the offline model, its default parameters, a 2-core CPU."""
+
+    seconds: float  # wall-clock time of the whole run
+    written: int  # bytes it wrote (its output folder)
+    date: str
+    machine: str  # the machine and how busy it was (other jobs share these 2 cores)
+
+
+BUSY = "a 2-core x86_64 machine shared with other jobs (1-minute load {:g} at the start: an idle one is faster)"
+# Measured with `papermill notebooks/NN.ipynb out.ipynb -p MODEL offline -p OUTPUT_DIR out`
+# (wall time from start to end, `du -sb out`), at the commit named in the git log of this table.
+MEASURED_OFFLINE: dict[str, Measured] = {
+    "00_start_here": Measured(85, 59_657, "2026-12-02", BUSY.format(7.6)),
 }
 
 
@@ -44,7 +55,7 @@ class Costs:
     peak_note: str = ""
     disk: list[tuple[str, int]] = field(default_factory=list)  # (what, bytes) written with SD 1.5
     downloads: list[tuple[str, int]] = field(default_factory=list)  # (what, bytes), once (cached)
-    offline: tuple[float, int, str, float] | None = None  # MEASURED_OFFLINE's row
+    offline: Measured | None = None  # MEASURED_OFFLINE's row
     drive: str = ""  # the Google Drive check (USE_DRIVE)
 
     @property
@@ -60,9 +71,9 @@ class Costs:
         t4 = ("SD 1.5 on a T4 (planned)", f"~{_minutes(self.seconds)}", f"{self.peak / GiB:.1f} GiB peak (planned)",
               f"{self.disk_bytes / GB:.1f} GB")
         if self.offline:
-            s, b, date, load = self.offline
-            cpu = (f"offline model, 2-core CPU (measured {date}, default settings, load {load:g})",
-                   f"{_minutes(s)} (measured)", "none (CPU)", f"{b / 10**6:.0f} MB")
+            m = self.offline
+            cpu = (f"offline model, 2-core CPU (measured {m.date}, default settings, on {m.machine})",
+                   f"{_minutes(m.seconds)} (measured)", "none (CPU)", f"{m.written / 10**6:.0f} MB")
         else:
             cpu = ("offline model, 2-core CPU", "not measured yet", "none (CPU)", "")
         return [t4, cpu]
