@@ -2,6 +2,8 @@
 
     python benchmarks/bench_memory.py                 # a CUDA GPU: SD 1.5 at 512 px, capped at 16 GiB
     python benchmarks/bench_memory.py --smoke         # anywhere: the offline model at 64 px, 2 steps (CI)
+    python benchmarks/bench_memory.py --sdxl          # SDXL LoRA rank 4/8/16 at 1024 px: measured on a GPU,
+                                                      # planned (and labelled so) without one
 
 SD 1.5 is built from its configs (data/sd15-arch) with random weights, directly on the GPU: nothing is
 downloaded, and random weights cost exactly the memory and time of the real ones. The GPU is capped with
@@ -12,6 +14,13 @@ records `torch.cuda.max_memory_allocated` / `max_memory_reserved` over the whole
 per step; then a reference loop that does what the diffusers DreamBooth example does each step (VAE encode
 and text-encoder forward every step, no caching; same precision, optimizer and checkpointing); and the
 planner's prediction. Results: a markdown table on stdout and JSON + markdown under --out.
+
+`--sdxl`: SDXL base 1.0 LoRA (rank 4 / 8 / 16, 1024 px, batch 1, fp16, 8-bit AdamW, gradient checkpointing, latents
+and prompt embeddings cached; target: peak allocated <= 14 GiB under the 16 GiB cap). On a GPU, SDXL is built from
+data/sdxl-arch with random weights (nbkit.memory.sdxlarch: real sizes, random values) and `sdxl_lora_run` does what
+the kit's loop does with it: every network placed (UNet and both text encoders fp16, the VAE fp32), the VAE encoding
+the pictures two at a time then leaving the GPU, then the steps on cached inputs; it records the caching phase's
+peak and the steps' peak separately. Without a GPU the rows are the planner's, labelled "planned".
 """
 
 from __future__ import annotations
@@ -51,6 +60,8 @@ METHODS = {
     "ti": dict(method="textual_inversion", instance_prompt="a photo of <zwx>", initializer_token="star"),
     "lora": dict(method="lora"),
 }
+SDXL_RANKS = (4, 8, 16)
+SDXL_TARGET_GIB = 14.0  # SDXL LoRA at 1024 px, batch 1, under the 16 GiB cap (issue 17)
 TARGETS_GIB = {("dreambooth", "16gb"): 9.5, ("dreambooth+te+prior", "16gb"): 11.0,
                ("dreambooth+te+prior", "8gb"): 8.0, ("ti", "16gb"): 5.0, ("lora", "16gb"): 5.0}
 
@@ -215,6 +226,111 @@ def run_reference(cfg: TrainConfig, smoke: bool, device: str, steps: int, warmup
             "s_per_step": statistics.median(times[warmup:] or times)}
 
 
+def sdxl_config(rank: int, res: int = 1024, steps: int = 12) -> TrainConfig:
+    """The SDXL LoRA rows' run: the 16 GB preset's SDXL settings (nbkit.training.presets), batch 1, cached inputs."""
+    return TrainConfig(model="sdxl", method="lora", lora_rank=rank, resolution=res, mixed_precision="fp16",
+                       use_8bit_adam=True, gradient_checkpointing=True, cache_latents=True, train_batch_size=1,
+                       max_train_steps=steps, validation_steps=0, learning_rate=1e-4)
+
+
+def sdxl_lora_run(cfg: TrainConfig, steps: int, warmup: int) -> dict:
+    """Peak GPU memory of an SDXL LoRA run as the kit's loop places it, on random weights (module doc)."""
+    import torch.nn.functional as F
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+
+    from nbkit.memory import phases, sdxlarch
+    from nbkit.training.optim import make_optimizer
+
+    dev, half = torch.device("cuda"), torch.float16
+    _reset_cuda()
+    try:
+        nets = sdxlarch.build(dev, dtypes={"unet": half, "text_encoder": half, "text_encoder_2": half,
+                                           "vae": torch.float32})
+        for m in (nets.unet, nets.text_encoder, nets.text_encoder_2, nets.vae):
+            m.requires_grad_(False)
+        nets.unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
+                                         target_modules=methods.LORA_TARGETS_UNET))
+        cast_training_params([nets.unet], dtype=torch.float32)
+        with torch.no_grad():  # caching: the pictures a few at a time through the fp32 VAE, the prompt once
+            px = torch.rand(phases.encode_chunk(cfg.resolution), 3, cfg.resolution, cfg.resolution, device=dev) * 2 - 1
+            lat = nets.vae.encode(px).latent_dist.sample()[:1].float() * nets.vae.config.scaling_factor
+            ids = torch.randint(0, 49_408, (1, 77), device=dev)
+            nets.text_encoder(ids, output_hidden_states=True)
+            nets.text_encoder_2(ids, output_hidden_states=True)
+        caching = _peaks()
+        nets.vae.to("cpu")
+        del px
+        _reset_cuda()
+        emb = torch.randn(1, 77, nets.unet.config.cross_attention_dim, device=dev)  # cached, finite
+        cond = sdxlarch.added_conditions(nets.unet.config, 1)["added_cond_kwargs"]
+        cond = {k: v.to(dev) for k, v in cond.items()}
+        nets.unet.enable_gradient_checkpointing()
+        nets.unet.train()
+        params = [p for p in nets.unet.parameters() if p.requires_grad]
+        opt = make_optimizer(params, cfg, "cuda")
+        scaler, times = torch.amp.GradScaler("cuda"), []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            noise = torch.randn_like(lat)
+            with torch.autocast("cuda", dtype=half, cache_enabled=False):
+                pred = nets.unet(lat + noise, torch.randint(0, 1000, (1,), device=dev), emb,
+                                 added_cond_kwargs=cond).sample
+            scaler.scale(F.mse_loss(pred.float(), noise)).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    except torch.cuda.OutOfMemoryError:
+        return {"status": "OOM", **dict(zip(("allocated", "reserved"), _peaks()))}
+    alloc, res = _peaks()
+    stepped = bool(opt.state)  # an fp16 overflow on every step would skip the optimizer (and its state)
+    return {"status": "ok" if stepped else "optimizer never stepped (fp16 overflow)", "allocated": alloc,
+            "reserved": res, "caching_allocated": caching[0], "caching_reserved": caching[1],
+            "s_per_step": statistics.median(times[warmup:] or times), "trainable": sum(p.numel() for p in params)}
+
+
+def sdxl_rows(cuda: bool, cap_gib: float, steps: int, warmup: int, res: int = 1024) -> list[dict]:
+    """The SDXL LoRA rows: measured (cuda) or planned, each with the planner's figures."""
+    rows = []
+    for rank in SDXL_RANKS:
+        cfg = sdxl_config(rank, res, steps)
+        p = planner.plan(cfg, "sdxl", gpu_gb=cap_gib, device="cuda", bf16=False)
+        row = {"model": "sdxl", "method": "lora", "rank": rank, "resolution": res,
+               "settings": "fp16, 8-bit, ckpt, cached latents + embeddings", "planner_step_gib": p.allocated / GiB,
+               "planner_peak_gib": p.peak / GiB, "planner_needed_gib": p.needed / GiB, "planner_fits": p.fits,
+               "planner_caching_gib": next((b for what, b in p.phases if what.startswith("caching")), 0) / GiB,
+               "measured": sdxl_lora_run(cfg, steps, warmup) if cuda else None}
+        rows.append(row)
+        print(sdxl_table([row]).splitlines()[-1], flush=True)
+    return rows
+
+
+def sdxl_table(rows: list[dict]) -> str:
+    head = ("| model | method | rank | px | settings | figures | step peak allocated GiB | caching peak allocated GiB "
+            "| run peak allocated GiB | planner needed GiB | target |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        m = r["measured"]
+        if m:
+            figs = ("measured" if m["status"] == "ok" else m["status"], m.get("allocated"),
+                    m.get("caching_allocated"), max(x for x in (m.get("allocated"), m.get("caching_allocated"), 0)
+                                                    if x is not None))
+        else:
+            figs = ("planned, not measured", r["planner_step_gib"], r["planner_caching_gib"], r["planner_peak_gib"])
+        peak = figs[3]
+        verdict = "" if not peak else (" (" + ("" if m else "planned: ") + ("met" if peak <= SDXL_TARGET_GIB
+                                                                             else "MISSED") + ")")
+        lines.append(f"| {r['model']} | {r['method']} | {r['rank']} | {r['resolution']} | {r['settings']} | "
+                     f"{figs[0]} | {_fmt(figs[1])} | {_fmt(figs[2])} | {_fmt(peak)} | "
+                     f"{_fmt(r['planner_needed_gib'])} | "
+                     f"<= {SDXL_TARGET_GIB:.1f}{verdict} |")
+    return "\n".join(lines)
+
+
 def _versions() -> dict:
     import accelerate
     import diffusers
@@ -255,6 +371,33 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _sdxl_main(args) -> dict:
+    cuda = torch.cuda.is_available()
+    steps, warmup = args.steps or 6, args.warmup if args.warmup is not None else 2
+    if cuda:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * GiB / total))
+        torch.backends.cuda.matmul.allow_tf32 = False
+        gpu = torch.cuda.get_device_name(0)
+    else:
+        gpu = "none (planned, not measured)"
+    rows = sdxl_rows(cuda, args.cap_gib, steps, warmup)
+    result = {"date": dt.datetime.now().isoformat(timespec="seconds"), "gpu": gpu, "cap_gib": args.cap_gib,
+              "resolution": 1024, "steps": steps if cuda else 0, "measured": cuda, "versions": _versions(),
+              "rows": rows}
+    md = (f"{result['date']} · GPU: {gpu}" + (f" capped at {args.cap_gib:g} GiB" if cuda else
+                                             f" · planner for a {args.cap_gib:g} GiB cap") + " · SDXL LoRA 1024 px · "
+          + " · ".join(f"{k} {v}" for k, v in result["versions"].items()) + "\n\n" + sdxl_table(rows))
+    print("\n" + md)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"sdxl-{'gpu' if cuda else 'planned'}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{stem}.md").write_text(md + "\n")
+    result["files"] = [str(out / f"{stem}.json"), str(out / f"{stem}.md")]
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="the offline model at 64 px on any device (CI)")
@@ -268,7 +411,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-reference", action="store_true", help="skip the diffusers-style reference loop")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="print one table from earlier runs' JSON files")
+    ap.add_argument("--sdxl", action="store_true", help="SDXL LoRA rank 4/8/16 at 1024 px (measured on a GPU, planned "
+                                                         "without one)")
     args = ap.parse_args(argv)
+    if args.sdxl:
+        return _sdxl_main(args)
     if args.merge:
         runs = [json.loads(Path(f).read_text()) for f in args.merge]
         rows = [r for run in runs for r in run["rows"]]
@@ -323,7 +470,7 @@ def main(argv: list[str] | None = None) -> dict:
                         f"{', in-backward' if cfg.optimizer_in_backward else ''}")
             print(f"== {mname} / {pname}: {settings}", flush=True)
             row = {"method": mname, "preset": pname if pname != "auto" else f"auto ({tuned.preset})",
-                   "settings": settings, "planner_gib": p.allocated / GiB, "planner_fits": p.fits,
+                   "settings": settings, "planner_gib": p.peak / GiB, "planner_fits": p.fits,  # the run's peak
                    "tune_changes": tuned.changes, "nbkit": run_nbkit(cfg, smoke, device, warmup)}
             if not args.no_reference:
                 row["reference"] = run_reference(cfg, smoke, device, steps, warmup)

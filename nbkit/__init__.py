@@ -38,6 +38,7 @@ from nbkit.notebook.costs import costs
 from nbkit.notebook.course import NOTEBOOKS
 from nbkit.notebook.course import plot_memory as plot_course_memory
 from nbkit.notebook.course import table as course_table
+from nbkit.notebook.inside import step_source
 from nbkit.notebook.plots import image_rows, loss_curve, loss_terms, metric_curves
 from nbkit.notebook.session import Setup, setup
 from nbkit.notebook.sweep import collect as collect_sweep
@@ -54,6 +55,7 @@ from nbkit.notebook.sweep_results import baseline as sweep_baseline
 from nbkit.notebook.sweep_spec import toy_grid
 from nbkit.notebook.widgets import photos, prompt_playground, upload_box
 from nbkit.sample.compare import embedding_shift, pixel_distance, scheduler_grid, side_by_side
+from nbkit.sample.noise import high_frequency_energy, reference_distance
 from nbkit.sample.sampling import SCHEDULERS, generate, grid, save_images, set_scheduler, timed_generate
 from nbkit.scores.evaluate import EvaluatorUnavailable
 from nbkit.scores.evaluate import for_run as evaluator_for_run
@@ -63,6 +65,7 @@ from nbkit.toy.judge import format_scores
 from nbkit.toy.judge import scores as judge_scores
 from nbkit.training.checkpoint import ResumeError
 from nbkit.training.guards import DiskSpaceError, NotWritable, OutOfMemory
+from nbkit.training.launch import deepspeed_command
 from nbkit.training.loop import TrainResult, train
 from nbkit.training.manifest import summary as manifest_summary
 from nbkit.version import __version__
@@ -76,10 +79,11 @@ __all__ = [
     "save_images", "load_folder", "thumbnail", "photos", "upload_box", "prompt_playground",
     # training and memory
     "TrainConfig", "TrainResult", "train", "tune", "preview", "memory_budgets", "sd15_on_meta", "budget_table",
-    "track_peak", "choose_class_images", "ensure_class_images",
+    "track_peak", "choose_class_images", "ensure_class_images", "step_source", "deepspeed_command",
     # looking at results
     "loss_curve", "loss_terms", "metric_curves", "image_rows", "side_by_side", "pixel_distance", "pixel_difference",
-    "embedding_shift", "scheduler_grid", "read_metrics", "metrics_table", "manifest_summary", "evaluator_for_run",
+    "embedding_shift", "scheduler_grid", "high_frequency_energy", "reference_distance", "read_metrics", "metrics_table",
+    "manifest_summary", "evaluator_for_run",
     "judge_scores", "format_scores",
     # taking it home
     "take_home", "take_home_report", "push_take_home", "human_size", "load_embedding", "expand_prompt", "lora_kohya",

@@ -13,6 +13,7 @@
     python -m nbkit pretrain --quick                              # (re)pretrain the toy model (nbkit.toy.pretrain)
     python -m nbkit judge                                         # retrain the toy judge (nbkit.toy.judge)
     python -m nbkit offline                                       # remake the offline spec (nbkit.toy.spec)
+    python -m nbkit tiny-sdxl                                     # remake the tiny SDXL (nbkit.toy.tiny_sdxl)
 
 `python -m nbkit <command> --help` shows each command's own options. Each module also runs on its own
 (`python -m nbkit.toy.pretrain`, `python -m nbkit.notebook.sweep`, ...), and `python tools/class_images.py` still works.
@@ -49,6 +50,7 @@ DELEGATED = {
     "pretrain": ("nbkit.toy.pretrain", "main", False, "pretrain the toy model (writes data/toy-sd/)"),
     "judge": ("nbkit.toy.judge", "main", False, "train the toy judge again (writes data/judge/)"),
     "offline": ("nbkit.toy.spec", "main", False, "remake the offline spec and the sample pictures"),
+    "tiny-sdxl": ("nbkit.toy.tiny_sdxl", "main", False, "remake the tiny SDXL (writes data/tiny-sdxl/)"),
 }
 
 
@@ -154,7 +156,7 @@ def flags_dataclass() -> type:
             aliases.setdefault(rest[0], []).append(f"--{flag}")
     rows = []
     for f in dataclasses.fields(TrainConfig):
-        kind = hints[f.name]
+        kind = str if f.name == "concepts_list" else hints[f.name]  # on the command line: a JSON file (or text)
         if isinstance(kind, types.UnionType):  # HfArgumentParser takes "float | str" as float
             kind = _union_type(typing.get_args(kind))
         default = {"default": f.default} if f.default is not dataclasses.MISSING else {

@@ -7,6 +7,9 @@ do about it: a run that would fail after twenty minutes of class-image generatio
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,17 +24,96 @@ class ConfigError(ValueError):
     """One or more settings are impossible; the message lists every one and what to do."""
 
 
+# A concept's keys: nbkit's names, and ShivamShrirao's concepts_list names (instance_data_dir, class_data_dir)
+CONCEPT_KEYS = {"instance_dir": "instance_dir", "instance_data_dir": "instance_dir",
+                "instance_prompt": "instance_prompt", "class_prompt": "class_prompt", "class_dir": "class_dir",
+                "class_data_dir": "class_dir", "identifier": "identifier"}
+
+
+@dataclass(frozen=True)
+class Concept:
+    """One subject of a run: its pictures and prompt, and (prior preservation) its class prompt and class images."""
+
+    instance_dir: str
+    instance_prompt: str
+    class_prompt: str = ""
+    class_dir: str = ""
+    identifier: str = ""  # the word naming the subject ("": see `word`)
+
+    @property
+    def word(self) -> str:
+        """The identifier: as given, else the one word of the instance prompt its class prompt lacks ("a photo of zwx
+        star" / "a photo of a star": "zwx"), else the word before the prompt's last ("a photo of zwx star": "zwx")."""
+        if self.identifier:
+            return self.identifier
+        words = self.instance_prompt.split()
+        extra = [w for w in words if w not in self.class_prompt.split()]
+        if self.class_prompt.strip() and len(extra) == 1:
+            return extra[0]
+        return words[-2] if len(words) > 1 else "".join(words)
+
+
+def read_concepts(value) -> tuple[list[Concept], list[str]]:
+    """concepts_list as concepts, and every problem found: a list of dicts (nbkit's or ShivamShrirao's key names),
+    JSON text of one, or the path of a JSON file holding one ("" or []: none)."""
+    numbered, problems = _read_concepts(value)
+    return [c for _, c in numbered], problems
+
+
+def _read_concepts(value) -> tuple[list[tuple[int, Concept]], list[str]]:
+    """read_concepts, each concept with its place in the list (1, 2, ...: the problems name them so)."""
+    if not value:
+        return [], []
+    if isinstance(value, (str, os.PathLike)):
+        text, where = str(value), "concepts_list"
+        if not text.lstrip().startswith(("[", "{")):
+            if not Path(text).is_file():
+                return [], [f"concepts_list {text!r}: no such file. Give a JSON file holding a list of concepts "
+                            '([{"instance_prompt": ..., "instance_data_dir": ..., "class_prompt": ..., '
+                            '"class_data_dir": ...}, ...]), or the list itself.']
+            where = f"concepts_list file {text!r}"
+            try:
+                text = Path(text).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as err:
+                return [], [f"{where} cannot be read ({err}): check its permissions, or give the list itself."]
+        try:
+            value = json.loads(text)
+        except ValueError as err:
+            return [], [f"{where} is not valid JSON ({err}): it must hold a list of concepts."]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(c, dict) for c in value):
+        return [], [f"concepts_list: expected a list of concepts (one dict each, with instance_dir and "
+                    f"instance_prompt), got {type(value).__name__}."]
+    out, e = [], []
+    for i, c in enumerate(value, 1):
+        unknown = sorted(set(c) - set(CONCEPT_KEYS))
+        if unknown:
+            e.append(f"concept {i}: unknown keys {unknown}; a concept has {', '.join(CONCEPT_KEYS)}.")
+        kw = {CONCEPT_KEYS[k]: str(v) for k, v in c.items() if k in CONCEPT_KEYS and v is not None}
+        missing = [k for k in ("instance_dir", "instance_prompt") if not kw.get(k, "").strip()]
+        if missing:
+            e.append(f"concept {i}: {' and '.join(missing)} missing or empty: each concept needs the folder of its "
+                     "pictures (instance_dir or instance_data_dir) and the prompt naming it (instance_prompt).")
+            continue
+        out.append((i, Concept(**kw)))
+    return out, e
+
+
 @dataclass
 class TrainConfig:
     """What to train, on what, for how long. Defaults are the course's object recipe on SD 1.5."""
 
     # --- what and on what
-    model: str = "offline"  # hub id, local diffusers folder, or "offline" (the kit's bundled model)
+    model: str = "offline"  # hub id, local diffusers folder, "offline" (the kit's bundled model) or "tiny-sdxl"
+    vae: str = ""  # another VAE (hub id or folder), e.g. "madebyollin/sdxl-vae-fp16-fix" (SDXL in fp16); "": own
     method: str = "dreambooth"  # "dreambooth" | "lora" | "textual_inversion"
     instance_dir: str = ""  # folder of 3-10 pictures of the subject
     instance_prompt: str = "a photo of zwx star"  # names the subject with its identifier
     identifier: str = "zwx"  # the rare word bound to the subject (avoid "sks": it is a rifle)
     output_dir: str = "outputs/run"  # where the model, samples and logs go
+    # several subjects in one run, each step drawn from the next: a list of {instance_dir, instance_prompt,
+    # class_prompt, class_dir} (or ShivamShrirao's instance_data_dir, class_data_dir), or a JSON file of it; it
+    # replaces those four fields
+    concepts_list: list | str = field(default_factory=list)
     # --- prior preservation
     with_prior_preservation: bool = False  # also train on class images made by the model itself
     class_prompt: str = ""  # e.g. "a photo of a dog": the subject's class, without the identifier
@@ -52,6 +134,8 @@ class TrainConfig:
     resolution: int = 512  # training image side, a multiple of 8
     center_crop: bool = True  # centre crop (else random crop)
     random_flip: bool = False  # random horizontal flips
+    bucketing: bool = False  # aspect-ratio buckets: each picture trains at the (height, width) nearest its shape
+    buckets: str = ""  # with bucketing: "h,w;h,w;..." in pixels; "" = a 1:2-to-2:1 ladder of ~resolution^2 pixels
     train_batch_size: int = 1  # images per step per GPU
     gradient_accumulation_steps: int = 1  # steps summed per optimizer update
     max_train_steps: int = 400  # optimizer updates
@@ -151,6 +235,7 @@ class TrainConfig:
                      "prior_loss_weight"):
             if getattr(self, name) < 0:
                 e.append(f"{name}={getattr(self, name)}: must not be negative.")
+        e += self._bucket_problems()
         if self.eval_steps and self.eval_seeds < 1:
             e.append(f"eval_seeds={self.eval_seeds}: must be at least 1 when eval_steps is on.")
         if self.mixed_precision not in PRECISIONS:
@@ -186,7 +271,9 @@ class TrainConfig:
             e.append(f"text_encoder_steps={self.text_encoder_steps}: must be None or >= 0.")
         # prompts
         word = self.placeholder_token if self.method == "textual_inversion" else self.identifier
-        if not word.strip():
+        if self.concepts_list:  # each subject's own prompts and folders instead of the four fields
+            e += self._concept_problems(check_paths)
+        elif not word.strip():
             e.append("identifier is empty: pick a rare word (e.g. 'zwx') to name your subject.")
         elif word not in self.instance_prompt.split():
             e.append(
@@ -200,16 +287,9 @@ class TrainConfig:
                 e.append("textual_inversion trains only the new embedding: set train_text_encoder=False and "
                          "with_prior_preservation=False (the TI -> DreamBooth route is two runs).")
         if self.with_prior_preservation:
-            if not self.class_prompt.strip():
-                e.append("with_prior_preservation=True needs class_prompt, e.g. 'a photo of a dog'.")
-            elif self.class_prompt.strip() == self.instance_prompt.strip():
-                e.append("class_prompt equals instance_prompt: the class prompt must describe the class *without* "
-                         "the identifier, e.g. 'a photo of a dog'.")
-            elif self.identifier and self.identifier in self.class_prompt.split():
-                e.append(f"class_prompt {self.class_prompt!r} contains the identifier {self.identifier!r}: "
-                         "drop it, class images show the class, not your subject.")
-            if not self.class_dir:
-                e.append("with_prior_preservation=True needs class_dir, a folder where class images are cached.")
+            if not self.concepts_list:
+                e += _class_problems(Concept(self.instance_dir, self.instance_prompt, self.class_prompt,
+                                             self.class_dir, self.identifier))
             if self.num_class_images < 1:
                 e.append(f"num_class_images={self.num_class_images}: must be at least 1 (the guide uses ~200).")
         if self.deepspeed_config:
@@ -217,18 +297,77 @@ class TrainConfig:
             if check_paths and not Path(self.deepspeed_config).is_file():
                 e.append(f"deepspeed_config {self.deepspeed_config!r} does not exist: use nbkit.training.presets."
                          "deepspeed_config_path() (configs/deepspeed/zero2_offload.json) or leave it empty.")
-        if check_paths:
-            p = Path(self.instance_dir) if self.instance_dir else None
-            if p is None:
-                e.append("instance_dir is empty: point it at a folder with 3-10 pictures of your subject.")
-            elif not p.exists():
-                e.append(f"instance_dir {str(p)!r} does not exist: check the path (on Colab, upload or mount "
-                         "Drive first).")
-            elif not p.is_dir():
-                e.append(f"instance_dir {str(p)!r} is a file, not a folder: give the folder that holds the pictures.")
+        if check_paths and not self.concepts_list:
+            e += _folder_problems(self.instance_dir)
         if e:
             raise ConfigError("These settings need fixing:\n  - " + "\n  - ".join(e))
         return self
+
+    def _bucket_problems(self) -> list[str]:
+        """cfg.buckets in diffusers' "h,w;h,w" format, each side a multiple of 8, none over resolution^2 pixels (the
+        memory planner's bound); the model's own multiple (SD 1.5: 64) is checked when it is loaded."""
+        if self.bucketing and self.concepts_list:
+            return ["bucketing with concepts_list: not both in one run yet (a batch is one bucket or one concept). "
+                    "Train the concepts with bucketing=False, or one subject per run with bucketing."]
+        if not self.buckets.strip():
+            return []
+        if not self.bucketing:
+            return [f"buckets={self.buckets!r} but bucketing=False: set bucketing=True to use them, or buckets=''."]
+        pairs = [re.fullmatch(r"\s*(\d+)\s*,\s*(\d+)\s*", p) for p in self.buckets.strip().split(";")]
+        if not all(pairs):
+            return [f"buckets={self.buckets!r}: write height,width pairs separated by ';', e.g. '512,512;640,384;"
+                    "384,640'."]
+        sizes = [(int(m[1]), int(m[2])) for m in pairs]
+        e = [f"buckets: {h},{w} is not a positive multiple of 8 on each side (SD 1.5 needs multiples of 64)."
+             for h, w in sizes if not (h > 0 and w > 0 and h % 8 == 0 and w % 8 == 0)]
+        e += [f"buckets: {h},{w} has {h * w} pixels, more than resolution^2 = {self.resolution ** 2} (the memory "
+              "plan's bound): make it smaller, or raise resolution." for h, w in sizes if h * w > self.resolution ** 2]
+        return e
+
+    def concepts(self) -> list[Concept]:
+        """The run's subjects: concepts_list's, or the one of instance_dir, instance_prompt, class_prompt, class_dir."""
+        if not self.concepts_list:
+            word = self.placeholder_token if self.method == "textual_inversion" else self.identifier
+            return [Concept(self.instance_dir, self.instance_prompt, self.class_prompt, self.class_dir, word)]
+        concepts, problems = read_concepts(self.concepts_list)
+        if problems:
+            raise ConfigError("These settings need fixing:\n  - " + "\n  - ".join(problems))
+        return concepts
+
+    def _concept_problems(self, check_paths: bool) -> list[str]:
+        """What is wrong with concepts_list: each concept's prompts and folders, and between them."""
+        numbered, e = _read_concepts(self.concepts_list)
+        concepts = [c for _, c in numbered]
+        if self.method == "textual_inversion":
+            e.append("concepts_list with method='textual_inversion': TI learns one new token. Train one run per "
+                     "subject, or use method='dreambooth' or 'lora' for several subjects at once.")
+        also = [f for f in ("instance_dir", "class_prompt", "class_dir") if getattr(self, f)]
+        if also:
+            e.append(f"concepts_list replaces {', '.join(also)}: leave {'it' if len(also) == 1 else 'them'} empty and "
+                     "give every subject (its folders and prompts) in concepts_list.")
+        for i, c in numbered:
+            who = f"concept {i} ({c.instance_prompt!r})"
+            if c.word not in c.instance_prompt.split():
+                e.append(f"{who}: its identifier {c.word!r} is not a word of its instance_prompt; name the subject in "
+                         f"the prompt, e.g. 'a photo of {c.word} dog'.")
+            if self.with_prior_preservation:
+                e += _class_problems(c, who)
+            if check_paths:
+                e += _folder_problems(c.instance_dir, who)
+        words = [c.word for c in concepts]
+        same = sorted({w for w in words if words.count(w) > 1})
+        if same:
+            e.append(f"several concepts are named by the same identifier ({', '.join(map(repr, same))}): each subject "
+                     "needs its own rare word in its instance_prompt (or an \"identifier\" key naming it).")
+        prompts: dict[str, set[str]] = {}
+        for c in concepts if self.with_prior_preservation else ():
+            prompts.setdefault(str(Path(c.class_dir)), set()).add(c.class_prompt.strip())
+        for folder, ps in sorted(prompts.items()):
+            if len(ps) > 1:
+                named = ", ".join(sorted(map(repr, ps)))
+                e.append(f"class_dir {folder!r} is given for {len(ps)} class prompts ({named}): give each class "
+                         "prompt its own class_dir (concepts of one class may share one).")
+        return e
 
     def _deepspeed_problems(self) -> list[str]:
         """What DeepSpeed cannot train here: accelerate prepares one model for it, and ZeRO steps its own fp32 copy."""
@@ -260,3 +399,35 @@ class TrainConfig:
             e.append(f"deepspeed_config with gradient_accumulation_steps={self.gradient_accumulation_steps}: use 1 "
                      "(DeepSpeed would scale the loss a second time); raise train_batch_size instead.")
         return e
+
+
+def _class_problems(c: Concept, who: str = "") -> list[str]:
+    """A subject's class prompt and class folder, for prior preservation (`who`: which concept, "" for the only one)."""
+    e, say = [], (lambda text: f"{who}: {text}" if who else text)
+    if not c.class_prompt.strip():
+        e.append(say("with_prior_preservation=True needs class_prompt, e.g. 'a photo of a dog'."))
+    elif c.class_prompt.strip() == c.instance_prompt.strip():
+        e.append(say("class_prompt equals instance_prompt: the class prompt must describe the class *without* the "
+                     "identifier, e.g. 'a photo of a dog'."))
+    elif (word := c.identifier or (c.word if who else "")) and word in c.class_prompt.split():
+        e.append(say(f"class_prompt {c.class_prompt!r} contains the identifier {word!r}: drop it, class images show "
+                     "the class, not your subject."))
+    if not c.class_dir:
+        e.append(say("with_prior_preservation=True needs class_dir, a folder where class images are cached."))
+    return e
+
+
+def _folder_problems(folder: str, who: str = "") -> list[str]:
+    """A subject's picture folder: given, there, a folder, readable."""
+    p, say = Path(folder) if folder else None, (lambda text: f"{who}: {text}" if who else text)
+    if p is None:
+        return [say("instance_dir is empty: point it at a folder with 3-10 pictures of your subject.")]
+    if not p.exists():
+        return [say(f"instance_dir {str(p)!r} does not exist: check the path (on Colab, upload or mount Drive "
+                    "first).")]
+    if not p.is_dir():
+        return [say(f"instance_dir {str(p)!r} is a file, not a folder: give the folder that holds the pictures.")]
+    if not os.access(p, os.R_OK | os.X_OK):
+        return [say(f"instance_dir {str(p)!r} cannot be read (no permission): fix its permissions or copy the "
+                    "pictures to a folder you can read.")]
+    return []

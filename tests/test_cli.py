@@ -202,7 +202,7 @@ def test_diffusers_prior_preservation_command_runs(tmp_path, instance_dir, offli
     assert any(not v.equal(base[k]) for k, v in pipe.text_encoder.state_dict().items() if k in base)
 
 
-NEW_COMMANDS = ("pretrain", "judge", "offline", "class-images")
+NEW_COMMANDS = ("pretrain", "judge", "offline", "class-images", "tiny-sdxl")
 
 
 def _nbkit(*args: str, cwd=ROOT, timeout=120) -> subprocess.CompletedProcess:
@@ -231,7 +231,7 @@ def test_new_command_help_is_the_modules_own(name):
     usage = p.stdout.splitlines()[0]
     assert usage.startswith("usage: python -m nbkit") and name.replace("-", "_") in usage.replace("-", "_"), usage
     option = {"pretrain": "--quick", "judge": "--steps", "offline": "offline model's spec",
-              "class-images": "--prompt"}[name]
+              "class-images": "--prompt", "tiny-sdxl": "--out"}[name]
     assert option in p.stdout
 
 

@@ -34,6 +34,25 @@ def test_scheduler_grid_has_every_cell_on_the_same_seeds_without_reloading(parts
     assert all(s in g.table() for s in names) and "s" in g.table()
 
 
+def test_scheduler_grid_measures_each_cell_against_a_many_step_reference(parts, tmp_path):
+    pipe = pipeline(parts, "pndm")
+    g = scheduler_grid(pipe, "a photo of a red star", ["ddim", "euler", "euler_a"], [2, 8], [0, 1], size=64,
+                       reference=("ddim", 8), warmup=False, progress=False)
+    assert len(g.reference_images) == 2 and set(g.measures) == set(g.images)
+    assert all(0 <= m["high_frequency"] < 1 and 0 <= m["distance"] <= 1 for m in g.measures.values())
+    assert g.measures[("ddim", 8)]["distance"] == 0  # the reference's own scheduler and steps: the same pictures
+    assert g.measures[("ddim", 2)]["distance"] > g.measures[("euler", 8)]["distance"] > 0  # more steps: closer
+    assert [s for s, _ in g.cleanest(8)] == ["ddim", "euler"]  # ancestral: no single picture, not ranked
+    assert {s for s, _ in g.cleanest(8, by="high_frequency")} == {"ddim", "euler", "euler_a"}
+    assert "distance to ddim 8 steps" in g.summary() and "high-frequency energy" in g.table()
+    saved = json.loads(g.save(tmp_path)["timings"].read_text())
+    assert saved["reference"]["steps"] == 8 and all((tmp_path / f).exists() for f in saved["reference"]["images"])
+    cell = next(c for c in saved["cells"] if (c["scheduler"], c["steps"]) == ("ddim", 2))
+    assert cell["distance"] == pytest.approx(g.measures[("ddim", 2)]["distance"])
+    plain = scheduler_grid(pipe, "a star", ["ddim"], [2], [0], size=64, warmup=False, progress=False)
+    assert plain.reference_images == [] and set(plain.measures[("ddim", 2)]) == {"high_frequency"}
+
+
 def test_scheduler_grid_refuses_an_empty_axis(parts):
     with pytest.raises(ValueError, match="at least one"):
         scheduler_grid(pipeline(parts), "a star", [], [2], [0])

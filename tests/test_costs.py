@@ -29,7 +29,7 @@ def test_every_notebook_is_priced_planned_and_measured(path):
     assert c.seconds > 0 and c.peak > 0 and all(s > 0 for _, s in c.time), c.time
     assert all(b >= 0 for _, b in c.disk) and any(b > 0 for _, b in c.downloads)
     text = str(c)
-    assert "SD 1.5 on a T4 (planned)" in text and "GiB peak (planned)" in text
+    assert "on a T4 (planned)" in text and "GiB peak (planned)" in text
     if path.stem not in costs.MEASURED_OFFLINE:  # TEMPORARY until every notebook's offline run is measured
         assert "not measured yet" in text
         return

@@ -90,3 +90,54 @@ def test_notebook_trains_two_cpu_processes_in_new_processes(cfg, capsys):
     trained = pipe.unet.state_dict()
     assert all(v.isfinite().all() for v in trained.values())
     assert any(not torch.equal(base[k], trained[k]) for k in base)  # it trained
+
+
+def test_deepspeed_command_writes_a_run_the_cli_reads_and_plans_for_8gb(tmp_path, capsys):
+    """The 8 GB recipe of notebook 04: the run file holds the run's own settings (not the memory ones, which the
+    8gb-deepspeed preset sets at launch), the CLI reads it back to the same run, and plans it to fit 8 GB."""
+    import argparse
+    import shlex
+
+    from nbkit.memory import tuning
+
+    cfg = tuning.preview(TrainConfig(instance_dir="photos", instance_prompt="a photo of zwx dog", identifier="zwx",
+                                     max_train_steps=400, learning_rate=2e-6, output_dir=str(tmp_path / "out")),
+                         "RTX3070-8GB", preset="8gb-deepspeed").config
+    file, line = launch.deepspeed_command(cfg, tmp_path / "run.json")
+    words = shlex.split(line)
+    assert words[:4] == ["accelerate", "launch", "--config_file", "configs/accelerate/deepspeed_zero2_offload.yaml"]
+    assert words[4:] == ["-m", "nbkit", "train", "--config", str(file), "--preset", "8gb-deepspeed"]
+    written = json.loads(file.read_text())
+    assert written["model"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the planner's "sd15", loadable
+    assert written["output_dir"] == str(tmp_path / "out")
+    assert not {"deepspeed_config", "gradient_checkpointing", "mixed_precision", "use_8bit_adam"} & set(written)
+    read, preset, given = cli.build_config(argparse.Namespace(config=str(file), preset="8gb-deepspeed"))
+    assert preset == "8gb-deepspeed" and given == set(written)
+    assert dataclasses.replace(read, model="sd15") == dataclasses.replace(cfg, **{
+        k: getattr(read, k) for k in ("deepspeed_config", "gradient_checkpointing", "mixed_precision",
+                                      "use_8bit_adam", "optimizer_in_backward", "cache_latents",
+                                      "gradient_accumulation_steps", "checkpointing_steps")})
+    assert cli.main(["plan", "--config", str(file), "--preset", "8gb-deepspeed", "--gpu-gb", "7.79"]) == 0  # fits
+    assert "DeepSpeed" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="UNet only"):
+        launch.deepspeed_command(dataclasses.replace(cfg, train_text_encoder=True), tmp_path / "te.json")
+
+
+def test_step_source_is_the_loops_own_loss():
+    """Notebook 01's look inside: the lines shown are the loop's, numbered as in its file; 02's are the prior term."""
+    import nbkit as nb
+    from nbkit.training import loop
+
+    text = nb.step_source()
+    head, *body = text.splitlines()
+    assert head.startswith("nbkit/training/loop.py, _loss(), lines ")
+    file = Path(loop.__file__).read_text().splitlines()
+    for row in body:
+        n, code = row.split(" | ", 1)
+        assert file[int(n) - 1].rstrip() == code
+    joined = "\n".join(body)
+    assert all(w in joined for w in ("torch.randn(", "torch.randint(", "add_noise(", "o.unet(", "mse_loss("))
+    prior = nb.step_source("prior")
+    assert "prior_loss_weight" in prior and "randint" not in prior and len(prior.splitlines()) <= 8
+    with pytest.raises(ValueError, match="choose one of"):
+        nb.step_source("everything")

@@ -67,7 +67,8 @@ TAKE_HOME = {
     "lora": ["export/pytorch_lora_weights.safetensors", "export/zwx_lora.safetensors"],
 }
 METHOD = {"01_dreambooth": "dreambooth", "02_prior_preservation": "dreambooth", "03_schedulers": "dreambooth",
-          "04_text_encoder": "dreambooth", "05_textual_inversion": "textual_inversion", "06_lora": "lora"}
+          "04_text_encoder": "dreambooth", "05_textual_inversion": "textual_inversion", "06_lora": "lora",
+          "08_sdxl_lora": "lora"}
 
 # What each notebook must have written, beyond running without error (glob patterns allowed).
 EXPECTED = {
@@ -88,7 +89,8 @@ EXPECTED = {
                               "comparison_instance.png", "comparison_class.png", "drift.json",
                               "without_prior/metrics.json", "with_prior/metrics.json"],
     "03_schedulers": ["run/model/model_index.json", "scheduler_grid.png", "scheduler_grid.json",
-                      "scheduler_grid/ddim_003_seed0.png", "run/metrics.json"],
+                      "scheduler_grid/ddim_003_seed0.png", "scheduler_grid/reference_ddim_*_seed0.png",
+                      "run/metrics.json"],
     "04_text_encoder": ["frozen_text_encoder/model/text_encoder/model.safetensors",
                         "trained_text_encoder/model/text_encoder/model.safetensors", "comparison.png", "memory.json",
                         "text_encoder_shift.json", "frozen_text_encoder/metrics.json",
@@ -97,31 +99,46 @@ EXPECTED = {
                                   "runs/*/run.json", "runs/*/01_dreambooth.ipynb", "runs/*/losses.json",
                                   "runs/*/metrics.json", "runs/*/validation/step_00002.png",
                                   "runs/*/model/model_index.json", "runs/*/best/best.json"],
+    "08_sdxl_lora": ["model/pytorch_lora_weights.safetensors", "zwx_sdxl_lora.safetensors", "losses.json",
+                     "validation/step_00002.png", "samples/before_000.png", "samples/after_000.png", "sdxl_lora.json"],
 }
 
 
 def _check_prior(out):
-    """Both runs on the same steps; only the prior run logged the two loss terms; four class images."""
+    """The three runs on the same steps; only the prior runs logged the two loss terms; four class images; only run 3
+    (prior + text encoder) changed the text encoder."""
+    from safetensors.torch import load_file
+
     plain = json.loads((out / "without_prior" / "losses.json").read_text())
     prior = json.loads((out / "with_prior" / "losses.json").read_text())
-    assert len(plain) == len(prior) == 4
-    assert all("prior" not in r for r in plain) and all({"instance", "prior"} <= set(r) for r in prior)
+    both = json.loads((out / "with_prior_and_text_encoder" / "losses.json").read_text())
+    assert len(plain) == len(prior) == len(both) == 4
+    assert all("prior" not in r for r in plain) and all({"instance", "prior"} <= set(r) for r in prior + both)
+    te = "model/text_encoder/model.safetensors"
+    same = lambda a, b: all(a[k].equal(b[k]) for k in b)  # noqa: E731
+    assert same(load_file(out / "with_prior" / te), load_file(out / "without_prior" / te))
+    assert not same(load_file(out / "with_prior_and_text_encoder" / te), load_file(out / "with_prior" / te))
     assert len(list(out.glob("class_images/*/class_*.png"))) == 4
     drift = json.loads((out / "drift.json").read_text())
-    assert set(drift) == {"without prior", "with prior"}
+    assert set(drift) == {"without prior", "with prior", "prior + text encoder"}
     assert all(0 <= v <= 1 for d in drift.values() for v in d.values())
     scores = json.loads((out / "scores.json").read_text())  # the toy judge's numbers, before and after each run
-    assert set(scores) == {"before", "without prior", "with prior"}
+    assert set(scores) == {"before", "without prior", "with prior", "prior + text encoder"}
     assert all(0 <= s[k] <= 1 for s in scores.values() for k in ("subject_fidelity", "prompt_fidelity", "class_drift"))
 
 
 def _check_grid(out):
-    """The scheduler grid has every cell (all six schedulers x the smoke steps), each with its image and time."""
+    """The scheduler grid has every cell (all nine schedulers x the smoke steps), each with its image, time and
+    noise measures against the same seeds' DDIM reference pictures."""
     grid = json.loads((out / "scheduler_grid.json").read_text())
-    assert set(grid["schedulers"]) == {"pndm", "lms", "ddim", "euler", "euler_a", "dpmpp_2m"}
+    assert set(grid["schedulers"]) == {"pndm", "lms", "ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras",
+                                       "euler_karras", "unipc"}
+    assert grid["reference"]["scheduler"] == "ddim" and grid["reference"]["steps"] > max(grid["steps"])
+    assert all((out / f).exists() for f in grid["reference"]["images"])
     cells = {(c["scheduler"], c["steps"]): c for c in grid["cells"]}
     assert set(cells) == {(s, n) for s in grid["schedulers"] for n in grid["steps"]} and len(grid["steps"]) >= 2
     assert all(c["seconds_per_image"] > 0 and len(c["images"]) == len(grid["seeds"]) for c in cells.values())
+    assert all(0 <= c["high_frequency"] < 1 and 0 < c["distance"] <= 1 for c in cells.values())
     assert all((out / f).exists() for c in cells.values() for f in c["images"])
 
 
@@ -191,12 +208,41 @@ def check_take_home(out, text):
     assert text.count("reloaded: same picture") >= 2 and "DIFFERENT" not in text
 
 
-CHECKS = {"02_prior_preservation": _check_prior, "07_finding_the_sweet_spot": _check_sweep,
+def _check_sdxl(out):
+    """The tiny SDXL (offline): what its UNet received was SDXL's (both encoders side by side, the pooled embedding,
+    the time_ids); only adapters trained and no base weight moved; both files hold all three parts (diffusers:
+    unet/text_encoder/text_encoder_2; kohya: lora_unet_/lora_te1_/lora_te2_, SDXL metadata) and their sizes are the
+    files'; unscored; the T4 plan is SDXL's at 1024 px, larger than SD 1.5's."""
+    from safetensors import safe_open
+
+    facts = json.loads((out / "sdxl_lora.json").read_text())
+    assert facts["model"] == "tiny-sdxl"
+    ins = facts["inputs"]
+    assert set(ins["encoder_widths"]) == {"text_encoder", "text_encoder_2"}
+    assert ins["hidden_states"] == [77, sum(ins["encoder_widths"].values())]
+    assert len(ins["text_embeds"]) == 1 and ins["time_ids"] == [64, 64, 0, 0, 64, 64]
+    assert facts["adapters_only"] is True and facts["base_weights_max_change"] == 0.0
+    assert facts["parts"] == {"diffusers": ["text_encoder", "text_encoder_2", "unet"], "kohya": ["te1", "te2", "unet"]}
+    kohya, diffusers = out / "zwx_sdxl_lora.safetensors", out / "model" / "pytorch_lora_weights.safetensors"
+    assert facts["file_bytes"] == {"diffusers": diffusers.stat().st_size, "kohya": kohya.stat().st_size}
+    with safe_open(str(kohya), "pt") as f:
+        assert f.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"
+        assert {k.split("_")[1] for k in f.keys()} == {"unet", "te1", "te2"}
+    assert not (out / "metrics.json").exists()  # the tiny SDXL is not scored (random weights)
+    planned = facts["planned_t4_gib"]
+    assert planned["sdxl"] > 2 * planned["sd15"] > 0
+    assert facts["planned_t4_fits"]["sdxl"], "the notebook says the planner fits SDXL LoRA on a T4"
+
+
+CHECKS = {"02_prior_preservation": _check_prior, "08_sdxl_lora": _check_sdxl, "07_finding_the_sweet_spot": _check_sweep,
           "03_schedulers": _check_grid, "04_text_encoder": _check_text_encoder}
 
 
 def images_shown(nb):
     return sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+
+
+SMOKE_EXTRA = {"03_schedulers": {"EXPORT": True}}  # off by default there (an overfit model): still checked here
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
@@ -205,7 +251,8 @@ def test_notebook_runs_in_smoke_mode(path, tmp_path):
 
     out = tmp_path / "out"
     executed = tmp_path / path.name
-    pm.execute_notebook(str(path), str(executed), parameters={"SMOKE": True, "OUTPUT_DIR": str(out), "MODEL": "auto"},
+    params = {"SMOKE": True, "OUTPUT_DIR": str(out), "MODEL": "auto", **SMOKE_EXTRA.get(path.stem, {})}
+    pm.execute_notebook(str(path), str(executed), parameters=params,
                         cwd=str(tmp_path), progress_bar=False, kernel_name="python3")
     nb = load(executed)
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
@@ -303,3 +350,10 @@ def test_install_cell_is_safe_to_run_twice(path, platform, monkeypatch):
     assert len(clones) == 1 and len(set(cwd)) == 1 and os.path.isabs(cwd[0]), (clones, cwd)
     assert sys.path.count(cwd[0]) == 1
     assert not any("torch" in arg for c in calls for arg in c if "requirements" not in arg)
+
+
+def test_the_overfit_scheduler_notebook_does_not_export_by_default():
+    """Notebook 03's model is overfit on purpose: its take-home files are off unless asked for."""
+    tree = ast.parse(params_cell(load(ROOT / "notebooks" / "03_schedulers.ipynb")).source)
+    values = {t.id: ast.literal_eval(n.value) for n in tree.body for t in n.targets}
+    assert values["EXPORT"] is False

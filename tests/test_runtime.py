@@ -119,3 +119,22 @@ def test_the_rehearsal_is_a_t4_on_the_cpu(monkeypatch):
     assert rt.rehearsal and rt.gpu_path and rt.device == "cpu" and rt.default_precision() == "fp16"
     monkeypatch.setenv(runtime.REHEARSAL_ENV, "0")
     assert not runtime.detect().rehearsal
+
+
+def test_sdxl_family_auto_is_sdxl_base_or_the_tiny_sdxl_said_plainly(monkeypatch):
+    import pytest
+
+    model, why = runtime.choose_model("auto", CPU, family="sdxl")
+    assert model == runtime.TINY_SDXL == "tiny-sdxl" and "OFFLINE model of SDXL" in why
+    assert "RANDOM" in why and "NOT pretrained" in why  # its pictures are noise: said where it is chosen
+    monkeypatch.setattr(runtime, "hub_reachable", lambda timeout=3.0: False)
+    model, why = runtime.choose_model("auto", T4, family="sdxl")
+    assert model == "tiny-sdxl" and "hub cannot be reached" in why and runtime.SDXL_BASE in why
+    monkeypatch.setattr(runtime, "hub_reachable", lambda timeout=3.0: True)
+    assert runtime.choose_model("auto", T4, family="sdxl") == (runtime.SDXL_BASE,
+                                                              f"GPU and hub available: using {runtime.SDXL_BASE}")
+    assert runtime.choose_model("offline", T4, family="sdxl")[0] == "tiny-sdxl"  # offline, in an SDXL notebook
+    assert runtime.choose_model("offline", T4)[0] == "offline"  # in an SD notebook: the toy model, as before
+    assert runtime.choose_model("my/sdxl-finetune", CPU, family="sdxl")[0] == "my/sdxl-finetune"
+    with pytest.raises(ValueError, match="family='sd3'.*sd, sdxl"):
+        runtime.choose_model("auto", CPU, family="sd3")

@@ -82,3 +82,27 @@ def test_a_freshly_loaded_fp32_model_samples_in_the_gpus_half_precision(parts, m
     parts.unet.conv_out.weight.data = parts.unet.conv_out.weight.data.float()  # ... but one weight is fp32, as LoRA's
     ctx = sample._autocast(pipe, cpu)
     assert isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.float16
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m_karras", "euler_karras", "unipc"])
+def test_the_samplers_users_know_build_from_the_models_config_and_sample_finite_pictures(parts, name):
+    """DPM++ 2M Karras, Euler Karras and UniPC: diffusers' own classes and options, from the offline model's
+    scheduler config (its betas and prediction type), sampling a clean picture in a few steps."""
+    import torch
+
+    pipe = pipeline(parts, "pndm")
+    config = pipe.scheduler.config
+    sched = make_scheduler(name, config)
+    assert type(sched).__name__ == {"dpmpp_2m_karras": "DPMSolverMultistepScheduler",
+                                    "euler_karras": "EulerDiscreteScheduler",
+                                    "unipc": "UniPCMultistepScheduler"}[name]
+    assert sched.config.beta_schedule == config.beta_schedule and sched.config.prediction_type == config.prediction_type
+    sched.set_timesteps(8)
+    sigmas = np.asarray(sched.sigmas[:-1], dtype=np.float64)  # the last one is the final 0
+    ramp = np.diff(sigmas ** (1 / 7))  # Karras et al.: sigma^(1/rho) evenly spaced, rho = 7
+    karras = bool(np.allclose(ramp, ramp[0], rtol=1e-3))
+    assert karras == name.endswith("_karras") and bool(sched.config.get("use_karras_sigmas")) == karras
+    set_scheduler(pipe, name)
+    out = pipe("a photo of a red star", num_inference_steps=4, height=64, width=64, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all() and out.std() > 0.01

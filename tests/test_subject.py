@@ -183,3 +183,12 @@ def test_own_photos_train_unscored_on_the_offline_model(cfg, parts, tmp_path, ca
     assert r.metrics == [] and r.best is None  # decided: unscored, no best model kept by loss
     assert not (out / tracking.METRICS_FILE).exists() and not (out / tracking.BEST_DIR).exists()
     assert (Path(r.saved) / "unet").is_dir()  # the trained model is there
+
+
+def test_an_sdxl_notebook_on_a_gpu_with_the_hub_gets_sdxl_base_and_the_dog_photos(hub, monkeypatch, tmp_path):
+    monkeypatch.setattr(runtime, "detect", lambda: GPU)
+    s = nb.setup("08_sdxl_lora", family="sdxl", instance_dir="sample", class_noun="auto", output_dir=tmp_path / "o",
+                 resolution=1024)
+    assert s.model == runtime.SDXL_BASE and not s.small and s.resolution == 1024 and s.family == "sdxl"
+    assert s.class_noun == "dog" and s.instance_dir == subject.dog_dir() and len(hub.calls) == 1
+    assert s.contexts("zwx dog")[0] == "a photo of zwx dog on the beach"

@@ -97,12 +97,12 @@ def test_upload_into_the_kits_sample_is_refused(monkeypatch):
 
 
 def test_notebooks_upload_in_their_photos_cell():
-    """01, 05 and 06 have UPLOAD, and their photos cell is the one nb.photos call (no separate upload box)."""
+    """01, 05, 06 and 08 have UPLOAD, and their photos cell is the one nb.photos call (no separate upload box)."""
     import nbformat
 
     from nbkit.paths import NOTEBOOKS_DIR
 
-    for name in ("01_dreambooth", "05_textual_inversion", "06_lora"):
+    for name in ("01_dreambooth", "05_textual_inversion", "06_lora", "08_sdxl_lora"):
         nb = nbformat.read(NOTEBOOKS_DIR / f"{name}.ipynb", as_version=4)
         code = [c.source for c in nb.cells if c.cell_type == "code"]
         assert any("nb.photos(setup.instance_dir, setup.resolution, upload=UPLOAD)" in s for s in code), name

@@ -57,7 +57,7 @@ def ensure_class_images(parts: SDParts, prompt: str, folder: str | Path, count: 
         device = device or rt.device
         if dtype is None:
             dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(rt.default_precision(), torch.float32)
-    moved = {n: next(getattr(parts, n).parameters()).device for n in ("unet", "vae", "text_encoder")}
+    moved = {n: next(m.parameters()).device for n, m in parts.networks.items()}
     modes = {n: getattr(parts, n).training for n in moved}
     for n in moved:
         getattr(parts, n).to(device).eval()  # no dropout in the pictures, whatever the parts were doing before

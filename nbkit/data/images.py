@@ -134,22 +134,33 @@ def load_folder(folder: str | Path, resolution: int, what: str = "instance", ski
     return examples
 
 
-def to_tensor(img: Image.Image, resolution: int, center_crop: bool = True, flip: bool = False,
+def to_tensor(img: Image.Image, resolution: int | tuple[int, int], center_crop: bool = True, flip: bool = False,
               rng: np.random.Generator | None = None) -> torch.Tensor:
-    """Resize the short side to `resolution`, crop a square, maybe flip; a CHW tensor in [-1, 1]."""
-    w, h = img.size
-    scale = resolution / min(w, h)
-    img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
+    """Resize to cover `resolution` (a square's side, or (height, width): an aspect-ratio bucket, nbkit.data.buckets),
+    crop that out, maybe flip; a CHW tensor in [-1, 1]."""
+    return to_tensor_sized(img, resolution, center_crop, flip, rng)[0]
+
+
+def to_tensor_sized(img: Image.Image, resolution: int | tuple[int, int], center_crop: bool = True, flip: bool = False,
+                    rng: np.random.Generator | None = None) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """to_tensor's picture, and its sizes as SDXL is conditioned on them (its `time_ids`): (original height, width,
+    crop top, crop left, target height, width), the crop's corner in the resized picture as trained (mirrored with
+    the flip), as diffusers' train_dreambooth_lora_sdxl.py computes them."""
+    th, tw = tuple(resolution) if isinstance(resolution, (tuple, list)) else (resolution, resolution)
+    w0, h0 = img.size
+    scale = max(th / h0, tw / w0)  # a square: its side over the short side
+    img = img.resize((max(tw, round(w0 * scale)), max(th, round(h0 * scale))), Image.BICUBIC)
     w, h = img.size
     if center_crop or rng is None:
-        left, top = (w - resolution) // 2, (h - resolution) // 2
+        left, top = (w - tw) // 2, (h - th) // 2
     else:
-        left, top = int(rng.integers(0, w - resolution + 1)), int(rng.integers(0, h - resolution + 1))
-    img = img.crop((left, top, left + resolution, top + resolution))
+        left, top = int(rng.integers(0, w - tw + 1)), int(rng.integers(0, h - th + 1))
+    img = img.crop((left, top, left + tw, top + th))
     if flip:
         img = ImageOps.mirror(img)
+        left = w - tw - left
     arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous(), (h0, w0, top, left, th, tw)
 
 
 def thumbnail(img: Image.Image, size: int) -> Image.Image:

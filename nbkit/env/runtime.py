@@ -13,6 +13,14 @@ import warnings
 from dataclasses import dataclass
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the real default where a GPU and the hub are there
+SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"  # SDXL notebooks' real default (family="sdxl")
+TINY_SDXL = "tiny-sdxl"  # their offline stand-in (nbkit.models.sdxl.TINY_SDXL): SDXL's classes, random weights
+# the model families a notebook can ask for: (real model, offline stand-in) - MODEL="auto" picks one of them
+FAMILIES = {"sd": (SD15, "offline"), "sdxl": (SDXL_BASE, TINY_SDXL)}
+# what choose_model says of the tiny SDXL when it picks it
+_TINY_SDXL_IS = ("It has SDXL's classes (two text encoders, the size conditioning, SDXL's pipeline) with SEEDED "
+                 "RANDOM weights, NOT pretrained: its pictures are noise. It shows how SDXL trains, what it costs and "
+                 "how its LoRA files are written and loaded back, not what SDXL learns.")
 # Tests only: with this set to 1, detect() answers T4_REHEARSAL and the training loop takes a T4's code path on
 # the CPU (fp16 frozen weights, fp16 autocast, a real GradScaler, 8-bit AdamW). Never for users: it is slow.
 REHEARSAL_ENV = "NBKIT_T4_REHEARSAL"
@@ -147,15 +155,26 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def choose_model(requested: str = "auto", rt: Runtime | None = None) -> tuple[str, str]:
-    """Resolve MODEL='auto': SD 1.5 on a GPU with the hub, the offline model otherwise. Returns (model, why)."""
+def choose_model(requested: str = "auto", rt: Runtime | None = None, family: str = "sd") -> tuple[str, str]:
+    """Resolve MODEL='auto' for a notebook of `family` (FAMILIES): "sd", SD 1.5 on a GPU with the hub and the
+    offline toy model otherwise; "sdxl", SDXL base 1.0 on a GPU with the hub and the tiny SDXL otherwise (in an
+    SDXL notebook "offline" means the tiny SDXL too). Returns (model, why)."""
+    if family not in FAMILIES:
+        raise ValueError(f"family={family!r}: choose one of {', '.join(FAMILIES)}.")
+    real, stand_in = FAMILIES[family]
+    if family == "sdxl" and requested == "offline":
+        return stand_in, ("MODEL = 'offline' in an SDXL notebook: the kit's tiny OFFLINE model of SDXL "
+                          f"({TINY_SDXL}). {_TINY_SDXL_IS}")
     if requested != "auto":
         return requested, f"using {requested!r} as asked"
     rt = rt or detect()
+    small = {"sd": ("the kit's small OFFLINE model (64 px, learns in minutes on a CPU). Its pictures are toy "
+                    "shapes, not photos: the steps are the same as with SD 1.5."),
+             "sdxl": f"the kit's tiny OFFLINE model of SDXL ({TINY_SDXL}, 64 px). {_TINY_SDXL_IS}"}[family]
     if rt.device != "cuda":
-        return "offline", ("no GPU here, so this run uses the kit's small OFFLINE model (64 px, learns in minutes "
-                           "on a CPU). Its pictures are toy shapes, not photos: the steps are the same as with SD 1.5.")
+        return stand_in, f"no GPU here, so this run uses {small}"
     if not hub_reachable():
-        return "offline", ("the model hub cannot be reached, so this run uses the kit's small OFFLINE model. "
-                           f"Connect to the internet (or set MODEL to a local folder) to use {SD15}.")
-    return SD15, f"GPU and hub available: using {SD15}"
+        return stand_in, (f"the model hub cannot be reached, so this run uses {small} Connect to the internet (or "
+                          f"set MODEL to a local folder) to use {real}.")
+    return real, f"GPU and hub available: using {real}"
+

@@ -3,7 +3,8 @@
 - **diffusers folder** (`from_pretrained`), with fp16 or fp32 weights: `diffusers_folder`.
 - **LoRA**: the diffusers format (`pipe.load_lora_weights`), with the adapter's rank and alpha in the file's
   metadata: `lora_diffusers`; and kohya/webui keys (`lora_unet_…`, `lora_te_…`, one `.alpha` per layer) that
-  AUTOMATIC1111, ComfyUI, SD.Next and InvokeAI load: `lora_kohya`.
+  AUTOMATIC1111, ComfyUI, SD.Next and InvokeAI load: `lora_kohya`. SDXL the same, with its second text encoder
+  (`text_encoder_2` in the diffusers file, `lora_te1_…` / `lora_te2_…` in the kohya one).
 - **Textual inversion**: the diffusers file (`learned_embeds.safetensors`, `{token: vectors}`): `ti_diffusers`;
   and the AUTOMATIC1111/ComfyUI embedding (`name.safetensors` holding `emb_params`): `ti_a1111`.
   `read_embedding` reads those and the classic A1111 `.pt` layout (`{"string_to_param": {"*": vectors}}`);
@@ -58,6 +59,18 @@ def _parts(model):
     return model
 
 
+def _trainable_nets(model) -> dict[str, torch.nn.Module]:
+    """The UNet and every text encoder (SDXL: text_encoder_2 too) by name, of parts or a pipeline."""
+    parts = _parts(model)
+    names = getattr(parts, "text_encoder_names", ("text_encoder", "text_encoder_2"))
+    return {"unet": parts.unet, **{n: m for n in names if (m := getattr(parts, n, None)) is not None}}
+
+
+def _is_sdxl(model) -> bool:
+    parts = _parts(model)
+    return getattr(parts, "architecture", None) == "sdxl" or getattr(parts, "text_encoder_2", None) is not None
+
+
 # ---------------------------------------------------------------------------------------------- diffusers folder
 
 
@@ -80,7 +93,8 @@ def diffusers_folder(model, out: str | Path, dtype: str = "fp32", scheduler: str
 
     torch_dtype = _dtype(dtype)
     pipe = model if isinstance(model, DiffusionPipeline) else pipeline(_parts(model), scheduler)
-    modules = [getattr(pipe, n) for n in ("unet", "text_encoder", "vae") if getattr(pipe, n, None) is not None]
+    modules = [getattr(pipe, n) for n in ("unet", "text_encoder", "text_encoder_2", "vae")
+               if getattr(pipe, n, None) is not None]
     if any(getattr(m, "peft_config", None) for m in modules):
         raise ExportError("this model carries LoRA adapters: save them with lora_diffusers()/lora_kohya(), or merge "
                           "them first (pipe.fuse_lora(); pipe.unload_lora_weights()) to save a whole model.")
@@ -100,8 +114,7 @@ SHARD = "200MB"  # save_pretrained's shard size in diffusers_folder (then merged
 
 
 def _lora_modules(model) -> dict[str, torch.nn.Module]:
-    parts = _parts(model)
-    found = {n: m for n in ("unet", "text_encoder") if getattr(m := getattr(parts, n), "peft_config", None)}
+    found = {n: m for n, m in _trainable_nets(model).items() if getattr(m, "peft_config", None)}
     if not found:
         raise ExportError("this model has no LoRA adapters: train with method='lora' (or load a LoRA with "
                           "pipe.load_lora_weights) before exporting one.")
@@ -128,7 +141,7 @@ def _te_canonical(sd: dict[str, torch.Tensor], text_encoder: torch.nn.Module) ->
 
 def lora_state_dicts(model, adapter: str | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """The adapters' weights in peft's layout (`...to_q.lora_A.weight`), per part:
-    {"unet": ..., "text_encoder": ...}."""
+    {"unet": ..., "text_encoder": ..., SDXL's "text_encoder_2": ...}."""
     from peft.utils import get_peft_model_state_dict
 
     out = {}
@@ -137,7 +150,7 @@ def lora_state_dicts(model, adapter: str | None = None) -> dict[str, dict[str, t
         if module.peft_config[a].use_dora:
             raise ExportError("DoRA adapters are not supported by these exports; train plain LoRA (use_dora=False).")
         sd = get_peft_model_state_dict(module, adapter_name=a, save_embedding_layers=False)
-        out[name] = _te_canonical(sd, module) if name == "text_encoder" else sd
+        out[name] = _te_canonical(sd, module) if name.startswith("text_encoder") else sd
     return out
 
 
@@ -146,9 +159,10 @@ def lora_diffusers(model, out: str | Path, dtype: str = "fp32", adapter: str | N
     """Write the LoRA in the diffusers format: `pipe.load_lora_weights(out)` loads it on the base model.
 
     The adapter's config (rank, alpha, targets) goes into the file's metadata, so a LoRA trained with
-    alpha != rank reloads with the same strength.
+    alpha != rank reloads with the same strength. SDXL's is written by StableDiffusionXLPipeline.save_lora_weights,
+    with both text encoders' adapters when they trained.
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
 
     torch_dtype = _dtype(dtype)
@@ -159,11 +173,10 @@ def lora_diffusers(model, out: str | Path, dtype: str = "fp32", adapter: str | N
               for n, sd in sds.items()}
     meta = {n: mods[n].peft_config[_adapter(mods[n], adapter)].to_dict() for n in mods}
     out = Path(out)
-    StableDiffusionPipeline.save_lora_weights(
-        out, unet_lora_layers=layers.get("unet"), text_encoder_lora_layers=layers.get("text_encoder"),
-        unet_lora_adapter_metadata=meta.get("unet"), text_encoder_lora_adapter_metadata=meta.get("text_encoder"),
-        weight_name=weight_name, safe_serialization=True,
-    )
+    saver = StableDiffusionXLPipeline if _is_sdxl(model) else StableDiffusionPipeline
+    saver.save_lora_weights(out, **{f"{n}_lora_layers": v for n, v in layers.items()},
+                            **{f"{n}_lora_adapter_metadata": v for n, v in meta.items()},
+                            weight_name=weight_name, safe_serialization=True)
     return out / weight_name
 
 
@@ -179,9 +192,11 @@ def lora_kohya(model, out: str | Path, dtype: str = "fp16", adapter: str | None 
     """Write the LoRA with kohya/webui keys, for AUTOMATIC1111, ComfyUI, SD.Next, InvokeAI (and diffusers).
 
     Keys are `lora_unet_<module>.lora_down.weight` / `.lora_up.weight` / `.alpha` (and `lora_te_...` for the
-    text encoder). Those tools scale each layer by `alpha / rank`, so `.alpha` is written as peft's scaling times
-    the rank: exactly the trained alpha (also right with rsLoRA). `out`: a `.safetensors` path, or a folder
-    (the file is then `lora_kohya.safetensors`). fp16 by default, as these tools ship LoRAs.
+    text encoder; SDXL's two: `lora_te1_...`, `lora_te2_...`). The UNet's module names are diffusers' (as kohya's
+    SD 1.x LoRAs have them); AUTOMATIC1111's and ComfyUI's loaders map those names for SDXL too, and diffusers'
+    load_lora_weights reads them back. Those tools scale each layer by `alpha / rank`, so `.alpha` is written as
+    peft's scaling times the rank: exactly the trained alpha (also right with rsLoRA). `out`: a `.safetensors` path,
+    or a folder (the file is then `lora_kohya.safetensors`). fp16 by default, as these tools ship LoRAs.
     """
     from diffusers.utils import convert_state_dict_to_kohya
     from safetensors.torch import save_file
@@ -192,16 +207,17 @@ def lora_kohya(model, out: str | Path, dtype: str = "fp16", adapter: str | None 
         out = out / "lora_kohya.safetensors"
     mods = _lora_modules(model)
     sds = lora_state_dicts(model, adapter)
+    sdxl = _is_sdxl(model)
     flat, ranks, alphas = {}, set(), set()
     for name, sd in sds.items():
         scalings = _layer_scalings(mods[name], _adapter(mods[name], adapter))
-        if name == "text_encoder" and not hasattr(mods[name], "text_model"):
+        if name.startswith("text_encoder") and not hasattr(mods[name], "text_model"):
             scalings = {f"text_model.{k}": v for k, v in scalings.items()}
         kohya = convert_state_dict_to_kohya({f"{name}.{k}": v for k, v in sd.items()})
         for key, value in kohya.items():
             if key.endswith(".alpha"):  # diffusers writes alpha = rank here; write the trained alpha instead
                 continue
-            if name == "text_encoder":  # SD 1.x/2.x have one text encoder: kohya calls it lora_te_, not lora_te1_
+            if not sdxl:  # SD 1.x/2.x have one text encoder: kohya calls it lora_te_, not lora_te1_ (SDXL: te1, te2)
                 key = key.replace("lora_te1_", "lora_te_", 1)
             flat[key] = value.detach().to("cpu", torch_dtype).contiguous()
             if key.endswith(".lora_down.weight"):
@@ -211,13 +227,12 @@ def lora_kohya(model, out: str | Path, dtype: str = "fp16", adapter: str | None 
                 flat[key.replace(".lora_down.weight", ".alpha")] = torch.tensor(alpha, dtype=torch.float32)
                 ranks.add(rank)
                 alphas.add(round(alpha, 6))
-    parts = _parts(model)
-    cross = getattr(parts.unet.config, "cross_attention_dim", 768)
+    cross = getattr(_parts(model).unet.config, "cross_attention_dim", 768)
     meta = {  # what kohya's scripts write; webuis show it (ss_network_alpha/dim are informative only)
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(max(ranks)), "ss_network_alpha": str(max(alphas)),
-        "ss_base_model_version": "sd_v2" if cross == 1024 else "sd_v1",
-        "ss_v2": str(cross == 1024), "format": "pt",
+        "ss_base_model_version": "sdxl_base_v1-0" if sdxl else "sd_v2" if cross == 1024 else "sd_v1",
+        "ss_v2": str(cross == 1024 and not sdxl), "format": "pt",
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(flat, str(out), metadata=meta)
@@ -227,7 +242,8 @@ def lora_kohya(model, out: str | Path, dtype: str = "fp16", adapter: str | None 
 def _module_of(kohya_key: str, scalings: dict[str, float]) -> str:
     """The peft module name behind a kohya key (kohya replaced its dots with underscores)."""
     stem = kohya_key.split(".")[0]
-    stem = stem.removeprefix("lora_unet_").removeprefix("lora_te_").removeprefix("lora_te1_")
+    for prefix in ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_"):
+        stem = stem.removeprefix(prefix)
     for name in scalings:
         if name.replace(".", "_") == stem:
             return name
@@ -242,14 +258,15 @@ def lora_rank_alpha(path: str | Path) -> dict[str, tuple[int, float]]:
     sd = load_file(str(path))
     if any(k.startswith("lora_unet_") or k.startswith("lora_te") for k in sd):  # kohya
         res = {}
-        for prefix, part in (("lora_unet_", "unet"), ("lora_te", "text_encoder")):
+        for prefix, part in (("lora_unet_", "unet"), ("lora_te_", "text_encoder"), ("lora_te1_", "text_encoder"),
+                             ("lora_te2_", "text_encoder_2")):
             downs = [k for k in sd if k.startswith(prefix) and k.endswith(".lora_down.weight")]
             if downs:
                 res[part] = (sd[downs[0]].shape[0], float(sd[downs[0].replace(".lora_down.weight", ".alpha")]))
         return res
     meta = _load_sft_state_dict_metadata(str(path)) or {}
     res = {}
-    for part in ("unet", "text_encoder"):
+    for part in ("unet", "text_encoder", "text_encoder_2"):
         downs = [v for k, v in sd.items() if k.startswith(part + ".") and ("lora_A" in k or "down" in k)]
         if downs:
             r = downs[0].shape[0]

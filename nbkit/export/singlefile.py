@@ -203,6 +203,12 @@ def _state_dict(module: torch.nn.Module) -> dict:
     return {k.replace(".base_layer.", "."): v for k, v in out.items()}
 
 
+def supports(model) -> bool:
+    """Whether the model can be written as the single file here: SD 1.x/2.x can, SDXL (two text encoders) not yet."""
+    model = getattr(model, "parts", model)
+    return getattr(model, "text_encoder_2", None) is None
+
+
 def _components(model):
     """(unet, vae, text_encoder, tokenizer) of a pipeline, SDParts, TrainResult, or a diffusers folder / hub id."""
     if isinstance(model, (str, Path)):
@@ -210,6 +216,11 @@ def _components(model):
 
         model = load_parts(str(model))
     model = getattr(model, "parts", model)  # a TrainResult
+    if not supports(model):
+        raise ExportError("SDXL's single file has another layout (two text encoders under conditioner.embedders, "
+                          "its UNet's own blocks), which the kit does not write: take the diffusers folder home "
+                          "(formats=['diffusers']; ComfyUI and InvokeAI load those) or train a LoRA (method='lora'), "
+                          "whose kohya file AUTOMATIC1111 and ComfyUI load on SDXL base.")
     try:
         return model.unet, model.vae, model.text_encoder, getattr(model, "tokenizer", None)
     except AttributeError as err:

@@ -129,7 +129,8 @@ def take_home(model, out: str | Path, formats: list[str] | tuple[str, ...] | Non
     """
     cfg = getattr(model, "config", None)
     method = _method(model, method)
-    formats = list(formats or FORMATS[method])
+    # by default the formats of its method this model can be written in (SDXL: no single file yet)
+    formats = list(formats or [f for f in FORMATS[method] if f != "single_file" or singlefile.supports(model)])
     unknown = [f for f in formats if f not in WHAT]
     if unknown:
         raise ValueError(f"unknown format(s) {unknown}: choose from {', '.join(WHAT)}.")
@@ -193,14 +194,14 @@ def _write(model, fmt: str, out: Path, dtype: str, token: str | None, ident: str
 def _reload_and_draw(fmt, path, written, base_model, token, prompt, seed, steps, size, scheduler, model, base):
     """Load one written file the way its users do; one picture with the same settings as the reference.
     `base` holds the fresh base model that LoRA and embedding files are loaded onto (and taken off again)."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
     from diffusers.training_utils import free_memory
 
     dtype = _reload_dtype()
     note = ""
-    if fmt == "diffusers":
-        pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, safety_checker=None,
-                                                       requires_safety_checker=False)
+    if fmt == "diffusers":  # the folder's own pipeline class (model_index.json): SD's, or SDXL's (no safety checker)
+        no_checker = {} if export._is_sdxl(model) else dict(safety_checker=None, requires_safety_checker=False)
+        pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, **no_checker)
     elif fmt == "single_file":
         config = _config_folder(model, written)
         pipe = singlefile.load_single_file(path, config, torch_dtype=dtype)
@@ -244,7 +245,9 @@ def _config_folder(model, written) -> Path:
 def _check_disk(model, out: Path, formats, dtype: str) -> None:
     """Fail before writing gigabytes onto a full disk (or a full Google Drive), with the numbers."""
     parts = export._parts(model)
-    sizes = [sum(p.numel() for p in m.parameters()) for m in (parts.unet, parts.text_encoder, parts.vae)]
+    nets = parts.networks.values() if hasattr(parts, "networks") else [
+        m for n in ("unet", "text_encoder", "text_encoder_2", "vae") if (m := getattr(parts, n, None)) is not None]
+    sizes = [sum(p.numel() for p in m.parameters()) for m in nets]
     per = 2 if dtype == "fp16" else 4
     need = sum(sizes) * per if "single_file" in formats else 0
     if "diffusers" in formats:  # save_pretrained writes fp32, then each part is streamed into its final file

@@ -24,7 +24,8 @@ from pathlib import Path
 from nbkit.paths import ROOT, cache_dir
 
 CALIBRATION_FILE = ROOT / "data" / "memory-calibration.json"  # the shipped file (not NBKIT_DATA's)
-REFERENCE = {"sd15": 64, "offline": 16}  # latent side each shipped calibration was measured at (offline: 64 px / 4)
+REFERENCE = {"sd15": 64, "sdxl": 128, "offline": 16}  # latent side each shipped calibration was measured at
+# (SDXL: 1024 px / 8; offline: 64 px / 4)
 
 # Saved activations under CUDA's autocast / under CPU's (per sample, SD 1.5's UNet at 512 px: 1.325 trained,
 # 1.327 frozen as for LoRA and TI), measured by `nbkit.memory.memtrace.cuda_norm_factor` on fake tensors, CUDA's op
@@ -37,13 +38,16 @@ REFERENCE = {"sd15": 64, "offline": 16}  # latent side each shipped calibration 
 CUDA_NORM_FACTOR = 1.325
 
 
-def fingerprint(unet_cfg: dict, te_cfg: dict) -> str:
-    """Architecture identity for the activation calibration (weights, vocabulary size and names excluded)."""
+def fingerprint(unet_cfg: dict, te_cfg: dict, te2_cfg: dict | None = None) -> str:
+    """Architecture identity for the activation calibration (weights, vocabulary size and names excluded); SDXL's
+    second text encoder joins it (a model with one text encoder keeps the identity it always had)."""
     keep_te = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                "max_position_embeddings", "hidden_act")
     u = {k: v for k, v in sorted(unet_cfg.items()) if not k.startswith("_")}
-    t = {k: te_cfg.get(k) for k in keep_te}
-    return hashlib.sha256(json.dumps([u, t], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    ids = [u, {k: te_cfg.get(k) for k in keep_te}]
+    if te2_cfg is not None:
+        ids.append({k: te2_cfg.get(k) for k in keep_te})
+    return hashlib.sha256(json.dumps(ids, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------------------ calibration
@@ -134,11 +138,12 @@ def activations(cal: dict, run: Run, scale: float = 1.0) -> tuple[int, int, list
         notes.append("optimizer-in-backward activations not calibrated for this method: assumed as without.")
     row = cal["configs"][key]
     per = run.samples * run.latent ** 2 / cal["reference_latent"] ** 2  # samples x pixels / reference pixels
-    k = norm_factor(run)
+    k = norm_factor(run, cal.get("cuda_norm_factor", CUDA_NORM_FACTOR))
     kf = 1.0 if run.checkpointing else k  # a checkpointed forward keeps block inputs only (no norm outputs)
     if k != 1.0:
+        where = "nbkit.memory.actmodel.CUDA_NORM_FACTOR" if "cuda_norm_factor" not in cal else "measured for this UNet"
         notes.append(f"CUDA autocast runs group_norm / layer_norm in fp32: saved activations x{k:g} "
-                     f"(nbkit.memory.actmodel.CUDA_NORM_FACTOR){', in the recomputing backward' if kf == 1 else ''}.")
+                     f"({where}){', in the recomputing backward' if kf == 1 else ''}.")
     forward = row["F0"] + per * row["Fs"] * kf
     backward = row["B0"] + per * row["Bs"] * k - row["G"]
     # DDP's backward, measured with every gradient held (memtrace grads_held); else, as if none had appeared
@@ -159,11 +164,11 @@ def activations(cal: dict, run: Run, scale: float = 1.0) -> tuple[int, int, list
     return int(single), int(volume), notes, Step(forward, backward, held, scale, floor, single)
 
 
-def norm_factor(run: Run) -> float:
+def norm_factor(run: Run, factor: float = CUDA_NORM_FACTOR) -> float:
     """CUDA_NORM_FACTOR under 16-bit autocast on CUDA (the calibration's CPU autocast keeps norms in 16 bits);
     1 otherwise: fp32 training has no autocast (the norms are fp32 either way, and the fp32 estimate doubles a
     16-bit calibration), and DeepSpeed runs the model in fp16 without autocast (norms in fp16 as calibrated)."""
-    return CUDA_NORM_FACTOR if run.cuda and run.half and not run.deepspeed else 1.0
+    return factor if run.cuda and run.half and not run.deepspeed else 1.0
 
 
 def deepspeed_bucket(path: str) -> int:

@@ -33,11 +33,21 @@ def sd15_on_meta() -> dict[str, torch.nn.Module]:
     return {"unet": parts.unet, "text_encoder": parts.text_encoder, "vae": parts.vae}
 
 
+def sdxl_on_meta() -> dict[str, torch.nn.Module]:
+    """SDXL base 1.0's UNet, both text encoders and VAE on the `meta` device (nbkit.memory.sdxlarch, data/sdxl-arch)."""
+    from nbkit.memory import sdxlarch
+
+    return modules_of(sdxlarch.build("meta"))
+
+
 def modules_of(parts) -> dict[str, torch.nn.Module]:
-    """{'unet', 'text_encoder', 'vae'} of an SDParts (or a dict of them, returned as is)."""
+    """{'unet', 'text_encoder', 'vae'} (SDXL: and 'text_encoder_2') of an SDParts (a dict of them: as is)."""
     if isinstance(parts, dict):
         return parts
-    return {"unet": parts.unet, "text_encoder": parts.text_encoder, "vae": parts.vae}
+    mods = {"unet": parts.unet, "text_encoder": parts.text_encoder, "vae": parts.vae}
+    if getattr(parts, "text_encoder_2", None) is not None:
+        mods["text_encoder_2"] = parts.text_encoder_2
+    return mods
 
 
 def count_params(module: torch.nn.Module) -> int:

@@ -30,6 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 KINDS = ("unet", "unet_te", "lora", "lora_te", "ti")  # what trains: UNet, +text encoder, LoRA, LoRA+TE, TI
+SDXL_KINDS = ("unet", "lora")  # SDXL: the UNet's configurations (text encoders frozen, prompt embeddings cached)
 
 
 class LiveBytes(TorchDispatchMode):
@@ -144,7 +145,7 @@ def _simulate(spec, kind, batch, latent, checkpointing, half, grads, fake, half_
     import torch.nn.functional as F
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from nbkit.models import sd15
+    from nbkit.memory import sdxlarch
     from nbkit.training import methods
 
     with FakeTensorMode() if fake else contextlib.nullcontext():
@@ -152,8 +153,7 @@ def _simulate(spec, kind, batch, latent, checkpointing, half, grads, fake, half_
         weight_dtype = half_dtype if half else torch.float32
         dtypes = {"unet": torch.float32 if kind in ("unet", "unet_te") else weight_dtype,
                   "text_encoder": torch.float32 if kind in ("unet_te", "ti") else weight_dtype}
-        parts = sd15.build_parts("cpu", spec=spec, with_vae=False, dtypes=dtypes)
-        parts.vae = torch.nn.Module()  # not used by a step on cached latents
+        parts = _step_parts(spec, kind, dtypes)
         cfg = _method_config(kind)
         method = methods.setup(cfg, parts)
         trainable = method.trainable_modules(parts)
@@ -173,7 +173,9 @@ def _simulate(spec, kind, batch, latent, checkpointing, half, grads, fake, half_
         noise = torch.randn_like(latents)
         t = torch.randint(0, 1000, (batch,))
         ids = torch.randint(0, te_cfg.vocab_size, (batch, parts.tokenizer.model_max_length))
-        cached = None if method.trains_text_encoder else torch.randn(batch, ids.shape[1], te_cfg.hidden_size)
+        cached = (None if method.trains_text_encoder else
+                  torch.randn(batch, ids.shape[1], parts.unet.config.cross_attention_dim))
+        extra = sdxlarch.added_conditions(parts.unet.config, batch)  # SDXL's pooled embedding and sizes
         # as the loop's accelerator: no autocast weight cache (with checkpointing it would hold a half copy of
         # every trained weight through the forward pass; without, the copies are kept for backward anyway)
         amp = torch.autocast("cpu", dtype=half_dtype, enabled=half, cache_enabled=False)
@@ -182,7 +184,7 @@ def _simulate(spec, kind, batch, latent, checkpointing, half, grads, fake, half_
             tracker.mark("forward")
             with amp:
                 emb = cached if cached is not None else parts.text_encoder(ids)[0]
-                pred = parts.unet(latents, t, emb).sample
+                pred = parts.unet(latents, t, emb, **extra).sample
             loss = F.mse_loss(pred.float(), noise)
             tracker.mark("backward")
             loss.backward()
@@ -193,6 +195,25 @@ def _simulate(spec, kind, batch, latent, checkpointing, half, grads, fake, half_
     return StepMemory(tracker.phase_peaks["forward"], tracker.phase_peaks["backward"], tracker.current,
                       dict(kind=kind, batch=batch, latent=latent, checkpointing=checkpointing, half=half,
                            in_backward=grads[0], grads_held=grads[1], fake=fake))
+
+
+def _step_parts(spec, kind: str, dtypes: dict):
+    """The parts a step on cached latents uses (no VAE), as the training loop places them. SDXL (nbkit.memory.sdxlarch):
+    its UNet and first text encoder in an SDParts; the step runs on cached prompt embeddings (2048 wide), so the
+    text-encoder-training kinds are not simulated for it."""
+    from nbkit.memory import sdxlarch
+    from nbkit.models import sd15
+    from nbkit.models.parts import SDParts
+
+    if not sdxlarch.is_sdxl_folder(spec):
+        parts = sd15.build_parts("cpu", spec=spec, with_vae=False, dtypes=dtypes)
+    else:
+        if kind not in SDXL_KINDS:
+            raise ValueError(f"kind={kind!r} is not simulated for SDXL: choose one of {', '.join(SDXL_KINDS)}.")
+        nets = sdxlarch.build("cpu", spec=spec, with_vae=False, dtypes=dtypes, text_encoder_2=False)
+        parts = SDParts(sd15.tokenizer(), nets.text_encoder, None, nets.unet, None, str(spec))
+    parts.vae = torch.nn.Module()  # not used by a step on cached latents
+    return parts
 
 
 def _gradient_handling(params, in_backward: bool, grads_held: bool) -> list:
@@ -207,8 +228,10 @@ def _gradient_handling(params, in_backward: bool, grads_held: bool) -> list:
     return [p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None)) for p in params]
 
 
-def simulate_vae_encode(spec, *, batch: int = 1, size: int = 512, half: bool = True, fake: bool = True) -> int:
-    """Peak bytes the VAE's encoder allocates encoding `batch` images of `size` px without gradients."""
+def simulate_vae_encode(spec, *, batch: int = 1, size: int = 512, half: bool = True, fake: bool = True,
+                        decode: bool = False) -> int:
+    """Peak bytes the VAE's encoder allocates encoding `batch` images of `size` px without gradients (decode: its
+    decoder making them from latents, as sampling does)."""
     from diffusers import AutoencoderKL
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -219,12 +242,14 @@ def simulate_vae_encode(spec, *, batch: int = 1, size: int = 512, half: bool = T
 
         with _default_dtype(torch.bfloat16 if half else torch.float32):
             vae = AutoencoderKL.from_config(configs(spec)["vae"])
-        px = torch.randn(batch, 3, size, size, dtype=vae.dtype)
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        x = (torch.randn(batch, vae.config.latent_channels, size // factor, size // factor, dtype=vae.dtype) if decode
+             else torch.randn(batch, 3, size, size, dtype=vae.dtype))
         tracker = LiveBytes()
         with tracker, torch.no_grad():
-            tracker.mark("encode")
-            vae.encode(px).latent_dist.sample()
-    return tracker.phase_peaks["encode"]
+            tracker.mark("run")
+            vae.decode(x) if decode else vae.encode(x).latent_dist.sample()
+    return tracker.phase_peaks["run"]
 
 
 # ------------------------------------------------------------------------------- CUDA's autocast, on a CPU
@@ -273,6 +298,8 @@ def saved_activations(unet, *, batch: int, latent: int, cuda: bool, dtype=torch.
     """What the UNet's forward saves for backward under CPU autocast in `dtype`; cuda: with the norms as CUDA's
     autocast runs them (cuda_autocast_norms). The prompt embedding requires grad, so a frozen UNet saves what
     LoRA / TI backpropagate through. Works on fake tensors (build the UNet and call this in a FakeTensorMode)."""
+    from nbkit.memory import sdxlarch
+
     params = {p.untyped_storage()._cdata for p in unet.parameters()}
     saved: dict[int, int] = {}
 
@@ -286,9 +313,10 @@ def saved_activations(unet, *, batch: int, latent: int, cuda: bool, dtype=torch.
     x = torch.randn(batch, cfg.in_channels, latent, latent)
     emb = torch.randn(batch, 77, cfg.cross_attention_dim, requires_grad=True)
     t = torch.randint(0, 1000, (batch,))
+    extra = sdxlarch.added_conditions(cfg, batch)  # SDXL's pooled embedding and sizes
     with cuda_autocast_norms({"cpu": not cuda}) as seen, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         with torch.autocast("cpu", dtype=dtype, cache_enabled=False):  # as the training loop: no weight cache
-            unet(x, t, emb)
+            unet(x, t, emb, **extra)
     return SavedBytes(sum(saved.values()), sum(b for k, b in saved.items() if k in seen.get("in", ())),
                       sum(b for k, b in saved.items() if k in seen.get("out", ())))
 
@@ -316,20 +344,26 @@ def cuda_norm_factor(unet_config: dict, latent: int, *, trained: bool = True, fa
 
 # ------------------------------------------------------------------------------- the planner's calibration
 def calibrate(spec, *, name: str, latent: int, fake: bool = True, half_only: bool = False, kinds=None,
-              progress=print) -> dict:
+              held: bool = True, progress=print) -> dict:
     """Measure the activation model of the architecture in `spec` (nbkit.memory.actmodel): each configuration's step
-    simulated at batch 1 and 2, split into a fixed and a per-sample part."""
+    simulated at batch 1 and 2, split into a fixed and a per-sample part. held=False: without DDP's H rows.
+    SDXL (nbkit.memory.sdxlarch): the UNet's kinds only (SDXL_KINDS), the VAE in fp32 as the kit runs it, and
+    CUDA's fp32-norm factor measured for its UNet (`cuda_norm_factor`, at half the reference latent side)."""
     import json
 
+    from nbkit.memory import sdxlarch
     from nbkit.memory.actmodel import config_key, fingerprint
     from nbkit.models.sd15 import build_parts
 
-    parts = build_parts("meta", spec=spec)
-    fp = fingerprint(dict(parts.unet.config), parts.text_encoder.config.to_dict())
+    xl = sdxlarch.is_sdxl_folder(spec)
+    parts = sdxlarch.build("meta", spec=spec) if xl else build_parts("meta", spec=spec)
+    te2 = parts.text_encoder_2.config.to_dict() if xl else None
+    fp = fingerprint(dict(parts.unet.config), parts.text_encoder.config.to_dict(), te2)
     out = {"name": name, "reference_latent": latent, "configs": {},
            "unet_params": sum(p.numel() for p in parts.unet.parameters())}
     combos = [(k, ck, False) for k in KINDS for ck in (False, True)]
     combos += [(k, ck, True) for k in ("unet", "unet_te") for ck in (False, True)]
+    combos = [c for c in combos if not xl or c[0] in SDXL_KINDS]
     if kinds:
         combos = [c for c in combos if f"{c[0]}|ib={int(c[2])}" in kinds or c[0] in kinds]
     for half in ((True,) if half_only else (True, False)):
@@ -339,14 +373,21 @@ def calibrate(spec, *, name: str, latent: int, fake: bool = True, half_only: boo
             row = {"F0": 2 * one.forward_peak - two.forward_peak, "Fs": two.forward_peak - one.forward_peak,
                    "B0": 2 * one.backward_peak - two.backward_peak, "Bs": two.backward_peak - one.backward_peak,
                    "G": one.after}
-            if not ib:  # DDP's backward: every gradient held in its bucket from the start (actmodel.ddp_buckets)
+            if not ib and held:  # DDP's backward: every gradient held in its bucket from the start (ddp_buckets)
                 row.update(_held_backward(spec, kind, latent, ck, half, fake))
             out["configs"][config_key(kind, ck, ib, half)] = row
             progress(f"{config_key(kind, ck, ib, half)}: {json.dumps(row)}")
+    if xl and (not kinds or "norms" in kinds):
+        out["cuda_norm_factor"] = round(cuda_norm_factor(dict(parts.unet.config), latent // 2, trained=False,
+                                                         fake=fake)["factor"], 4)
     if kinds and "vae" not in kinds:
         return {fp: out}
     vae_factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)
-    out["vae_encode_per_image"] = simulate_vae_encode(spec, batch=1, size=latent * vae_factor, half=True, fake=fake)
+    fp32_vae = bool(parts.vae.config.get("force_upcast", False)) and xl  # the kit keeps SDXL's VAE in fp32
+    for what in ("encode", "decode"):
+        out[f"vae_{what}_per_image"] = simulate_vae_encode(spec, batch=1, size=latent * vae_factor, half=not fp32_vae,
+                                                           fake=fake, decode=what == "decode")
+    out["vae_dtype"] = "fp32" if fp32_vae else "half"
     return {fp: out}
 
 
@@ -362,6 +403,7 @@ def main(argv=None) -> None:
     import argparse
     from pathlib import Path
 
+    from nbkit.memory import sdxlarch
     from nbkit.memory.actmodel import CALIBRATION_FILE, REFERENCE, save_calibration
     from nbkit.models.offline import OFFLINE_SPEC
     from nbkit.models.sd15 import SPEC
@@ -369,17 +411,19 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m nbkit", description="Calibrate the memory planner.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("calibrate", help="measure an architecture's activation model with nbkit.memory.memtrace")
-    c.add_argument("--spec", default="sd15", help="'sd15', 'offline' or a diffusers folder (configs are enough)")
-    c.add_argument("--latent", type=int, default=None, help="reference latent side (default 64 for sd15, 16 offline)")
+    c.add_argument("--spec", default="sd15", help="'sd15', 'sdxl', 'offline' or a diffusers folder (configs suffice)")
+    c.add_argument("--latent", type=int, default=None, help="reference latent side (default: sd15 64, sdxl 128, "
+                                                            "offline 16)")
     c.add_argument("--real", action="store_true", help="run real tensors (small models) instead of fake ones")
     c.add_argument("--half-only", action="store_true", help="skip the fp32 configurations")
-    c.add_argument("--kinds", default=None, help="comma list: only these (e.g. lora,ti,unet|ib=1,vae)")
+    c.add_argument("--kinds", default=None, help="comma list: only these (e.g. lora,ti,unet|ib=1,vae; SDXL: norms)")
+    c.add_argument("--no-held", action="store_true", help="skip DDP's held-gradient backward (the H rows)")
     c.add_argument("--out", default=str(CALIBRATION_FILE))
     args = ap.parse_args(argv)
-    spec = {"sd15": SPEC, "offline": OFFLINE_SPEC}.get(args.spec, Path(args.spec))
+    spec = {"sd15": SPEC, "offline": OFFLINE_SPEC, "sdxl": sdxlarch.SPEC}.get(args.spec, Path(args.spec))
     name = args.spec if args.spec in REFERENCE else Path(args.spec).name
     latent = args.latent or REFERENCE.get(args.spec, 64)
     entry = calibrate(spec, name=name, latent=latent, fake=not args.real, half_only=args.half_only,
-                      kinds=args.kinds.split(",") if args.kinds else None)
+                      kinds=args.kinds.split(",") if args.kinds else None, held=not args.no_held)
     save_calibration(entry, Path(args.out))
     print(f"wrote {args.out}")

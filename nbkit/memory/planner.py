@@ -13,8 +13,13 @@ kernels, which keep no attention matrix), so the model is `fixed + samples x per
 pixels)` (`nbkit.memory.actmodel`, which also adds what the CPU cannot show: CUDA autocast's fp32 norms, DDP's
 buckets).
 
-On a GPU, `torch.cuda.max_memory_allocated` should match the prediction; `memory_reserved` adds the caching
-allocator's slack, and the CUDA context (~0.4 GiB, outside PyTorch) comes on top: `fits` accounts for both.
+Beyond a step, `Plan.phases` holds the two other peaks of a run (`nbkit.memory.phases`): caching the latents and
+sampling validation pictures; `Plan.peak` is the largest. SDXL (`nbkit.memory.sdxlarch`, `nbkit.memory.archs`) adds
+its second text encoder, its fp32 VAE and its own calibration (1024 px); what the plan assumes is in its notes.
+
+On a GPU, `torch.cuda.max_memory_allocated` should match the prediction (`Plan.peak` over a whole run);
+`memory_reserved` adds the caching allocator's slack, and the CUDA context (~0.4 GiB, outside PyTorch) comes on
+top: `fits` accounts for both.
 The benchmark (`benchmarks/bench_memory.py`) checks the prediction against measured peaks on a real GPU.
 
 Recalibrate after changing the training loop: `python -m nbkit calibrate --spec sd15` (minutes) and
@@ -24,15 +29,13 @@ Recalibrate after changing the training loop: `python -m nbkit calibrate --spec 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from nbkit.config import TrainConfig
+from nbkit.config import ConfigError, TrainConfig
 from nbkit.env import runtime
-from nbkit.memory import actmodel
-from nbkit.memory.actmodel import CALIBRATION_FILE, calibration_for
+from nbkit.memory import actmodel, archs, phases
+from nbkit.memory.actmodel import CALIBRATION_FILE
 from nbkit.training.optim import BNB_MIN_8BIT_SIZE, adam_state_bytes, in_backward_active
 from nbkit.training.savers import Change, remedies
 from nbkit.units import GiB, MiB
@@ -47,107 +50,9 @@ ALLOCATOR_ROUNDING = 0.03  # reserved / allocated - 1 from block rounding
 # 13.67 GB; those are CUDA runs, fp32 norms included, so the volume is taken before actmodel's norm factor)
 ALLOCATOR_FRAGMENTATION = 2.0
 BNB_MIN_8BIT = BNB_MIN_8BIT_SIZE  # bitsandbytes keeps fp32 state for tensors smaller than this
-SD15_IDS = ("stable-diffusion-v1-5", "stable-diffusion-v1-4", "runwayml/stable-diffusion-v1-5",
-            "CompVis/stable-diffusion")
-
-
-# ----------------------------------------------------------------------------------------------- architecture
-@dataclass(frozen=True)
-class Arch:
-    """What the planner needs to know about a model: its parameter counts and its activation calibration."""
-
-    name: str
-    fingerprint: str
-    unet: int
-    text_encoder: int
-    vae: int
-    token_embedding: int  # elements of the text encoder's token-embedding matrix (TI trains it all)
-    lora_per_rank_unet: int  # LoRA parameters per unit of rank on the UNet's attention projections
-    lora_per_rank_te: int  # ... on the text encoder's attention projections
-    largest: dict  # part -> elements of its largest parameter (the optimizer-in-backward's gradient peak)
-    small: dict  # part -> elements in parameters under 4,096 elements (8-bit Adam keeps them in fp32)
-    vae_factor: int  # image side / latent side
-    calibration: dict = field(default_factory=dict, compare=False)
-    calibration_source: str = "none"
-
-
-def _lora_per_rank(module, targets: list[str]) -> int:
-    import torch
-
-    n = 0
-    for name, m in module.named_modules():
-        if isinstance(m, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
-            n += m.in_features + m.out_features
-    return n
-
-
-def arch_from_parts(parts, name: str | None = None) -> Arch:
-    """The Arch of loaded (or meta-built) parts."""
-    from nbkit.training.methods import LORA_TARGETS_TEXT, LORA_TARGETS_UNET
-
-    def count(m):
-        return sum(p.numel() for p in m.parameters()) if m is not None else 0
-
-    def largest(m):
-        return max((p.numel() for p in m.parameters()), default=0)
-
-    def small(m):
-        return sum(p.numel() for p in m.parameters() if p.numel() < BNB_MIN_8BIT)
-
-    unet_cfg = dict(parts.unet.config)
-    te_cfg = parts.text_encoder.config.to_dict()
-    fp = actmodel.fingerprint(unet_cfg, te_cfg)
-    vae_blocks = parts.vae.config.block_out_channels if parts.vae is not None and hasattr(parts.vae, "config") else None
-    cal, source = calibration_for(fp, count(parts.unet))
-    return Arch(
-        name=name or _guess_name(fp), fingerprint=fp, unet=count(parts.unet), text_encoder=count(parts.text_encoder),
-        vae=count(parts.vae) if hasattr(parts.vae, "config") else 0,
-        token_embedding=parts.text_encoder.get_input_embeddings().weight.numel(),
-        lora_per_rank_unet=_lora_per_rank(parts.unet, LORA_TARGETS_UNET),
-        lora_per_rank_te=_lora_per_rank(parts.text_encoder, LORA_TARGETS_TEXT),
-        largest={"unet": largest(parts.unet), "text_encoder": largest(parts.text_encoder)},
-        small={"unet": small(parts.unet), "text_encoder": small(parts.text_encoder)},
-        vae_factor=2 ** (len(vae_blocks) - 1) if vae_blocks else 8, calibration=cal, calibration_source=source,
-    )
-
-
-@functools.lru_cache(maxsize=8)
-def _arch_of_spec(spec: str) -> Arch:
-    from nbkit.models.sd15 import build_parts
-
-    name = "sd15" if Path(spec).resolve() == _sd15_spec().resolve() else None
-    return arch_from_parts(build_parts("meta", spec=spec), name)
-
-
-def _sd15_spec() -> Path:
-    from nbkit.models.sd15 import SPEC
-
-    return SPEC
-
-
-def arch_of(model) -> Arch:
-    """The Arch of `model`: loaded SDParts, "offline", "sd15", SD 1.x hub ids, or a local diffusers folder.
-
-    Parameters are counted on the meta device from the configs: nothing is downloaded or allocated.
-    """
-    from nbkit.models.parts import SDParts, resolve
-
-    if isinstance(model, Arch):
-        return model
-    if isinstance(model, SDParts):
-        return arch_from_parts(model)
-    model = str(model)
-    if model == "sd15" or any(s in model for s in SD15_IDS):
-        return _arch_of_spec(str(_sd15_spec()))
-    path = Path(resolve(model))
-    if (path / "unet" / "config.json").exists():
-        return _arch_of_spec(str(path))
-    raise ValueError(f"Cannot plan for model {model!r}: give 'offline', 'sd15' (or an SD 1.x hub id), a local "
-                     "diffusers folder, or loaded parts (nbkit.load_parts(...)).")
-
-
-def _guess_name(fp: str) -> str:
-    return actmodel.load_calibrations().get(fp, {}).get("name", f"model-{fp[:6]}")
+# the architecture's side (nbkit.memory.archs), importable from here too
+Arch, arch_of, arch_from_parts, SD15_IDS, TEXT_ENCODERS = (archs.Arch, archs.arch_of, archs.arch_from_parts,
+                                                           archs.SD15_IDS, archs.TEXT_ENCODERS)
 
 
 # ------------------------------------------------------------------------------------------------------- plan
@@ -156,17 +61,24 @@ class Plan:
     """A predicted peak, its parts, and whether it fits the GPU."""
 
     rows: list[tuple[str, int]]  # (what, bytes) summing to `allocated`
-    allocated: int  # predicted torch.cuda.max_memory_allocated()
+    allocated: int  # predicted torch.cuda.max_memory_allocated() of a training step
     capacity: int | None  # the GPU's memory (bytes); None on a CPU
     settings: dict  # the settings the plan was made for
     notes: list[str] = field(default_factory=list)
     slack: int = 0  # the caching allocator's: reserved - allocated
     context: int = 0  # the CUDA context (outside torch)
+    phases: list[tuple[str, int]] = field(default_factory=list)  # (what, peak allocated) outside the step
+
+    @property
+    def peak(self) -> int:
+        """Predicted torch.cuda.max_memory_allocated() over the whole run: the step's, or caching's / sampling's."""
+        return max([self.allocated] + [b for _, b in self.phases])
 
     @property
     def reserved(self) -> int:
-        """Predicted torch.cuda.max_memory_reserved(): allocated plus the caching allocator's slack."""
-        return self.allocated + self.slack
+        """Predicted torch.cuda.max_memory_reserved(): allocated plus the caching allocator's slack (a phase outside
+        the step: its block rounding only)."""
+        return max([self.allocated + self.slack] + [int(b * (1 + ALLOCATOR_ROUNDING)) for _, b in self.phases])
 
     @property
     def needed(self) -> int:
@@ -193,8 +105,10 @@ class Plan:
         lines = [f"| part | {u} |", "|---|---:|"]
         lines += [f"| {what} | {b / d:.2f} |" for what, b in self.rows]
         lines.append(f"| **peak allocated (predicted)** | **{self.allocated / d:.2f}** |")
+        lines += [f"| {what}: peak allocated{' (the run’s peak)' if b > self.allocated else ''} | {b / d:.2f} |"
+                  for what, b in self.phases]
         if self.context:
-            lines.append(f"| + allocator slack and CUDA context | {(self.needed - self.allocated) / d:.2f} |")
+            lines.append(f"| + allocator slack and CUDA context | {(self.needed - self.peak) / d:.2f} |")
         cap = f"{self.capacity / GiB:.1f} GiB GPU" if self.capacity else "no GPU limit (CPU)"
         verdict = "fits" if self.fits else "DOES NOT FIT"
         lines.append(f"| **needed** | **{self.needed / d:.2f}** ({verdict}: {cap}) |")
@@ -208,6 +122,7 @@ class Plan:
         width = max(len(w) for w, _ in self.rows)
         out = [f"{w:<{width}}  {b / d:7.2f} {u}" for w, b in self.rows]
         out.append(f"{'peak allocated (predicted)':<{width}}  {self.allocated / d:7.2f} {u}")
+        out += [f"{what}: peak allocated {b / d:.2f} {u}" for what, b in self.phases]
         cap = f" of {self.capacity / GiB:.1f} GiB" if self.capacity else ""
         label = "needed incl. slack + CUDA context" if self.context else "needed"
         out.append(f"{label:<{width}}  {self.needed / d:7.2f} {u}{cap}: {'fits' if self.fits else 'DOES NOT FIT'}")
@@ -221,7 +136,8 @@ class Plan:
         ax = ax or plt.subplots(figsize=(8, 1.9))[1]
         left = 0.0
         colors = plt.get_cmap("tab10").colors
-        extra = [("slack + CUDA context", self.needed - self.allocated)] if self.context else []
+        above = " + caching / sampling above the step" if self.peak > self.allocated else ""
+        extra = [("slack + CUDA context" + above, self.needed - self.allocated)] if self.context else []
         for i, (what, b) in enumerate(self.rows + extra):
             ax.barh([0], [b / d], left=left, color=colors[i % 10], label=f"{what} ({b / d:.2f})",
                     hatch="//" if i == len(self.rows) else None, alpha=0.5 if i == len(self.rows) else 1.0)
@@ -262,67 +178,124 @@ def plan(cfg: TrainConfig, model=None, *, gpu_gb: float | None = None, device: s
     """
     arch = arch_of(model if model is not None else cfg.model)
     precision = resolve_precision(cfg, device, bf16)
-    half = precision in ("fp16", "bf16")
+    half, cuda = precision in ("fp16", "bf16"), device == "cuda"
     kind = kind_of(cfg)
+    if kind == "ti" and arch.sdxl:
+        raise ConfigError("textual_inversion on SDXL is not supported by the kit (it needs an embedding per text "
+                         "encoder): plan method='lora' (or 'dreambooth') for SDXL, or textual inversion on SD 1.5.")
     ib, why_not = in_backward_active(cfg, num_processes)
     ds = bool(cfg.deepspeed_config)
-    eight_bit = cfg.use_8bit_adam and device == "cuda" and not ds
+    eight_bit = cfg.use_8bit_adam and cuda and not ds
     notes = [f"optimizer in backward falls back to the normal optimizer: {why_not}."] if why_not else []
     trained, full = _trained(arch, cfg, kind)
     rows = _weight_rows(arch, cfg, trained, full, precision if half else "fp32", ds)
+    weights = sum(b for _, b in rows)
     rows.append(_optimizer_row(arch, trained, full, kind, ds, eight_bit))
     if cfg.use_ema:  # nbkit.training.ema: one more fp32 copy of what trains
         rows.append(("EMA of the trained weights (fp32, use_ema)", 4 * sum(trained.values())))
+    held = sum(b for _, b in rows)  # what stays between steps
     rows.append(_gradient_row(arch, cfg, trained, ib, ds))
+    grads = rows[-1][1]
     n_samples = cfg.train_batch_size * (2 if cfg.with_prior_preservation else 1)
+    if arch.sdxl and cuda:
+        rows.append(_inputs_row(arch, cfg, kind, n_samples))
     run = actmodel.Run(kind, n_samples, cfg.resolution // arch.vae_factor, cfg.gradient_checkpointing, ib, half,
-                       cfg.gradient_accumulation_steps > 1, ds, cfg.cache_latents, device == "cuda")
+                       cfg.gradient_accumulation_steps > 1, ds, cfg.cache_latents, cuda)
     act, volume, step, act_notes = _activations(arch, run)
     notes += act_notes
     ckpt = "checkpointed" if cfg.gradient_checkpointing else "not checkpointed"
     rows.append((f"activations & temporaries ({ckpt}, {n_samples} x {cfg.resolution} px)", act))
     if num_processes > 1 and not ds:
-        rows.append(_ddp_row(step, rows[-2][1], gradient_as_bucket_view, num_processes, notes))
-    if device == "cuda":
+        rows.append(_ddp_row(step, grads, gradient_as_bucket_view, num_processes, notes))
+    workspace = CUDA_WORKSPACE if cuda else 0
+    if cuda:
         rows.append(("cuDNN / cuBLAS workspaces (estimate)", CUDA_WORKSPACE))
     allocated = sum(b for _, b in rows)
-    slack = int(allocated * ALLOCATOR_ROUNDING + ALLOCATOR_FRAGMENTATION * volume) if device == "cuda" else 0
+    slack = int(allocated * ALLOCATOR_ROUNDING + ALLOCATOR_FRAGMENTATION * volume) if cuda else 0
+    cal = arch.calibration or archs._arch_of_spec(str(archs.sd15_spec())).calibration
+    found = [phases.caching(arch, cal, cfg, weights, precision, workspace),
+             phases.validation(arch, cal, cfg, held, precision, workspace)]
+    if arch.sdxl:
+        notes += _sdxl_notes(arch, cfg, kind, precision)
+    top = max(found)
+    if top[0] > allocated:
+        notes.append(f"the run's peak is not a training step: {top[1]}, {(top[0] - allocated) / GiB:.2f} GiB above "
+                     "the step's.")
     capacity = int(gpu_gb * GiB) if gpu_gb else None
-    settings = dict(method=cfg.method, train_text_encoder=cfg.train_text_encoder, precision=precision,
-                    use_8bit_adam=eight_bit, gradient_checkpointing=cfg.gradient_checkpointing,
-                    optimizer_in_backward=ib, deepspeed=ds, train_batch_size=cfg.train_batch_size,
-                    prior=cfg.with_prior_preservation,
-                    resolution=cfg.resolution, cache_latents=cfg.cache_latents, model=arch.name,
-                    num_processes=num_processes)
-    return Plan(rows, allocated, capacity, settings, notes, slack, CUDA_CONTEXT if device == "cuda" else 0)
+    return Plan(rows, allocated, capacity, _settings(cfg, arch, precision, eight_bit, ib, ds, num_processes), notes,
+                slack, CUDA_CONTEXT if cuda else 0, [(what, b) for b, what in found if b])
+
+
+def _settings(cfg: TrainConfig, arch: Arch, precision: str, eight_bit: bool, ib: bool, ds: bool, procs: int) -> dict:
+    return dict(method=cfg.method, train_text_encoder=cfg.train_text_encoder, precision=precision,
+                use_8bit_adam=eight_bit, gradient_checkpointing=cfg.gradient_checkpointing,
+                optimizer_in_backward=ib, deepspeed=ds, train_batch_size=cfg.train_batch_size,
+                prior=cfg.with_prior_preservation, resolution=cfg.resolution, cache_latents=cfg.cache_latents,
+                model=arch.name, architecture=arch.architecture, lora_rank=cfg.lora_rank, num_processes=procs)
+
+
+TE_LABELS = {"text_encoder": "text encoder", "text_encoder_2": "text encoder 2 (OpenCLIP bigG)"}
+
+
+def _text_encoders(arch: Arch) -> tuple[str, ...]:
+    return TEXT_ENCODERS if arch.text_encoder_2 else ("text_encoder",)
 
 
 def _trained(arch: Arch, cfg: TrainConfig, kind: str) -> tuple[dict, dict]:
-    """(part -> trained parameters, part -> whether all of it trains)."""
+    """(part -> trained parameters, part -> whether all of it trains); SDXL's text encoders train together."""
+    tes = _text_encoders(arch)
     if kind in ("unet", "unet_te"):
-        trained = {"unet": arch.unet, "text_encoder": arch.text_encoder if kind == "unet_te" else 0}
+        trained = {"unet": arch.unet, **{t: arch.params(t) if kind == "unet_te" else 0 for t in tes}}
     elif kind in ("lora", "lora_te"):
         trained = {"unet": arch.lora_per_rank_unet * cfg.lora_rank,
-                   "text_encoder": arch.lora_per_rank_te * cfg.lora_rank if cfg.lora_text_encoder else 0}
+                   **{t: arch.lora_per_rank(t) * cfg.lora_rank if cfg.lora_text_encoder else 0 for t in tes}}
     else:
         trained = {"unet": 0, "text_encoder": arch.token_embedding}
-    return trained, {"unet": kind in ("unet", "unet_te"), "text_encoder": kind in ("unet_te", "ti")}
+    full = {"unet": kind in ("unet", "unet_te"),
+            **{t: kind == "unet_te" or (kind == "ti" and t == "text_encoder") for t in tes}}
+    return trained, full
 
 
 def _weight_rows(arch: Arch, cfg: TrainConfig, trained: dict, full: dict, precision: str,
                  ds: bool) -> list[tuple[str, int]]:
     hb = 2 if precision != "fp32" else 4  # bytes of a frozen weight
     rows = []
-    for part, label in (("unet", "UNet"), ("text_encoder", "text encoder")):
-        n = getattr(arch, part)
+    for part in ("unet", *_text_encoders(arch)):
+        n, label = arch.params(part), TE_LABELS.get(part, "UNet")
         if full[part]:
             rows.append((f"{label} weights ({'fp16, DeepSpeed' if ds else 'fp32, trained'})", n * (2 if ds else 4)))
         else:
             lora = " + fp32 LoRA)" if trained[part] else ")"
             rows.append((f"{label} weights ({precision}, frozen" + lora, n * hb + trained[part] * 4))
     if not cfg.cache_latents:
-        rows.append((f"VAE weights ({precision}; latents not cached)", arch.vae * hb))
+        vb = phases.vae_bytes_per_element(arch, cfg, precision)
+        rows.append((f"VAE weights ({'fp32' if vb == 4 else precision}; latents not cached)", arch.vae * vb))
     return rows
+
+
+def _inputs_row(arch: Arch, cfg: TrainConfig, kind: str, n: int) -> tuple[str, int]:
+    """A step's inputs on the GPU: the cached latents and prompt embeddings live on the CPU, moved per step (fp32)."""
+    lat = 4 * 4 * (cfg.resolution // arch.vae_factor) ** 2 if cfg.cache_latents else 3 * 4 * cfg.resolution ** 2
+    emb = 4 * (77 * arch.cross_attention_dim + arch.pooled_dim + 6) if kind in ("unet", "lora") else 8 * 77 * 2
+    what = "latents" if cfg.cache_latents else "pictures"
+    return f"this step's cached {what} + prompt embeddings ({n} x, from the CPU)", n * (lat + emb)
+
+
+def _sdxl_notes(arch: Arch, cfg: TrainConfig, kind: str, precision: str) -> list[str]:
+    tes = sum(arch.params(t) for t in TEXT_ENCODERS) * (2 if precision != "fp32" else 4)
+    notes = []
+    if kind in ("unet", "lora"):
+        notes.append(f"SDXL: both text encoders stay on the GPU ({tes / GiB:.2f} GiB) although the prompt embeddings "
+                     "are cached once (the training loop keeps them for the validation samples); moving them off "
+                     f"the GPU after caching would save {tes / GiB:.2f} GiB.")
+    vb = phases.vae_bytes_per_element(arch, cfg, precision)
+    notes.append(f"SDXL's VAE in {'fp32 (its config says force_upcast: it overflows in fp16)' if vb == 4 else 'fp16'}"
+                 f" ({arch.vae * vb / GiB:.2f} GiB) " + ("is on the GPU only while the latents are cached and the "
+                                                         "validation pictures decoded." if cfg.cache_latents else
+                                                         "stays on the GPU (latents not cached)."))
+    if cfg.with_prior_preservation:
+        notes.append("SDXL: generating the class pictures (before training, at the run's resolution) is not planned.")
+    return notes
 
 
 def _optimizer_row(arch: Arch, trained: dict, full: dict, kind: str, ds: bool, eight_bit: bool) -> tuple[str, int]:
@@ -368,7 +341,7 @@ def _activations(arch: Arch, run) -> tuple[int, int, object, list[str]]:
     """actmodel.activations for `arch` (an uncalibrated one: SD 1.5's calibration, scaled; rough)."""
     cal, scale, notes = arch.calibration, 1.0, []
     if not cal:
-        sd = _arch_of_spec(str(_sd15_spec()))
+        sd = archs._arch_of_spec(str(archs.sd15_spec()))
         cal = sd.calibration
         if not cal:
             raise RuntimeError(f"No activation calibration in {CALIBRATION_FILE}: run "
@@ -376,6 +349,10 @@ def _activations(arch: Arch, run) -> tuple[int, int, object, list[str]]:
         scale = (arch.unet / sd.unet) ** 0.5  # crude: activations grow about with the square root of width^2
         notes.append(f"no activation calibration for {arch.name}: scaled from SD 1.5's (rough). "
                      "Run `python -m nbkit calibrate --spec <folder>` to measure it.")
+    if run.kind.endswith("_te") and run.kind not in {k.split("|")[0] for k in cal.get("configs", {})}:
+        notes.append(f"{arch.name}'s calibration has the UNet's activations only (SDXL's: text encoders frozen): the "
+                     "trained text encoders' own (77 tokens) are left out; small next to the UNet's at 1024 px.")
+        run = dataclasses.replace(run, kind=run.kind.removesuffix("_te"))
     act, volume, more, step = actmodel.activations(cal, run, scale)
     return act, volume, step, notes + more
 

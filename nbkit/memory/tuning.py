@@ -12,7 +12,7 @@ from pathlib import Path
 
 from nbkit.config import TrainConfig
 from nbkit.env.runtime import GPUS, Runtime
-from nbkit.memory import planner
+from nbkit.memory import planner, sdxlarch
 from nbkit.training.presets import HOST_RAM_DEEPSPEED_GB, NAMES, accelerate_config_path, choose, settings
 
 
@@ -49,10 +49,10 @@ def tune(cfg: TrainConfig, preset: str = "auto", rt: Runtime | None = None, mode
     from nbkit.env.runtime import detect
 
     rt = rt or detect()
-    auto = preset == "auto"
+    auto, keep = preset == "auto", set(keep)
     name = choose(rt) if auto else preset
-    keep = set(keep)
-    base = dataclasses.replace(cfg, **{k: v for k, v in settings(name, rt, cfg).items() if k not in keep})
+    sdxl = planner.arch_of(model if model is not None else cfg.model).sdxl  # SDXL's own presets (presets doc)
+    base = dataclasses.replace(cfg, **{k: v for k, v in settings(name, rt, cfg, sdxl).items() if k not in keep})
     if name == "8gb-deepspeed" and base.train_text_encoder:
         raise ValueError("The 8gb-deepspeed preset trains the UNet only (accelerate prepares one model for "
                          "DeepSpeed). To train the text encoder on 8 GB, use PRESET='8gb' (optimizer in backward).")
@@ -101,13 +101,15 @@ def tune(cfg: TrainConfig, preset: str = "auto", rt: Runtime | None = None, mode
     return Tuned(base, name, p, changes, advice)
 
 
-def preview(cfg: TrainConfig, gpu: str = "T4", model: str = "sd15", resolution: int = 512,
+def preview(cfg: TrainConfig, gpu: str = "T4", model: str = "sd15", resolution: int | None = None,
             preset: str = "auto") -> Tuned:
-    """The same run with `model` (default SD 1.5, planned from its configs: no download) at `resolution` on a
-    GPU of GPUS: what a CPU-only session would meet on Colab (on "2xT4": one DDP process per GPU)."""
+    """The same run with `model` (default SD 1.5; "sdxl": SDXL base 1.0; planned from their configs: no download)
+    at `resolution` (default: the model's, 512 px or SDXL's 1024) on a GPU of GPUS: what a CPU-only session would
+    meet on Colab (on "2xT4": one DDP process per GPU)."""
     if gpu not in GPUS:
         raise ValueError(f"gpu={gpu!r}: choose one of {', '.join(GPUS)}.")
     rt = GPUS[gpu]
+    resolution = resolution or (sdxlarch.RESOLUTION if planner.arch_of(model).sdxl else 512)
     return tune(dataclasses.replace(cfg, model=model, resolution=resolution), preset, rt, num_processes=rt.gpu_count)
 
 

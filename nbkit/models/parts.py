@@ -1,65 +1,47 @@
 """Load Stable Diffusion's parts (from a hub id, a local folder, or the offline default) and put them together.
 
 Always the real `from_pretrained` code of diffusers and transformers: the offline model is just a local folder.
+SD 1.x/2.x come as SDParts, SDXL as nbkit.models.sdxl.SDXLParts: the model's architecture lives in its parts'
+class (nbkit.models.base), behind one interface the rest of the kit calls.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from nbkit.env import runtime
+from nbkit.models.base import PromptEmbeds, SDParts  # noqa: F401 - importable from here too
 
 
 class ModelNotFound(OSError):
     """The model could not be loaded; the message says why and what to use instead."""
 
 
-@dataclass
-class SDParts:
-    """The four networks of Stable Diffusion, the tokenizer and the training noise scheduler."""
-
-    tokenizer: object  # CLIPTokenizer
-    text_encoder: torch.nn.Module  # CLIPTextModel
-    vae: torch.nn.Module  # AutoencoderKL
-    unet: torch.nn.Module  # UNet2DConditionModel
-    noise_scheduler: object  # DDPMScheduler with the model's training schedule
-    source: str  # the folder or hub id it came from
-
-    @property
-    def prediction_type(self) -> str:
-        """'epsilon' (SD 1.x, SD 2 base) or 'v_prediction' (SD 2.x 768)."""
-        return self.noise_scheduler.config.prediction_type
-
-    @property
-    def pretraining(self) -> dict:
-        """How the model was pretrained, where it says so (the kit's toy model: pretrain_config.json); else {}."""
-        import json
-
-        f = Path(self.source) / "pretrain_config.json"
-        return json.loads(f.read_text()) if f.is_file() else {}
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-
 def resolve(model: str) -> str:
-    """'offline' -> the offline model's folder; anything else unchanged."""
+    """'offline' -> the offline model's folder; 'tiny-sdxl' -> the kit's tiny SDXL; anything else unchanged."""
     if model in ("offline", "", None):
         from nbkit.models.offline import offline_model_dir
 
         return str(offline_model_dir())
+    if model == "tiny-sdxl":
+        from nbkit.models.sdxl import TINY_SDXL
+
+        return str(TINY_SDXL)
     return model
 
 
-def load_parts(model: str = "offline", revision: str | None = None, variant: str | None = None) -> SDParts:
-    """Load tokenizer, text encoder, VAE, UNet and a DDPM training scheduler from `model`."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+def load_parts(model: str = "offline", revision: str | None = None, variant: str | None = None,
+               vae: str | None = None, half: tuple[str, ...] = (), dtype: torch.dtype = torch.float16) -> SDParts:
+    """Load tokenizer(s), text encoder(s), VAE, UNet and a DDPM training scheduler from `model`: SD 1.x/2.x as
+    SDParts, SDXL (a UNet conditioned on "text_time") as nbkit.models.sdxl.SDXLParts.
 
+    `vae`: another VAE instead of the model's (a hub id or folder), e.g. "madebyollin/sdxl-vae-fp16-fix", SDXL's VAE
+    retrained to run in fp16 (nbkit.models.sdxl).
+    `half`: the networks ("unet", "text_encoder", "text_encoder_2") to load in `dtype` instead of fp32, frozen
+    ones a GPU run keeps in half precision anyway (nbkit.training.methods.frozen_networks): half the host memory.
+    """
     source = resolve(model)
     local = Path(source).is_dir()
     if not local and (Path(source).exists() or source.startswith((".", "/", "~"))):
@@ -70,11 +52,7 @@ def load_parts(model: str = "offline", revision: str | None = None, variant: str
     if offline:
         kw["local_files_only"] = True
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", variant=variant, **kw)
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", variant=variant, **kw)
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=variant, **kw)
-        noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kw)
+        parts = _load(source, variant, kw, {n: dtype for n in half})
     except (OSError, ValueError) as err:  # hub errors are OSError subclasses; missing subfolders ValueError/OSError
         if local:
             why = "the folder is not a complete diffusers model (model_index.json, unet/, vae/, text_encoder/, ...)"
@@ -89,24 +67,55 @@ def load_parts(model: str = "offline", revision: str | None = None, variant: str
             "Use MODEL='offline' (the kit's bundled model, no network needed) or 'auto' (SD 1.5 when a GPU and the "
             "hub are there, the offline model otherwise), or point MODEL at a local diffusers folder."
         ) from err
+    if vae:
+        parts.vae = _other_vae(vae, offline)
+    return parts
+
+
+def _load(source: str, variant: str | None, kw: dict, dtypes: dict | None = None) -> SDParts:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
+    dt = {n: {"torch_dtype": d} for n, d in (dtypes or {}).items()}  # fp32 unless asked (diffusers' default)
+    text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", variant=variant, **kw,
+                                                 **dt.get("text_encoder", {}))
+    vae = AutoencoderKL.from_pretrained(source, subfolder="vae", variant=variant, **kw)
+    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=variant, **kw, **dt.get("unet", {}))
+    noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kw)
+    if unet.config.get("addition_embed_type") == "text_time":  # SDXL: a second tokenizer and text encoder
+        from nbkit.models.sdxl import SDXLParts, load_second_encoder
+
+        return SDXLParts(tokenizer, text_encoder, vae, unet, noise_scheduler, source,
+                         *load_second_encoder(source, variant, kw, dt.get("text_encoder_2")))
     return SDParts(tokenizer, text_encoder, vae, unet, noise_scheduler, source)
 
 
+def _other_vae(vae: str, offline: bool):
+    from diffusers import AutoencoderKL
+
+    try:
+        if Path(vae).is_dir():
+            return AutoencoderKL.from_pretrained(vae, subfolder="vae" if (Path(vae) / "vae").is_dir() else None)
+        return AutoencoderKL.from_pretrained(vae, local_files_only=offline)
+    except (OSError, ValueError) as err:
+        raise ModelNotFound(
+            f"Could not load the VAE {vae!r} ({str(err).splitlines()[0]}). Give a hub id of a VAE (e.g. "
+            "'madebyollin/sdxl-vae-fp16-fix', SDXL's VAE fixed for fp16) or a folder holding its config.json and "
+            "weights; or leave vae empty to use the model's own."
+        ) from err
+
+
 def pipeline(parts: SDParts, scheduler: str = "ddim", dtype: torch.dtype | None = None, device: str | None = "auto"):
-    """A StableDiffusionPipeline over `parts` (shared, not copied) with the named sampling scheduler.
+    """The model's pipeline over `parts` (shared, not copied) with the named sampling scheduler:
+    StableDiffusionPipeline, or StableDiffusionXLPipeline for SDXL.
 
     device="auto" puts it on this machine's CUDA GPU when there is one (the shared parts move with it), so a
     freshly loaded model never samples on the CPU of a Colab GPU runtime by mistake; None leaves it where it is.
     """
-    from diffusers import StableDiffusionPipeline
-
     from nbkit.models.schedulers import make_scheduler
 
-    pipe = StableDiffusionPipeline(
-        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
-        scheduler=make_scheduler(scheduler, parts.noise_scheduler.config), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
-    )
+    pipe = parts.make_pipeline(make_scheduler(scheduler, parts.noise_scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else None

@@ -22,6 +22,7 @@ from nbkit.memory import speed
 from nbkit.units import GiB
 
 GB = 10**9
+MODEL_NAMES = {"sd15": "SD 1.5", "sdxl": "SDXL base 1.0"}
 SAMPLING_PEAK = int(3.5 * GiB)  # SD 1.5 sampling in fp16 at 512 px, CUDA context included (nbkit.notebook.course)
 SCORER_BYTES = {"CLIP ViT-B/32 (openai/clip-vit-base-patch32)": 605 * 10**6,  # the hub's fp32 weights
                 "DINO ViT-S/16 (facebook/dino-vits16)": 87 * 10**6}
@@ -50,6 +51,7 @@ class Costs:
     """The costs of one notebook with its settings (see the module doc); shown as a table."""
 
     notebook: str
+    model: str = "sd15"  # what the T4 figures are for: "sd15" (SD 1.5 at 512 px) or "sdxl" (SDXL base at 1024 px)
     time: list[tuple[str, float]] = field(default_factory=list)  # (what, planned seconds on a T4)
     peak: int = 0  # planned peak GPU memory on a T4 (bytes the GPU must have)
     peak_note: str = ""
@@ -68,7 +70,8 @@ class Costs:
 
     def rows(self) -> list[tuple[str, str, str, str]]:
         """(where, time, GPU memory, disk) for SD 1.5 on a T4 (planned) and the offline model (measured)."""
-        t4 = ("SD 1.5 on a T4 (planned)", f"~{_minutes(self.seconds)}", f"{self.peak / GiB:.1f} GiB peak (planned)",
+        t4 = (f"{MODEL_NAMES[self.model]} on a T4 (planned)", f"~{_minutes(self.seconds)}",
+              f"{self.peak / GiB:.1f} GiB peak (planned)",
               f"{self.disk_bytes / GB:.1f} GB")
         if self.offline:
             m = self.offline
@@ -85,7 +88,7 @@ class Costs:
         lines += [f"    {_minutes(s):>8}  {what}" for what, s in self.time]
         if self.peak_note:
             lines.append(f"  GPU memory: {self.peak_note}")
-        lines.append("  Disk on SD 1.5:")
+        lines.append(f"  Disk on {MODEL_NAMES[self.model]}:")
         lines += [f"    {b / GB:6.2f} GB  {what}" for what, b in self.disk]
         if self.downloads:
             lines.append("  Downloads, once (cached): " + "; ".join(f"{w} {b / GB:.2f} GB" for w, b in self.downloads))
@@ -108,22 +111,23 @@ def _minutes(seconds: float) -> str:
 
 
 # ------------------------------------------------------------------------------------------- the pieces of work
-def _sd15():
+def _arch(model: str = "sd15"):
     from nbkit.memory import planner
 
-    return planner.arch_of("sd15")
+    return planner.arch_of(model)
 
 
-def _model_bytes(fp16: bool) -> int:
-    a = _sd15()
-    return (a.unet + a.text_encoder + a.vae) * (2 if fp16 else 4)
+def _model_bytes(fp16: bool, model: str = "sd15") -> int:
+    a = _arch(model)
+    return (a.unet + a.text_encoder + a.text_encoder_2 + a.vae) * (2 if fp16 else 4)
 
 
 def _trained(cfg) -> int:
-    """Parameters the optimizer updates in a run of `cfg` on SD 1.5."""
-    a = _sd15()
+    """Parameters the optimizer updates in a run of `cfg` (its model: "sd15" or "sdxl")."""
+    a = _arch(cfg.model)
     if cfg.method == "lora":
-        return cfg.lora_rank * (a.lora_per_rank_unet + (a.lora_per_rank_te if cfg.lora_text_encoder else 0))
+        te = a.lora_per_rank_te + a.lora_per_rank_te2 if cfg.lora_text_encoder else 0
+        return cfg.lora_rank * (a.lora_per_rank_unet + te)
     if cfg.method == "textual_inversion":
         return a.token_embedding
     return a.unet + (a.text_encoder if cfg.train_text_encoder else 0)
@@ -136,32 +140,33 @@ def _evaluations(steps: int, every: int) -> int:
 
 def train(c: Costs, label: str, steps: int, *, eval_every: int = 0, validation: tuple[int, int] = (0, 0),
           sample_steps: int = 50, checkpoint_every: int = 200, keep_best: bool = True, save_fp16: bool = False,
-          keep_model: bool = True, plan_as: dict | None = None, **settings) -> None:
-    """One training run on SD 1.5 at 512 px on a T4, tuned as PRESET="auto" tunes it (`settings`: TrainConfig
+          keep_model: bool = True, plan_as: dict | None = None, eval_seeds: int = EVAL_SEEDS, **settings) -> None:
+    """One training run of c.model at its size on a T4, tuned as PRESET="auto" tunes it (`settings`: TrainConfig
     fields; `plan_as`: other fields the memory settings are chosen for, as notebooks 02 and 04 do); validation:
     (every this many steps, images each time)."""
     from nbkit.config import TrainConfig
     from nbkit.memory.tuning import preview
 
-    base = TrainConfig(model="sd15", max_train_steps=steps, **settings)
-    tuned = preview(dataclasses.replace(base, **(plan_as or {})), "T4")
+    m = c.model
+    base = TrainConfig(model=m, max_train_steps=steps, **settings)
+    tuned = preview(dataclasses.replace(base, **(plan_as or {})), "T4", model=m)
     cfg = tuned.config
     trained, eight = _trained(base), cfg.use_8bit_adam
     pictures = cfg.train_batch_size * (2 if base.with_prior_preservation else 1)
     per_step = speed.train_step_seconds(base.method, pictures, trained, checkpointing=cfg.gradient_checkpointing,
-                                        eight_bit=eight)
+                                        eight_bit=eight, model=m)
     c.time.append((f"{label}: {steps} training steps ({per_step:.2f} s each)",
-                   steps * per_step + speed.encode_seconds(5)))
+                   steps * per_step + speed.encode_seconds(5, model=m)))
     every, images = validation
     if every and images:
         n = steps // every
         c.time.append((f"{label}: {n} validations x {images} images x {sample_steps} steps",
-                       n * speed.sample_seconds(images, sample_steps)))
+                       n * speed.sample_seconds(images, sample_steps, model=m)))
     scorers = 0
     if eval_every:
-        n, per = _evaluations(steps, eval_every), EVAL_PROMPTS * EVAL_SEEDS
+        n, per = _evaluations(steps, eval_every), EVAL_PROMPTS * eval_seeds
         c.time.append((f"{label}: scoring, {n} evaluations x {per} images x {sample_steps} steps",
-                       n * speed.sample_seconds(per, sample_steps)))
+                       n * speed.sample_seconds(per, sample_steps, model=m)))
         scorers = sum(SCORER_BYTES.values())
         for what, b in SCORER_BYTES.items():
             if (what, b) not in c.downloads:
@@ -173,32 +178,37 @@ def train(c: Costs, label: str, steps: int, *, eval_every: int = 0, validation: 
                        + (", + CLIP and DINO while scoring" if scorers else ""))
     full = base.method == "dreambooth"
     if keep_model:
-        c.disk.append((f"{label}: model/", _model_bytes(save_fp16) if full else trained * 2))
+        c.disk.append((f"{label}: model/", _model_bytes(save_fp16, m) if full else trained * 2))
     if eval_every and keep_best:
-        c.disk.append((f"{label}: best/ (the best-scoring model)", _model_bytes(False) if full else trained * 4))
+        c.disk.append((f"{label}: best/ (the best-scoring model)", _model_bytes(False, m) if full else trained * 4))
     if checkpoint_every and steps >= checkpoint_every:
         c.disk.append((f"{label}: its latest resumable checkpoint", trained * (4 + (2 if eight else 8))))
 
 
 def sample(c: Costs, label: str, images: int, steps: int) -> None:
-    c.time.append((f"{label}: {images} images x {steps} steps", speed.sample_seconds(images, steps)))
-    c.peak = max(c.peak, SAMPLING_PEAK)
+    c.time.append((f"{label}: {images} images x {steps} steps", speed.sample_seconds(images, steps, model=c.model)))
+    if c.model == "sd15":  # SDXL: the training plan is the peak (fp16 UNet, the fp32 VAE one picture at a time)
+        c.peak = max(c.peak, SAMPLING_PEAK)
 
 
-def export(c: Costs, method: str, lora_rank: int = 8) -> None:
+def export(c: Costs, method: str, lora_rank: int = 8, lora_text_encoder: bool = False, steps: int = 50) -> None:
     """The take-home files: DreamBooth an fp16 folder and an fp16 single file; LoRA two small files; TI KBs."""
     if method == "dreambooth":
-        c.disk.append(("export/: fp16 diffusers folder + single-file .safetensors", 2 * _model_bytes(True)))
+        c.disk.append(("export/: fp16 diffusers folder + single-file .safetensors", 2 * _model_bytes(True, c.model)))
     elif method == "lora":
-        c.disk.append(("export/: two LoRA files", 4 * lora_rank * _sd15().lora_per_rank_unet))
-    sample(c, "export checks (each file reloaded)", 2, 50)
+        from nbkit.config import TrainConfig
+
+        adapters = _trained(TrainConfig(model=c.model, method="lora", lora_rank=lora_rank,
+                                        lora_text_encoder=lora_text_encoder))
+        c.disk.append(("export/: two LoRA files (fp16)", 2 * 2 * adapters))
+    sample(c, "export checks (each file reloaded)", 2, steps)
 
 
 # ----------------------------------------------------------------------------------------------- per notebook
 def _n00(c: Costs, p: dict) -> None:
     sample(c, "the playground's first grid", 4, p["SAMPLE_STEPS"])
     if p.get("DOWNLOAD"):
-        c.downloads.insert(0, ("Stable Diffusion 1.5 (fp32 UNet, text encoder, VAE)", _model_bytes(False)))
+        c.downloads.insert(0, ("SD 1.5 (fp32 weights of its networks)", _model_bytes(False)))
 
 
 def _n01(c: Costs, p: dict, label: str = "DreamBooth", steps: int | None = None, keep: bool = True) -> None:
@@ -220,6 +230,9 @@ def _n02(c: Costs, p: dict) -> None:
     c.disk.append((f"{p['NUM_CLASS_IMAGES']} class images (PNG, at most)", p["NUM_CLASS_IMAGES"] * 512 * 512 * 3))
     train(c, "without prior", p["MAX_TRAIN_STEPS"], **common)
     train(c, "with prior", p["MAX_TRAIN_STEPS"], with_prior_preservation=True, **common)
+    if p.get("PRIOR_TRAIN_TEXT_ENCODER"):
+        both = dict(with_prior_preservation=True, train_text_encoder=True)
+        train(c, "with prior + text encoder", p["MAX_TRAIN_STEPS"], **both, **{**common, "plan_as": both})
     sample(c, "comparisons (4 prompts, before / without / with)", 4 * n * 3 + 2, ss)
     sample(c, "scores before and after (CLIP + DINO; toy judge offline)", 3 * EVAL_PROMPTS * 8, ss)
     if p.get("EXPORT", True):
@@ -234,6 +247,8 @@ def _n03(c: Costs, p: dict) -> None:
     for s in steps:
         sample(c, f"the grid at {s} steps: {len(p['SCHEDULERS'])} schedulers x {p['NUM_SEEDS']} seeds",
                len(p["SCHEDULERS"]) * p["NUM_SEEDS"], s)
+    if p.get("REFERENCE_STEPS"):
+        sample(c, "the DDIM reference pictures", p["NUM_SEEDS"], p["REFERENCE_STEPS"])
     if p.get("EXPORT", True):
         export(c, "dreambooth")
 
@@ -291,9 +306,23 @@ def _n07(c: Costs, p: dict) -> None:
     c.disk.append((f"{len(runs)} runs' validation pictures and logs", len(runs) * 5 * 10**6))
 
 
+def _n08(c: Costs, p: dict) -> None:
+    ss, every = p["SAMPLE_STEPS"], p.get("VALIDATION_STEPS", 0)
+    lora = dict(method="lora", lora_rank=p["LORA_RANK"], lora_alpha=p["LORA_ALPHA"],
+                lora_text_encoder=p.get("LORA_TEXT_ENCODER", False), train_batch_size=p["TRAIN_BATCH_SIZE"],
+                gradient_accumulation_steps=p.get("GRADIENT_ACCUMULATION_STEPS", 1))
+    train(c, "SDXL LoRA", p["MAX_TRAIN_STEPS"], eval_every=p.get("EVAL_STEPS", 0), eval_seeds=p.get("EVAL_SEEDS", 4),
+          validation=(every, 2 * p.get("VALIDATION_IMAGES", 1)), sample_steps=ss,
+          checkpoint_every=p.get("CHECKPOINTING_STEPS", 200), **lora)
+    sample(c, "before/after pictures and the playground", 4 + 8 + 2, ss)
+    if p.get("EXPORT", True):
+        export(c, "lora", p["LORA_RANK"], p.get("LORA_TEXT_ENCODER", False), ss)
+
+
 BUILDERS = {"00_start_here": _n00, "01_dreambooth": _n01, "02_prior_preservation": _n02, "03_schedulers": _n03,
             "04_text_encoder": _n04, "05_textual_inversion": _n05, "06_lora": _n06,
-            "07_finding_the_sweet_spot": _n07}
+            "07_finding_the_sweet_spot": _n07, "08_sdxl_lora": _n08}
+MODELS = {"08_sdxl_lora": "sdxl"}  # the others: SD 1.5
 
 
 def estimate(notebook: str, params: dict) -> Costs:
@@ -301,10 +330,10 @@ def estimate(notebook: str, params: dict) -> Costs:
     if notebook not in BUILDERS:
         raise ValueError(f"No cost model for {notebook!r}: add one to nbkit/notebook/costs.py ({', '.join(BUILDERS)}).")
     p = {k: v for k, v in params.items() if k.isupper()}
-    c = Costs(notebook, offline=MEASURED_OFFLINE.get(notebook))
+    c = Costs(notebook, MODELS.get(notebook, "sd15"), offline=MEASURED_OFFLINE.get(notebook))
     BUILDERS[notebook](c, p)
     if notebook != "00_start_here":
-        c.downloads.insert(0, ("Stable Diffusion 1.5 (fp32 UNet, text encoder, VAE)", _model_bytes(False)))
+        c.downloads.insert(0, (f"{MODEL_NAMES[c.model]} (fp32 weights of its networks)", _model_bytes(False, c.model)))
     return c
 
 

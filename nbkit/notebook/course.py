@@ -1,8 +1,9 @@
 """The course path: the notebooks in order, what each teaches, and the GPU memory each needs.
 
-Memory figures are approximate peaks for Stable Diffusion 1.5 at 512 px, batch 1, with the settings the notebooks
-pick for a 16 GB GPU (fp16 mixed precision, 8-bit AdamW, cached latents; gradient checkpointing where needed).
-On a CPU every notebook runs on the offline model instead, in about 2 GB of RAM.
+Memory figures are approximate peaks for Stable Diffusion 1.5 at 512 px (notebook 08: SDXL base 1.0 at 1024 px, as
+planned by nbkit.memory.planner, not yet measured), batch 1, with the settings the notebooks pick for a 16 GB GPU
+(fp16 mixed precision, 8-bit AdamW, cached latents; gradient checkpointing where needed). On a CPU every notebook
+runs on the offline models instead (notebook 08 on the tiny SDXL), in about 2 GB of RAM.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ NOTEBOOKS = NOTEBOOKS_DIR
 class Notebook:
     name: str  # file stem, e.g. "01_dreambooth"
     teaches: str
-    gpu_gb: float  # approximate peak GPU memory, SD 1.5 at 512 px
+    gpu_gb: float  # approximate peak GPU memory, SD 1.5 at 512 px (unless memory_note names another model)
     memory_note: str = ""
 
 
@@ -29,9 +30,9 @@ COURSE = [
     Notebook("01_dreambooth",
              "DreamBooth: an identifier for your subject, learning rate x steps, how overfitting looks",
              10, "UNet trains"),
-    Notebook("02_prior_preservation", "language drift and its fix: class images made by the model itself", 11,
-             "instance + class image per step"),
-    Notebook("03_schedulers", "PNDM, DDIM, LMS, Euler, DPM-Solver++ on one fine-tuned model; why DDIM and ~100 steps",
+    Notebook("02_prior_preservation", "language drift and its fix: class images made by the model itself", 12,
+             "instance + class image per step; run 3 trains the text encoder too"),
+    Notebook("03_schedulers", "nine samplers on one fine-tuned model, their noise measured: DDIM at ~100 steps tested",
              10, "fine-tunes once, then only samples"),
     Notebook("04_text_encoder", "fine-tuning the text encoder too, and how it fits in 16 GB", 12,
              "UNet + text encoder train: all memory savers on"),
@@ -40,6 +41,8 @@ COURSE = [
     Notebook("06_lora", "LoRA adapters: rank, alpha, scale, tiny files, kohya/webui keys", 5),
     Notebook("07_finding_the_sweet_spot", "a learning-rate x steps sweep of notebook 01: measure every run, find the "
              "sweet spot", 10, "one DreamBooth run at a time"),
+    Notebook("08_sdxl_lora", "LoRA on SDXL: two text encoders, size conditioning, the fp32 VAE, what it costs; "
+             "diffusers and kohya (lora_te1_/lora_te2_) files", 13, "SDXL at 1024 px, planned"),
 ]
 
 
@@ -50,7 +53,7 @@ def available(notebooks_dir: Path = NOTEBOOKS) -> list[Notebook]:
 
 def table(gpu_memory_gb: float | None = None, notebooks_dir: Path = NOTEBOOKS) -> str:
     """The course path as a markdown table; with the GPU's memory, whether each notebook fits it."""
-    head = "| notebook | what you learn | GPU memory (SD 1.5, 512 px) |"
+    head = "| notebook | what you learn | GPU memory (SD 1.5, 512 px, unless noted) |"
     rule = "|---|---|---|"
     if gpu_memory_gb is not None:
         head, rule = head + " on this GPU |", rule + "---|"
@@ -80,7 +83,7 @@ def plot_memory(gpu_memory_gb: float | None = None, ax=None):
     ax.barh(names[::-1], [nb.gpu_gb for nb in COURSE][::-1], color=colours[::-1])
     label = f"this GPU: {gpu_memory_gb:.0f} GB" if gpu_memory_gb else "a 16 GB Colab/Kaggle GPU (T4, P100)"
     ax.axvline(limit, color="k", ls="--", lw=1, label=label)
-    ax.set_xlabel("approx. peak GPU memory, SD 1.5 at 512 px (GB)")
+    ax.set_xlabel("approx. peak GPU memory, SD 1.5 at 512 px; 08: SDXL at 1024 px, planned (GB)")
     ax.legend(loc="lower right", fontsize=8)
     ax.figure.tight_layout()
     return ax

@@ -39,8 +39,9 @@ TRAINING_STEPS = ("optimizer steps", "training steps")
 
 PARAMETERS: dict[str, Param] = {
     # --- the model, the subject, the folders
-    "MODEL": Param("str", "the base model: auto, a hub id, a local diffusers folder, or offline", ("offline",),
-                   form=True, choices=("auto", "offline", "stable-diffusion-v1-5/stable-diffusion-v1-5"), open=True),
+    "MODEL": Param("str", "the base model: auto, a hub id, a local diffusers folder, or the offline one "
+                          "(08: tiny-sdxl)", ("auto",), form=True),
+    "VAE": Param("str", "08: another VAE for the base model (empty: its own)"),
     "FINETUNED_MODEL": Param("str", "a fine-tuned model folder to use instead of training one (empty: train here)"),
     "INSTANCE_DIR": Param("str", "the folder of 3-10 photos of your subject (sample: the kit's toy subject)",
                           ("photos",), form=True),
@@ -64,20 +65,22 @@ PARAMETERS: dict[str, Param] = {
     "MAX_TRAIN_STEPS": Param("int | list[int]", "optimizer steps of a training run (07: a list, one run per value)",
                              TRAINING_STEPS, form=True),
     "OFFLINE_MAX_TRAIN_STEPS": Param("int | list[int]", "MAX_TRAIN_STEPS on the offline model", TRAINING_STEPS),
-    "LEARNING_RATE": Param("float", "learning rate of the main run on SD 1.5", form=True),
-    "OFFLINE_LEARNING_RATE": Param("float", "LEARNING_RATE on the offline model"),
+    "LEARNING_RATE": Param("float", "learning rate of the main run on the real model (SD 1.5; 08: SDXL)", form=True),
+    "OFFLINE_LEARNING_RATE": Param("float", "LEARNING_RATE on the offline model (08: the tiny SDXL)"),
     "LEARNING_RATES": Param("list[float]", "07: the LEARNING_RATE of each run of notebook 01 (SD 1.5)", form=True),
     "OFFLINE_LEARNING_RATES": Param("list[float]", "07: the OFFLINE_LEARNING_RATE of each run of notebook 01"),
-    "TRAIN_BATCH_SIZE": Param("int", "instance pictures per training step on SD 1.5", ("images per step",)),
+    "TRAIN_BATCH_SIZE": Param("int", "instance pictures per training step on the real model", ("images per step",)),
     "OFFLINE_BATCH_SIZE": Param("int", "TRAIN_BATCH_SIZE on the offline model", ("per step",)),
     "GRADIENT_ACCUMULATION_STEPS": Param("int", "training steps whose gradients are summed into one update"),
-    "RESOLUTION": Param("int", "training and sampling size in pixels on SD 1.5 (the offline model: always 64)",
-                        ("512",)),
+    "RESOLUTION": Param("int", "training and sampling size in pixels on the real model (the offline one: always 64)",
+                        ("trains at",)),
     "SAVE_DTYPE": Param("str", "precision of the saved weights: fp16 or fp32"),
     # --- watching a run
     "VALIDATION_STEPS": Param("int", "draw the validation prompts every this many training steps", STEPS_EVERY),
+    "VALIDATION_IMAGES": Param("int", "pictures per validation prompt", ("per validation prompt",)),
     "EVAL_STEPS": Param("int", "score subject and prompt fidelity every this many training steps and keep the best "
                                "model in best/ (0: off)", STEPS_EVERY, form=True),
+    "EVAL_SEEDS": Param("int", "pictures per scoring prompt at each evaluation", ("per scoring prompt",)),
     "KEEP_MODELS": Param("bool", "07, SD 1.5: keep every run's model folder (about 4 GB each)"),
     # --- sampling
     "SAMPLE_STEPS": Param("int | list[int]", "inference (denoising) steps per image (03: a list, the grid's "
@@ -86,6 +89,8 @@ PARAMETERS: dict[str, Param] = {
                        choices=("ddim", "pndm", "lms", "euler", "euler_a", "dpmpp_2m")),
     "SCHEDULERS": Param("list[str]", "03: the samplers compared, the grid's rows"),
     "NUM_SEEDS": Param("int", "seeds per prompt (or per grid cell) in the comparisons", ("seeds",)),
+    "REFERENCE_STEPS": Param("int", "03: DDIM inference steps of the reference pictures each grid cell is measured "
+                                    "against", ("steps",)),
     "GUIDANCE": Param("float", "classifier-free guidance scale", ("guidance",)),
     "PROMPT": Param("str", "what to draw (00: the playground's first prompt on SD 1.5; empty: the notebook's "
                            "choice)", form=True),
@@ -104,6 +109,7 @@ PARAMETERS: dict[str, Param] = {
     "CLASS_BATCH_SIZE": Param("int", "class images generated at once"),
     "CLASS_CACHE_DIR": Param("str", "where generated class images are kept (empty: the kit cache)"),
     "DRIVE_DIR": Param("str", "on Colab: a Google Drive subfolder for the class images (empty: off)"),
+    "PRIOR_TRAIN_TEXT_ENCODER": Param("bool", "02: a third run, prior preservation with the text encoder trained too"),
     "PRIOR_LOSS_WEIGHT": Param("float", "weight of the class (prior) term of the loss"),
     # --- 03 schedulers (SCHEDULERS, SAMPLE_STEPS as a list, NUM_SEEDS, GUIDANCE above)
     # --- 04 text encoder
@@ -115,11 +121,13 @@ PARAMETERS: dict[str, Param] = {
     "INITIALIZER": Param("str", "one existing word close to the subject: where the new word starts", form=True),
     "NUM_VECTORS": Param("int", "embedding vectors behind the new word"),
     "TI_STEPS": Param("int", "optimizer steps of the textual-inversion run", ("steps",), form=True),
+    "OFFLINE_TI_STEPS": Param("int", "TI_STEPS on the offline model", ("steps",)),
     "TI_LEARNING_RATE": Param("float", "learning rate of the textual-inversion run on SD 1.5", form=True),
     "OFFLINE_TI_LEARNING_RATE": Param("float", "TI_LEARNING_RATE on the offline model"),
     "COMPARE_DREAMBOOTH": Param("bool", "also train the comparison DreamBooth runs (05: three, 06: one)",
                                 ("dreambooth",), form=True),
     "DB_STEPS": Param("int", "05: optimizer steps of each comparison DreamBooth run", ("steps",)),
+    "OFFLINE_DB_STEPS": Param("int", "DB_STEPS on the offline model", ("steps",)),
     "DB_LEARNING_RATE": Param("float", "learning rate of the plain comparison DreamBooth runs on SD 1.5"),
     "OFFLINE_DB_LEARNING_RATE": Param("float", "DB_LEARNING_RATE on the offline model"),
     "DB_AFTER_TI_LEARNING_RATE": Param("float", "05: learning rate of DreamBooth started from the learned word"),
@@ -133,7 +141,7 @@ PARAMETERS: dict[str, Param] = {
 
 # Every notebook that trains has these (tests/test_parameter_names.py).
 TRAINING_NOTEBOOKS = ("01_dreambooth", "02_prior_preservation", "03_schedulers", "04_text_encoder",
-                      "05_textual_inversion", "06_lora", "07_finding_the_sweet_spot")
+                      "05_textual_inversion", "06_lora", "07_finding_the_sweet_spot", "08_sdxl_lora")
 TRAINING_REQUIRED = ("PRESET", "EVAL_STEPS", "RESUME")
 
 _KINDS = {"int": int, "float": (int, float), "str": str, "bool": bool}

@@ -3,9 +3,11 @@
 What it decides, in order (and prints, once):
 
 1. the runtime: platform, GPU and its memory, the memory preset (`colab.check_runtime`);
-2. the model: `MODEL = "auto"` is SD 1.5 on a GPU with the hub, the small offline model otherwise, and why;
-3. `small`: is that the offline model (asked for by name, or its folder)? Its numbers differ from SD 1.5's:
-   64 px, higher learning rates, `s.pick(offline_value, sd_value)` chooses;
+2. the model: `MODEL = "auto"` is SD 1.5 on a GPU with the hub, the small offline model otherwise, and why; in
+   an SDXL notebook (`family="sdxl"`) SDXL base 1.0 on a GPU with the hub, the tiny SDXL otherwise
+   (nbkit.env.runtime.choose_model);
+3. `small`: is that one of the kit's offline models (the toy model or the tiny SDXL, asked for by name, or its
+   folder)? Their numbers differ from SD's: 64 px, higher learning rates, `s.pick(offline_value, sd_value)` chooses;
 4. the folders: photos, outputs, exports, in Google Drive with `use_drive` on Colab (`colab.notebook_files`);
    the output folder is made; a checkpoints folder in Drive mounts Drive;
 5. the subject, when the notebook names one (`class_noun`, its CLASS_NOUN): `INSTANCE_DIR = "sample"` is the toy
@@ -21,18 +23,24 @@ from pathlib import Path
 
 from nbkit.data import subject as subjects
 from nbkit.env import colab, runtime
-from nbkit.models import offline
+from nbkit.models import offline, sdxl
 from nbkit.training import presets
 
 # Scenes for a subject on SD 1.5: ones its pictures never show, so what is learned is the subject, not a scene.
 SD_SCENES = ("a photo of {s} on the beach", "a photo of {s} in the snow", "a photo of {s} in a forest",
              "an oil painting of {s} in the style of van gogh")
-OFFLINE_BACKGROUNDS = (*offline.NEW_CONTEXTS, "black", "white")  # the offline world: shapes on plain backgrounds
+# The offline world: shapes on plain backgrounds. Only those the sample pictures never show are new contexts (the
+# toy judge, docs/findings.md and the notebooks all call these two "new"; black, white and yellow are in the pictures).
+OFFLINE_BACKGROUNDS = offline.NEW_CONTEXTS
 
 
 def is_offline_model(model: str | Path) -> bool:
-    """True for the kit's small offline model: asked for as "offline", or given as its folder."""
-    return str(model) == "offline" or Path(str(model)).resolve() == offline.offline_model_dir().resolve()
+    """True for the kit's small offline models: the toy model ("offline" or its folder) and the tiny SDXL
+    ("tiny-sdxl" or its folder)."""
+    if str(model) in ("offline", runtime.TINY_SDXL):
+        return True
+    where = Path(str(model)).resolve()
+    return where in (offline.offline_model_dir().resolve(), sdxl.TINY_SDXL.resolve())
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,7 @@ class Setup:
     is_smoke: bool  # smoke mode: tiny settings, only to check the notebook runs
     class_noun: str = ""  # what the subject is ("star", "dog", CLASS_NOUN); "" when the notebook names no subject
     subject_why: str = ""  # which subject the notebook got and why (printed)
+    family: str = "sd"  # the models the notebook is for: "sd" (SD 1.5 / the toy model) or "sdxl" (SDXL / tiny SDXL)
 
     def noun(self, value: str) -> str:
         """`value`, or the subject's class noun when it is "auto": `INITIALIZER = setup.noun(INITIALIZER)`."""
@@ -79,7 +88,8 @@ class Setup:
         return torch.float16 if self.rt.device == "cuda" else None
 
     def contexts(self, subject: str, backgrounds: tuple[str, ...] = OFFLINE_BACKGROUNDS) -> list[str]:
-        """Four prompts with `subject` in new scenes: plain backgrounds on the offline model, places on SD 1.5."""
+        """Prompts with `subject` in new scenes: the plain backgrounds its pictures never show on the offline model
+        (two), places on SD 1.5 (four)."""
         if self.small:
             return [f"a photo of a {subject} on a {bg} background" for bg in backgrounds]
         return [scene.format(s=subject) for scene in SD_SCENES]
@@ -87,17 +97,18 @@ class Setup:
 
 def setup(notebook: str, *, model: str = "auto", instance_dir: str | Path = "sample", class_noun: str | None = None,
           output_dir: str | Path | None = None, use_drive: bool = False, smoke: bool = False, resolution: int = 512,
-          checkpoints_dir: str | Path = "") -> Setup:
+          checkpoints_dir: str | Path = "", family: str = "sd") -> Setup:
     """Decide what `notebook` runs on and where its files go; print the runtime check and the model's reason.
 
     model, instance_dir, class_noun, output_dir (default outputs/<notebook>), use_drive, smoke, resolution,
     checkpoints_dir: the notebook's MODEL, INSTANCE_DIR, CLASS_NOUN, OUTPUT_DIR, USE_DRIVE, SMOKE, RESOLUTION and
-    CHECKPOINTS_DIR parameters. `class_noun=None` (a notebook that trains no subject): nothing is downloaded and
-    "sample" stays the toy star's folder. Raises ConfigError (an own folder with CLASS_NOUN "auto") or DataError
-    (SD 1.5 and the sample photos cannot be downloaded), each saying what to do.
+    CHECKPOINTS_DIR parameters. `family`: "sd" (SD 1.5, the toy model offline) or "sdxl" (SDXL base 1.0, the tiny
+    SDXL offline at 64 px: SEEDED RANDOM weights, said when chosen). `class_noun=None` (a notebook that trains no
+    subject): nothing is downloaded and "sample" stays the toy star's folder. Raises ConfigError (an own folder with
+    CLASS_NOUN "auto") or DataError (a real model and the sample photos cannot be downloaded), each saying what to do.
     """
     rt = runtime.detect()
-    chosen, why = runtime.choose_model(model, rt)
+    chosen, why = runtime.choose_model(model, rt, family)
     report = colab.check_runtime(rt, preset=presets.describe_settings(presets.memory_settings(rt), rt))
     print(report)  # the GPU, its memory and the memory preset the runs use
     print(why)
@@ -112,5 +123,6 @@ def setup(notebook: str, *, model: str = "auto", instance_dir: str | Path = "sam
                                class_noun, small, chosen)
         print(subj.why)
         files, noun, subject_why = replace(files, instance_dir=subj.instance_dir), subj.class_noun, subj.why
-    return Setup(notebook, rt, chosen, why, report, small, files, files.instance_dir, files.output_dir,
-                 offline.OFFLINE_RESOLUTION if small else resolution, smoke, noun, subject_why)
+    px = (sdxl.TINY_SDXL_RESOLUTION if family == "sdxl" else offline.OFFLINE_RESOLUTION) if small else resolution
+    return Setup(notebook, rt, chosen, why, report, small, files, files.instance_dir, files.output_dir, px, smoke, noun,
+                 subject_why, family)

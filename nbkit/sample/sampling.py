@@ -11,7 +11,7 @@ from diffusers.utils import make_image_grid
 
 from nbkit.env import runtime
 from nbkit.errors import GENERATION_ADVICE, out_of_memory
-from nbkit.models.schedulers import SCHEDULERS, make_scheduler, set_scheduler  # noqa: F401 - importable from here too
+from nbkit.models.schedulers import ANCESTRAL, SCHEDULERS, make_scheduler, set_scheduler  # noqa: F401 - importable from here too
 
 
 @torch.no_grad()
@@ -41,7 +41,8 @@ def _autocast(pipe, device):
     in the lower one; an all-fp32 pipeline on a GPU (a freshly loaded model's "before" pictures) in the GPU's mixed
     precision, fp16 on a T4 (pure fp32 is ~4x slower there); elsewhere as it is."""
     # every parameter's dtype, not a module's first: LoRA's fp32 adapters sit in an fp16 UNet
-    dtypes = {p.dtype for m in (pipe.unet, pipe.text_encoder, pipe.vae) for p in m.parameters()}
+    nets = [getattr(pipe, n, None) for n in ("unet", "text_encoder", "text_encoder_2", "vae")]
+    dtypes = {p.dtype for m in nets if m is not None for p in m.parameters()}
     low = sorted((d for d in dtypes if d in (torch.float16, torch.bfloat16)), key=str)
     if len(dtypes) > 1 and low:
         return torch.autocast(device.type, dtype=low[0], cache_enabled=False)

@@ -19,6 +19,7 @@ The rows and the best model survive an interrupted run: they travel in the check
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -30,7 +31,7 @@ from typing import Callable
 import torch
 
 from nbkit.safeio import atomic_write, swap_folder
-from nbkit.scores import evaluate
+from nbkit.scores import concepts, evaluate
 
 METRICS_FILE = "metrics.json"
 BEST_DIR = "best"
@@ -186,11 +187,8 @@ class Tracker:
         a best model kept by loss (the training loss keeps falling as a run overfits: the lowest-loss step would be
         the most overfit one). A scorer that cannot be loaded (EvaluatorUnavailable) still stops the run
         before it starts, as it can be fixed (a download, a folder) and the run would otherwise lose its numbers."""
-        identifier, class_noun, phrase = subject_words(cfg)
         try:
-            ev = evaluate.for_run(parts, cfg.instance_dir, identifier, class_noun, seeds=cfg.eval_seeds,
-                                  steps=cfg.sample_steps, guidance=cfg.guidance_scale, scheduler=cfg.sample_scheduler,
-                                  size=cfg.resolution, phrase=phrase, verbose=verbose)
+            ev = run_evaluator(cfg, parts, verbose)
         except evaluate.Unscorable as err:
             print(f"This run is not scored: {err}. It trains all the same (eval_steps={cfg.eval_steps} is ignored): "
                   f"no {METRICS_FILE} and no {BEST_DIR}/; judge it by its validation pictures and the final model.")
@@ -235,7 +233,8 @@ class Tracker:
     def _keep(self, row: dict) -> None:
         """The best so far: remember it; with a saver, write the model to best/ (atomically: a new folder, then a
         rename, so a stop at any moment leaves the previous best whole)."""
-        info = {k: row[k] for k in ("step", *SCORES)}
+        each = {k: v for k, v in row.items() if k.partition(concepts.SEP)[2] in SCORES}  # several subjects' own
+        info = {k: row[k] for k in ("step", *SCORES)} | each
         if self.save is not None:
             final, tmp = self.out / BEST_DIR, self.out / f".{BEST_DIR}.tmp{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
@@ -255,8 +254,10 @@ class Tracker:
         b = self.best
         if not b:
             return "No trained step was scored."
+        each = "".join(f"; {word}: subject {s['subject_fidelity']:.2f}, prompt {s['prompt_fidelity']:.2f}"
+                       for word, s in concepts.per_concept(b).items())  # several subjects: each one's
         return (f"Best model: step {b['step']} (subject fidelity {b['subject_fidelity']:.2f}, prompt fidelity "
-                f"{b['prompt_fidelity']:.2f}, class drift {b['class_drift']:.2f})" +
+                f"{b['prompt_fidelity']:.2f}, class drift {b['class_drift']:.2f}{each})" +
                 (f", saved in {b['path']}." if b.get("path") else "."))
 
 
@@ -268,6 +269,30 @@ def _drop_earlier_scores(out: Path) -> None:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     if stale:
         print(f"Removed an earlier run's scores from {out}: {', '.join(p.name for p in stale)}.")
+
+
+def run_evaluator(cfg, parts, verbose: bool = True):
+    """How a run with these settings is scored: evaluate.for_run on its subject; with several subjects (concepts_list)
+    one evaluator each, combined (nbkit.scores.concepts.Combined: each subject scored on its own, and their mean)."""
+    evs = {}
+    for c in cfg.concepts():
+        one = dataclasses.replace(cfg, concepts_list=[], instance_dir=c.instance_dir, instance_prompt=c.instance_prompt,
+                                  class_prompt=c.class_prompt, class_dir=c.class_dir,
+                                  identifier=c.word) if cfg.concepts_list else cfg
+        identifier, class_noun, phrase = subject_words(one)
+        evs[identifier] = evaluate.for_run(parts, one.instance_dir, identifier, class_noun, seeds=cfg.eval_seeds,
+                                           steps=cfg.sample_steps, guidance=cfg.guidance_scale,
+                                           scheduler=cfg.sample_scheduler, size=cfg.resolution, phrase=phrase,
+                                           verbose=verbose)
+    return next(iter(evs.values())) if len(evs) == 1 else concepts.Combined(evs)
+
+
+def score_result(result, verbose: bool = False) -> dict[str, float]:
+    """The scores of a run's final model (a TrainResult), as a row of metrics.json; with several subjects their mean
+    and each one's own ("zwx/subject_fidelity"; nbkit.scores.concepts.per_concept splits them)."""
+    cfg = result.config
+    with torch.no_grad():
+        return run_evaluator(cfg, result.parts, verbose).score(result.pipeline(cfg.sample_scheduler))
 
 
 def subject_words(cfg) -> tuple[str, str, str]:

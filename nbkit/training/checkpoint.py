@@ -47,7 +47,7 @@ NAME = re.compile(r"^step_(\d{6,})$")
 MAY_CHANGE = {
     "output_dir", "checkpoints_dir", "checkpointing_steps", "checkpoints_total_limit", "resume", "max_train_steps",
     "mixed_precision", "gradient_checkpointing", "validation_prompts", "validation_steps", "num_validation_images",
-    "sample_scheduler", "sample_steps", "guidance_scale", "save_dtype", "instance_dir", "class_dir",
+    "sample_scheduler", "sample_steps", "guidance_scale", "save_dtype", "instance_dir", "class_dir", "concepts_list",
     "eval_steps", "eval_seeds", "keep_best", "report_to", "logging_dir",
 }
 
@@ -69,7 +69,7 @@ def step_of(path: str | Path) -> int:
 class Resumable:
     """The live objects a checkpoint saves and restores."""
 
-    params: dict[str, torch.nn.Parameter]  # what trains, by name ("unet.…", "text_encoder.…")
+    params: dict[str, torch.nn.Parameter]  # what trains, by name ("unet.…", "text_encoder.…", "text_encoder_2.…")
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     scaler: object | None = None  # accelerate's GradScaler (fp16 only)
@@ -91,10 +91,10 @@ class Progress:
 def trainable_params(parts, method) -> dict[str, torch.nn.Parameter]:
     """The method's trainable parameters, named after the module that owns them."""
     ids = {id(p) for p in method.params}
-    named = {f"{prefix}.{n}": p for prefix, m in (("unet", parts.unet), ("text_encoder", parts.text_encoder))
-             for n, p in m.named_parameters() if id(p) in ids}
+    mods = {n: m for n, m in parts.networks.items() if n != "vae"}
+    named = {f"{prefix}.{n}": p for prefix, m in mods.items() for n, p in m.named_parameters() if id(p) in ids}
     if len(named) != len(ids):
-        raise RuntimeError("some trainable parameters belong to neither the UNet nor the text encoder")
+        raise RuntimeError("some trainable parameters belong to neither the UNet nor a text encoder")
     return named
 
 

@@ -41,8 +41,8 @@ def writable_folders(cfg: TrainConfig, checkpoints_dir: Path) -> Path:
     out = writable_dir(cfg.output_dir, "output_dir")
     if cfg.checkpointing_steps and cfg.max_train_steps >= cfg.checkpointing_steps:
         writable_dir(checkpoints_dir, "checkpoints_dir")
-    if cfg.with_prior_preservation:
-        writable_dir(cfg.class_dir, "class_dir")
+    for c in cfg.concepts() if cfg.with_prior_preservation else ():  # each subject's own class folder
+        writable_dir(c.class_dir, "class_dir")
     return out
 
 
@@ -91,10 +91,10 @@ def run_disk_needs(cfg: TrainConfig, parts, method, existing_checkpoints: int, s
     from nbkit.training import checkpoint
 
     needs = []
-    if cfg.with_prior_preservation:
-        have = len(data.scan(cfg.class_dir, "class")[0]) if Path(cfg.class_dir).is_dir() else 0
+    for folder in sorted({c.class_dir for c in cfg.concepts()}) if cfg.with_prior_preservation else ():
+        have = len(data.scan(folder, "class")[0]) if Path(folder).is_dir() else 0
         missing = max(0, cfg.num_class_images - have)
-        needs.append((Path(cfg.class_dir), missing * cfg.resolution ** 2 * 3, f"{missing} class images (PNG)"))
+        needs.append((Path(folder), missing * cfg.resolution ** 2 * 3, f"{missing} class images (PNG)"))
     every, limit = cfg.checkpointing_steps, cfg.checkpoints_total_limit
     new = (cfg.max_train_steps // every - start_step // every) if every else 0
     if new > 0:
@@ -104,7 +104,7 @@ def run_disk_needs(cfg: TrainConfig, parts, method, existing_checkpoints: int, s
                       f"{count} checkpoint(s) of {gb(size)} (limit {limit}, plus the one being written)"))
     per = 2 if cfg.save_dtype == "fp16" else 4
     if method.name == "dreambooth":
-        n = sum(p.numel() for m in (parts.unet, parts.text_encoder, parts.vae) for p in m.parameters())
+        n = sum(p.numel() for m in parts.networks.values() for p in m.parameters())
     else:
         n = sum(p.numel() for p in method.params) if method.name == "lora" else 1 << 16
     needs.append((Path(cfg.output_dir), n * per, f"the trained {method.name} result"))
@@ -131,9 +131,11 @@ def training_advice(cfg: TrainConfig, rt: runtime.Runtime | None = None) -> list
     return tips
 
 
-def non_finite_loss(value: float, step: int, last_checkpoint: Path | None, precision: str) -> FloatingPointError:
-    """The error for a loss that became NaN/inf at `step` (0-based): likely causes and what was kept."""
-    causes = []
+def non_finite_loss(value: float, step: int, last_checkpoint: Path | None, precision: str,
+                    model_causes: list[str] | None = None) -> FloatingPointError:
+    """The error for a loss that became NaN/inf at `step` (0-based): likely causes (the model's own first, e.g.
+    SDXL's fp16 VAE: parts.nan_causes) and what was kept."""
+    causes = list(model_causes or [])
     if precision == "fp16":
         causes.append("fp16 overflow (try mixed_precision='bf16' where the GPU has it, or 'no')")
     causes.append("a learning rate too high (DreamBooth: 1e-6 to 2e-6 on SD 1.5; LoRA ~1e-4; TI ~5e-4)")
@@ -147,3 +149,11 @@ def non_finite_loss(value: float, step: int, last_checkpoint: Path | None, preci
             "No checkpoint had been written yet (checkpointing_steps).")
     return FloatingPointError(f"The loss became {value} at step {step + 1}; the run stopped before applying it. "
                               f"Likely causes: {'; '.join(causes)}. Nothing was saved as final. {kept}")
+
+
+def non_finite_latents(parts, vae_dtype: str) -> FloatingPointError:
+    """The error for training pictures whose latents came out NaN/inf (before any step): the model's causes first."""
+    causes = [*parts.nan_causes(vae_dtype), f"the VAE ran in {vae_dtype} and overflowed" if vae_dtype != "float32"
+              else "NaN pixels in a picture", "a broken VAE (vae=...)"]
+    return FloatingPointError("The VAE encoded the training pictures to non-finite latents; nothing was trained. "
+                              f"Likely causes: {'; '.join(causes)}.")

@@ -81,6 +81,36 @@ def command(cfg: TrainConfig, num_processes: int, cpu: bool = False) -> tuple[li
     return cmd, env
 
 
+# What a run file always spells out, default or not: the settings a learner checks and edits first.
+SHOWN = ("model", "instance_dir", "identifier", "instance_prompt", "resolution", "max_train_steps", "learning_rate",
+         "train_batch_size", "seed", "output_dir")
+
+
+def deepspeed_command(cfg: TrainConfig, file: str | Path) -> tuple[Path, str]:
+    """The 8gb-deepspeed recipe, for a shell: writes `file` (cfg's settings as JSON, without the memory settings the
+    preset sets when the run starts) and returns (file, the `accelerate launch` line that trains it). Run that line
+    from the kit's folder on the machine with the 8 GB GPU, ~25 GB of RAM and `pip install deepspeed`; DeepSpeed
+    starts its own process, so it cannot run inside a notebook's kernel, nor on a CPU."""
+    from nbkit.env.runtime import SD15, Runtime
+    from nbkit.training.presets import accelerate_config_path, settings
+
+    if cfg.train_text_encoder or cfg.method != "dreambooth":
+        raise ValueError("The 8gb-deepspeed preset trains the UNet only (DreamBooth, train_text_encoder=False): "
+                         "accelerate prepares one model for DeepSpeed. For the text encoder on 8 GB use PRESET='8gb'.")
+    by_preset = set(settings("8gb-deepspeed", Runtime("local", "cuda", "GPU", 1, 8.0, False), cfg))
+    default = TrainConfig().to_dict()
+    fields = {k: v for k, v in cfg.to_dict().items() if k not in by_preset and (v != default[k] or k in SHOWN)}
+    if fields.get("model") == "sd15":  # the planner's name for SD 1.5's architecture: train the real one
+        fields["model"] = SD15
+    file = Path(file)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_text(json.dumps(fields, indent=1))
+    acc = accelerate_config_path()
+    acc = acc.relative_to(ROOT) if acc.is_relative_to(ROOT) else acc
+    return file, shlex.join(["accelerate", "launch", "--config_file", acc.as_posix(), "-m", "nbkit", "train",
+                             "--config", str(file), "--preset", "8gb-deepspeed"])
+
+
 def _stream(cmd: list[str], env: dict, keep: int = 60) -> None:
     """Run cmd, printing its output as it comes (progress bars redraw in place); LaunchError if it fails."""
     tail: collections.deque[str] = collections.deque(maxlen=keep)

@@ -12,7 +12,9 @@ saved; training continues on the raw weights.
 A step is a pure function of (seed, step): the batch, the noise and the timesteps are drawn from generators
 seeded by the step, so runs are repeatable, and a run resumed from a checkpoint (nbkit.training.checkpoint) ends with
 the same weights as one never stopped. run_manifest.json (nbkit.training.manifest) records how each run was made;
-however a run ends, nbkit.training.placement puts the parts back as it found them.
+however a run ends, nbkit.training.placement puts the parts back as it found them. What differs between models
+(SDXL's two text encoders, pooled embeddings and size conditioning, its fp32 VAE) is the parts' interface
+(nbkit.models.base): the loop asks the parts, it never branches on the architecture.
 """
 
 from __future__ import annotations
@@ -154,18 +156,19 @@ class _Objective:
 
 
 def _model(cfg: TrainConfig, parts: SDParts | None, s: _Setup, live: placement.Live):
-    parts = parts or load_parts(cfg.model)
+    half = methods.frozen_networks(cfg) if s.device.type == "cuda" and s.weight_dtype != torch.float32 else ()
+    parts = parts or load_parts(cfg.model, vae=cfg.vae or None, half=half, dtype=s.weight_dtype)  # frozen: half
     method = methods.setup(cfg, parts)
     live.parts, live.params, live.device = parts, method.params, s.device
-    live.modes = {n: getattr(parts, n).training for n in ("unet", "text_encoder", "vae")}
-    for name in ("unet", "text_encoder", "vae"):
-        placement.place(getattr(parts, name), s.device,
-                        torch.float32 if name in method.full_precision else s.weight_dtype)
+    live.modes = {n: m.training for n, m in parts.networks.items()}
+    for name, module in parts.networks.items():
+        placement.place(module, s.device,
+                        torch.float32 if name in method.full_precision else parts.frozen_dtype(name, s.weight_dtype))
     if cfg.gradient_checkpointing:
         # the UNet's activations dominate even when it is frozen (TI: gradients flow through it to the embedding)
         parts.unet.enable_gradient_checkpointing()
-        if method.trains_text_encoder:
-            parts.text_encoder.gradient_checkpointing_enable()
+        for te in parts.text_encoders.values() if method.trains_text_encoder else ():
+            te.gradient_checkpointing_enable()
     pre = parts.pretraining
     obj = _Objective(parts.prediction_type if cfg.prediction_type == "auto" else cfg.prediction_type,
                      pre.get("offset_noise", 0.0) if cfg.noise_offset == "auto" else cfg.noise_offset,
@@ -184,7 +187,7 @@ class _Opt:
     lr_sched: object
     wrapped: dict[str, torch.nn.Module]
     unet: torch.nn.Module
-    text_encoder: torch.nn.Module
+    text_encoders: dict[str, torch.nn.Module]  # by name, wrapped where they train
     unet_input: torch.dtype  # DeepSpeed keeps the UNet itself in half precision (no autocast): inputs must match
 
 
@@ -206,7 +209,7 @@ def _optimizer(cfg: TrainConfig, parts: SDParts, method, s: _Setup, live: placem
     for m in wrapped.values():
         m.train()
     return _Opt(optimizer if s.in_backward else prepared[-1], lr_sched, wrapped, wrapped.get("unet", parts.unet),
-                wrapped.get("text_encoder", parts.text_encoder),
+                {n: wrapped.get(n, m) for n, m in parts.text_encoders.items()},
                 s.weight_dtype if cfg.deepspeed_config else torch.float32)
 
 
@@ -218,16 +221,17 @@ def _loss(cfg: TrainConfig, parts: SDParts, s: _Setup, b: batches.Batches, o: _O
 
     device, sched = s.device, parts.noise_scheduler
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + micro)
-    latents, prompts = b.draw(micro, gen)
+    latents, prompts, sizes = b.draw(micro, gen)
     noise = torch.randn(latents.shape, generator=gen).to(device)
     t = torch.randint(0, sched.config.num_train_timesteps, (len(latents),), generator=gen).to(device)
     if obj.noise_offset:  # a per-image, per-channel shift: lets the model change a picture's mean colour
         noise = noise + obj.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=gen).to(device)
     noisy = sched.add_noise(latents, noise, t)
-    emb = b.embeddings(prompts, o.text_encoder, te_trains)
+    emb = b.embeddings(prompts, o.text_encoders, te_trains)  # and the model's extra UNet inputs (SDXL's):
+    extra = parts.unet_kwargs(emb, sizes, o.unet_input)
     target = noise if obj.prediction == "epsilon" else sched.get_velocity(latents, noise, t)
     with s.accelerator.autocast():
-        pred = o.unet(noisy.to(o.unet_input), t, emb.to(o.unet_input)).sample.float()
+        pred = o.unet(noisy.to(o.unet_input), t, emb.hidden.to(o.unet_input), **extra).sample.float()
     per_image = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
     if obj.snr_gamma:  # min-SNR weighting (Hang et al. 2023), as diffusers' examples do it
         snr = compute_snr(sched, t)
@@ -267,8 +271,8 @@ def _steps(cfg, parts, method, s: _Setup, b, o: _Opt, obj, state, run: manifest.
     for step in bar:
         t_step = time.perf_counter()
         te_trains = method.trains_text_encoder and (cfg.text_encoder_steps is None or step < cfg.text_encoder_steps)
-        if method.trains_text_encoder and not te_trains:
-            parts.text_encoder.requires_grad_(False)  # AdamW skips parameters without gradients
+        for te in parts.text_encoders.values() if method.trains_text_encoder and not te_trains else ():
+            te.requires_grad_(False)  # AdamW skips parameters without gradients
         with guards.out_of_memory("the training step", advice):
             total, terms = _update(cfg, parts, method, s, b, o, obj, step, te_trains)
         s.step_seconds.append(time.perf_counter() - t_step)
@@ -297,7 +301,7 @@ def _update(cfg, parts, method, s: _Setup, b, o: _Opt, obj, step: int, te_trains
             acc_.backward(loss / acc)
         total += loss.item() / acc
     if not math.isfinite(total):  # stop before the update: the last checkpoint stays the last good one
-        raise guards.non_finite_loss(total, step, s.ckpts.latest(), s.precision)
+        raise guards.non_finite_loss(total, step, s.ckpts.latest(), s.precision, parts.nan_causes(s.precision))
     if cfg.max_grad_norm > 0:
         acc_.clip_grad_norm_(method.params, cfg.max_grad_norm)
     overflowed = getattr(o.optimizer, "skipped", 0)  # the in-backward optimizer counts its own
@@ -340,12 +344,13 @@ def _save(cfg, parts, method, s: _Setup, o: _Opt, obj: _Objective, state, run: m
     """The trained parts as plain modules again, the result written, the manifest finished, the run's facts."""
     if s.ema:
         s.ema.copy_in()  # the average is what the run saves and returns
-    for m in (parts.unet, parts.text_encoder):
+    for m in (parts.unet, *parts.text_encoders.values()):
         m.eval()
     parts.unet = placement.unprepare(o.unet)
     if cfg.deepspeed_config:
         placement.deepspeed_master_weights(parts.unet)
-    parts.text_encoder = placement.unprepare(o.text_encoder)
+    for name, te in o.text_encoders.items():
+        setattr(parts, name, placement.unprepare(te))
     parts.vae.to(s.device)
     out, procs = s.out, s.accelerator.num_processes
     saved = method.save(parts, out / "model") if s.accelerator.is_main_process else out / "model"
@@ -375,9 +380,10 @@ def _sampling(cfg, parts, device, precision, weight_dtype):
     all put back afterwards."""
     vae_device = next(parts.vae.parameters()).device
     parts.vae.to(device)
-    was_training = parts.unet.training, parts.text_encoder.training
-    parts.unet.eval()
-    parts.text_encoder.eval()
+    nets = {n: m for n, m in parts.networks.items() if n != "vae"}
+    was_training = {n: m.training for n, m in nets.items()}
+    for m in nets.values():
+        m.eval()
     try:
         # no autocast weight cache: it would keep a half copy of every fp32 trained weight (1.6 GiB for SD 1.5's
         # UNet) for the whole sampling loop
@@ -385,8 +391,8 @@ def _sampling(cfg, parts, device, precision, weight_dtype):
                                              cache_enabled=False):
             yield pipeline(parts, cfg.sample_scheduler)
     finally:
-        parts.unet.train(was_training[0])
-        parts.text_encoder.train(was_training[1])
+        for n, m in nets.items():
+            m.train(was_training[n])
         parts.vae.to(vae_device)
 
 

@@ -7,6 +7,8 @@
   each step; the result is `learned_embeds.safetensors` (`pipe.load_textual_inversion`); nbkit.export.formats also
   writes the AUTOMATIC1111 format.
 Prior preservation is a loss term, not a method: the loop adds it for any method when the config asks.
+"The text encoder" is every text encoder of the model (`parts.text_encoders`: SDXL has two); the architecture's
+other differences (pooled embeddings, size conditioning, the VAE's precision) live in the parts, not here.
 """
 
 from __future__ import annotations
@@ -40,13 +42,26 @@ class Method:
         if self.trains_unet:
             mods["unet"] = parts.unet
         if self.trains_text_encoder:
-            mods["text_encoder"] = parts.text_encoder
+            mods.update(parts.text_encoders)
         return mods
+
+
+def frozen_networks(cfg: TrainConfig) -> tuple[str, ...]:
+    """The networks whose own weights no step changes (LoRA's adapters are new parameters on a frozen base), which a
+    GPU run may therefore load in half precision: half the host memory while loading (SDXL's UNet: 5.1 instead of
+    10.3 GB, what lets a free Colab's ~12 GB of RAM load it). The VAE is always loaded in fp32 (SDXL's overflows
+    in fp16; the parts decide where it runs)."""
+    encoders = ("text_encoder", "text_encoder_2")
+    if cfg.method == "lora":
+        return ("unet", *encoders)
+    if cfg.method == "textual_inversion":
+        return ("unet",)  # the text encoder stays whole in fp32 (its embedding rows train)
+    return () if cfg.train_text_encoder else encoders
 
 
 def setup(cfg: TrainConfig, parts: SDParts) -> Method:
     """Freeze everything, then make trainable what the method trains; return the Method."""
-    for m in (parts.unet, parts.text_encoder, parts.vae):
+    for m in parts.networks.values():
         m.requires_grad_(False)
     return {"dreambooth": _dreambooth, "lora": _lora, "textual_inversion": _textual_inversion}[cfg.method](cfg, parts)
 
@@ -55,8 +70,9 @@ def _dreambooth(cfg: TrainConfig, parts: SDParts) -> Method:
     parts.unet.requires_grad_(True)
     params = list(parts.unet.parameters())
     if cfg.train_text_encoder:
-        parts.text_encoder.requires_grad_(True)
-        params += list(parts.text_encoder.parameters())
+        for te in parts.text_encoders.values():
+            te.requires_grad_(True)
+            params += list(te.parameters())
 
     def save(p: SDParts, out: Path) -> Path:
         from nbkit.export.formats import diffusers_folder
@@ -74,9 +90,10 @@ def _lora(cfg: TrainConfig, parts: SDParts) -> Method:
     parts.unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian",
                                       target_modules=LORA_TARGETS_UNET))
     if cfg.lora_text_encoder:
-        parts.text_encoder.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                                                  target_modules=LORA_TARGETS_TEXT))
-    params = [p for m in (parts.unet, parts.text_encoder) for p in m.parameters() if p.requires_grad]
+        for te in parts.text_encoders.values():
+            te.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                      target_modules=LORA_TARGETS_TEXT))
+    params = [p for n, m in parts.networks.items() if n != "vae" for p in m.parameters() if p.requires_grad]
 
     def save(p: SDParts, out: Path) -> Path:
         from nbkit.export.formats import lora_diffusers
@@ -92,6 +109,10 @@ def ti_tokens(cfg: TrainConfig) -> list[str]:
 
 
 def _textual_inversion(cfg: TrainConfig, parts: SDParts) -> Method:
+    if len(parts.text_encoders) > 1:
+        raise ValueError(f"textual_inversion on a model with {len(parts.text_encoders)} text encoders "
+                         f"({parts.architecture}) is not supported here: it needs an embedding per encoder. Use "
+                         "method='lora' (or 'dreambooth') for this model, or textual inversion on SD 1.5.")
     tok, te = parts.tokenizer, parts.text_encoder
     tokens = ti_tokens(cfg)
     if tok.add_tokens(tokens) != len(tokens):
