@@ -8,7 +8,8 @@ With the notebook's own parameters (read by their one meaning, nbkit/notebook/pa
 * the disk it fills on SD 1.5: model folders (~4.3 GB in fp32, ~2.1 GB in fp16), `best/` (a full fp32 model for
   DreamBooth), resumable checkpoints, exports, class images; and the downloads (SD 1.5, CLIP and DINO for scores);
 * the offline model on a 2-core CPU, **measured**: the notebook run end to end with its default settings
-  (`MEASURED_OFFLINE`: seconds, what it wrote, date, and how busy the machine was);
+  (docs/offline_times.json, made by `python -m benchmarks.offline_times`: seconds, what it wrote, date,
+  how busy the machine was);
 * with USE_DRIVE on Colab, the Google Drive space it needs against what is free, before anything is written there.
 """
 
@@ -38,12 +39,25 @@ class Measured:
     machine: str  # the machine and how busy it was (other jobs share these 2 cores)
 
 
-BUSY = "a 2-core x86_64 machine shared with other jobs (1-minute load {:g} at the start: an idle one is faster)"
-# Measured with `papermill notebooks/NN.ipynb out.ipynb -p MODEL offline -p OUTPUT_DIR out`
-# (wall time from start to end, `du -sb out`), at the commit named in the git log of this table.
-MEASURED_OFFLINE: dict[str, Measured] = {
-    "00_start_here": Measured(85, 59_657, "2026-12-02", BUSY.format(7.6)),
-}
+OFFLINE_TIMES = "docs/offline_times.json"  # written by `python -m benchmarks.offline_times` (each default run timed)
+
+
+def measured(notebook: str) -> Measured | None:
+    """The measured default offline run of `notebook` (docs/offline_times.json), or None when not measured yet."""
+    import json
+
+    from nbkit.paths import ROOT
+
+    path = ROOT / OFFLINE_TIMES
+    try:
+        row = json.loads(path.read_text())[notebook]
+    except (OSError, ValueError, KeyError):
+        return None
+    cores, load = row.get("cores") or 2, row.get("load", 0.0)
+    busy = (f", shared with other jobs (load {load:g}: an idle one is faster)" if load > cores
+            else f", load {load:g}")
+    return Measured(row["seconds"], row["written"], row["date"],
+                    f"a {cores}-core {row.get('machine', 'CPU')} machine{busy}, commit {row.get('commit', '?')}")
 
 
 @dataclass
@@ -57,7 +71,7 @@ class Costs:
     peak_note: str = ""
     disk: list[tuple[str, int]] = field(default_factory=list)  # (what, bytes) written with SD 1.5
     downloads: list[tuple[str, int]] = field(default_factory=list)  # (what, bytes), once (cached)
-    offline: Measured | None = None  # MEASURED_OFFLINE's row
+    offline: Measured | None = None  # measured(notebook)
     drive: str = ""  # the Google Drive check (USE_DRIVE)
 
     @property
@@ -75,10 +89,11 @@ class Costs:
               f"{self.disk_bytes / GB:.1f} GB")
         if self.offline:
             m = self.offline
-            cpu = (f"offline model, 2-core CPU (measured {m.date}, default settings, on {m.machine})",
+            cpu = (f"offline model on a CPU (measured {m.date}, default settings, on {m.machine})",
                    f"{_minutes(m.seconds)} (measured)", "none (CPU)", f"{m.written / 10**6:.0f} MB")
         else:
-            cpu = ("offline model, 2-core CPU", "not measured yet", "none (CPU)", "")
+            cpu = ("offline model on a CPU", "not measured yet (python -m benchmarks.offline_times)", "none (CPU)",
+                   "")
         return [t4, cpu]
 
     def __str__(self) -> str:
@@ -330,7 +345,7 @@ def estimate(notebook: str, params: dict) -> Costs:
     if notebook not in BUILDERS:
         raise ValueError(f"No cost model for {notebook!r}: add one to nbkit/notebook/costs.py ({', '.join(BUILDERS)}).")
     p = {k: v for k, v in params.items() if k.isupper()}
-    c = Costs(notebook, MODELS.get(notebook, "sd15"), offline=MEASURED_OFFLINE.get(notebook))
+    c = Costs(notebook, MODELS.get(notebook, "sd15"), offline=measured(notebook))
     BUILDERS[notebook](c, p)
     if notebook != "00_start_here":
         c.downloads.insert(0, (f"{MODEL_NAMES[c.model]} (fp32 weights of its networks)", _model_bytes(False, c.model)))
