@@ -11,7 +11,7 @@ Layered subpackages, each importing only the layers listed before it (tests/test
   scores     CLIP/DINO/judge evaluators, scores while training
   training   methods, optimizer, the one loop, batches, placement, checkpoints, guards, manifest, accel, launch, presets
   memory     budget, planner, activation model, memtrace, tuning a run to a GPU
-  notebook   nb.setup, plots, widgets, course, sweeps
+  notebook   nb.setup, nb.costs, parameters (the one table of names), plots, widgets, course, sweeps
   cli        `python -m nbkit <command>`
 Notebooks use the curated names below: `import nbkit as nb`, then `nb.setup(...)`, `nb.TrainConfig`, `nb.train`, ...
 """
@@ -34,6 +34,7 @@ from nbkit.memory.budget import compare_settings as memory_budgets
 from nbkit.memory.tuning import preview, tune
 from nbkit.models.offline import offline_model_dir
 from nbkit.models.parts import ModelNotFound, SDParts, load_parts, pipeline
+from nbkit.notebook.costs import costs
 from nbkit.notebook.course import NOTEBOOKS
 from nbkit.notebook.course import plot_memory as plot_course_memory
 from nbkit.notebook.course import table as course_table
@@ -52,7 +53,7 @@ from nbkit.notebook.sweep_pick import SweetSpot, toy_findings
 from nbkit.notebook.sweep_pick import pick as pick_sweet_spot
 from nbkit.notebook.sweep_results import baseline as sweep_baseline
 from nbkit.notebook.sweep_spec import toy_grid
-from nbkit.notebook.widgets import prompt_playground, upload_box
+from nbkit.notebook.widgets import photos, prompt_playground, upload_box
 from nbkit.sample.compare import embedding_shift, pixel_distance, scheduler_grid, side_by_side
 from nbkit.sample.noise import high_frequency_energy, reference_distance
 from nbkit.sample.sampling import SCHEDULERS, generate, grid, save_images, set_scheduler, timed_generate
@@ -71,11 +72,11 @@ from nbkit.version import __version__
 
 __all__ = [
     # setting up a notebook
-    "Setup", "setup", "NOTEBOOKS", "course_table", "plot_course_memory", "mount_drive", "course_paths",
+    "Setup", "setup", "costs", "NOTEBOOKS", "course_table", "plot_course_memory", "mount_drive", "course_paths",
     "hub_cache_on_drive", "prefetch", "offline_model_dir",
     # models, pictures, sampling
     "SDParts", "load_parts", "pipeline", "SCHEDULERS", "set_scheduler", "generate", "timed_generate", "grid",
-    "save_images", "load_folder", "thumbnail", "upload_box", "prompt_playground",
+    "save_images", "load_folder", "thumbnail", "photos", "upload_box", "prompt_playground",
     # training and memory
     "TrainConfig", "TrainResult", "train", "tune", "preview", "memory_budgets", "sd15_on_meta", "budget_table",
     "track_peak", "choose_class_images", "ensure_class_images", "step_source", "deepspeed_command",

@@ -155,6 +155,21 @@ def hub_cache_on_drive(drive: Path, project: str = PROJECT) -> Path:
     return target
 
 
+def drive_space(needed: int, folder: str | Path | None = None) -> str:
+    """The Google Drive check a notebook prints before it writes there: the bytes it will need (outputs,
+    checkpoints, exports, the model cache) against the free space of `folder` (default: My Drive when mounted)."""
+    line = f"Google Drive: this notebook writes about {needed / 1e9:.1f} GB there (outputs, checkpoints, models)"
+    if folder is None and (Path(DRIVE_MOUNTPOINT) / "MyDrive").is_dir():
+        folder = Path(DRIVE_MOUNTPOINT) / "MyDrive"
+    if folder is None or not Path(folder).exists():
+        return line + "; its free space is shown once Drive is mounted."
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        return (line + f", but only {free / 1e9:.1f} GB is free -> make room in Drive (a free account has 15 GB), "
+                "or set EVAL_STEPS = 0 (no best/), EXPORT = False, or USE_DRIVE = False.")
+    return line + f"; {free / 1e9:.1f} GB is free."
+
+
 def _host_ram_gb() -> float:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30

@@ -1,5 +1,5 @@
-"""Notebook widgets that never block a headless run (ipywidgets 7 on Colab, or 8): an image upload box and a
-prompt playground for trying a model."""
+"""Notebook widgets that never block a headless run (ipywidgets 7 on Colab, or 8): the photos cell (Colab's upload
+dialog in one step), an image upload box, and a prompt playground for trying a model."""
 
 from __future__ import annotations
 
@@ -42,6 +42,56 @@ def upload_box(folder: str | Path):
 
     up.observe(on_change, names="value")
     return w.VBox([up, msg])
+
+
+def upload_photos(folder: str | Path) -> list[Path]:
+    """Colab's own upload dialog (google.colab.files.upload): the cell waits until the photos are chosen, then they
+    are written into `folder` (names kept). Colab only; `photos(..., upload=True)` decides when to call it."""
+    import inspect
+
+    from google.colab import files  # only on Colab
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        direct = "target_dir" in inspect.signature(files.upload).parameters
+    except (TypeError, ValueError):  # a C-level or wrapped function: ask the old way
+        direct = False
+    uploaded = files.upload(target_dir=str(folder)) if direct else files.upload()  # the old way saves into the cwd
+    saved = save_uploads({name: {"content": data} for name, data in (uploaded or {}).items()}, folder)
+    for name, data in (uploaded or {}).items():  # the copy the old way left in the working folder
+        stray = Path.cwd() / name
+        if not direct and stray.resolve() != (folder / Path(name).name).resolve() and stray.is_file() \
+                and stray.read_bytes() == bytes(data):
+            stray.unlink()
+    return saved
+
+
+def photos(folder: str | Path, size: int, upload: bool = False) -> list:
+    """The photos cell in one call: with `upload` on Colab, the upload dialog first (saved into `folder`), then every
+    picture in `folder` loaded and checked (`nbkit.data.images.load_folder`: bad files named, with what to do).
+    Returns the examples. Never waits outside an interactive Colab notebook (papermill, Kaggle, Jupyter)."""
+    from nbkit.data.images import load_folder
+    from nbkit.data.subject import dog_dir
+    from nbkit.env import colab
+    from nbkit.paths import SAMPLE_INSTANCE_DIR
+
+    folder = Path(folder)
+    if upload:
+        if folder.resolve() in (Path(SAMPLE_INSTANCE_DIR).resolve(), dog_dir().resolve()):
+            raise ValueError("UPLOAD = True saves your photos into INSTANCE_DIR, which is the kit's sample subject "
+                             '("sample"): set INSTANCE_DIR to a new folder name first, e.g. "my_dog", and CLASS_NOUN '
+                             "to what the photos show.")
+        if colab._interactive_colab():
+            saved = upload_photos(folder)
+            print(f"Saved {len(saved)} file(s) to {folder}." if saved else "No file chosen.")
+        else:
+            print(f"UPLOAD uses Colab's upload dialog; here, copy 3-10 photos of your subject into {folder} and run "
+                  "this cell again.")
+    examples = load_folder(folder, size)
+    print(f"{len(examples)} pictures in {folder}" + ("" if len(examples) >= 3 else
+                                                      " (3-10 photos of the subject work best)"))
+    return examples
 
 
 class Playground:
