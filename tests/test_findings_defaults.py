@@ -29,7 +29,7 @@ TABLE = {
                              "OFFLINE_DB_AFTER_TI_LEARNING_RATE": ("ti_db", "lr"),
                              "OFFLINE_DB_STEPS": ("ti_db", "steps"), "OFFLINE_DB_LEARNING_RATE": ("sweet", "lr")},
     "06_lora": {"OFFLINE_LEARNING_RATE": ("lora", "lr"), "OFFLINE_MAX_TRAIN_STEPS": ("lora", "steps"),
-                "OFFLINE_DREAMBOOTH_LEARNING_RATE": ("sweet", "lr")},
+                "OFFLINE_DB_LEARNING_RATE": ("sweet", "lr")},
 }
 # Deliberate differences: (notebook, parameter) -> (the value it keeps, why). None today.
 DIFFERENT: dict[tuple[str, str], tuple[object, str]] = {}
