@@ -388,10 +388,15 @@ def _sdxl_main(args) -> dict:
     md = (f"{result['date']} · GPU: {gpu}" + (f" capped at {args.cap_gib:g} GiB" if cuda else
                                              f" · planner for a {args.cap_gib:g} GiB cap") + " · SDXL LoRA 1024 px · "
           + " · ".join(f"{k} {v}" for k, v in result["versions"].items()) + "\n\n" + sdxl_table(rows))
+    return _record(result, md, args.out, "sdxl-gpu" if cuda else "sdxl-planned")
+
+
+def _record(result: dict, md: str, folder: str, kind: str) -> dict:
+    """Print the table; write it and the raw figures under `folder` as <kind>-<date>.md/.json."""
     print("\n" + md)
-    out = Path(args.out)
+    out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"sdxl-{'gpu' if cuda else 'planned'}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    stem = f"{kind}-{dt.datetime.now():%Y%m%d-%H%M%S}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     (out / f"{stem}.md").write_text(md + "\n")
     result["files"] = [str(out / f"{stem}.json"), str(out / f"{stem}.md")]
@@ -481,14 +486,7 @@ def main(argv: list[str] | None = None) -> dict:
               "smoke": smoke, "versions": _versions(), "rows": rows}
     md = (f"{result['date']} · GPU: {gpu}" + (f" capped at {args.cap_gib:g} GiB" if cuda else "") + f" · {res} px · "
           + " · ".join(f"{k} {v}" for k, v in result["versions"].items()) + "\n\n" + table(rows))
-    print("\n" + md)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"{'smoke' if smoke else 'gpu'}-{dt.datetime.now():%Y%m%d-%H%M%S}"
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    (out / f"{stem}.md").write_text(md + "\n")
-    result["files"] = [str(out / f"{stem}.json"), str(out / f"{stem}.md")]
-    return result
+    return _record(result, md, args.out, "smoke" if smoke else "gpu")
 
 
 if __name__ == "__main__":
