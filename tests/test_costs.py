@@ -23,9 +23,8 @@ def defaults(path: Path) -> dict:
     return {n.targets[0].id: ast.literal_eval(n.value) for n in ast.parse(cell.source).body}
 
 
-# Default offline runs not timed yet (07 sweeps nine runs); the session that measured the others ran out of time
-# (2026-12-02). `python -m benchmarks.offline_times 07_finding_the_sweet_spot` fills it in; then empty this set.
-NOT_YET_MEASURED = {"07_finding_the_sweet_spot"}
+# Default offline runs not timed yet (`python -m benchmarks.offline_times NOTEBOOK` fills them in): none today.
+NOT_YET_MEASURED: set[str] = set()
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
